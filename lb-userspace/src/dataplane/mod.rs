@@ -1,0 +1,3 @@
+//! The data plane: the XDP program and its maps.
+
+pub mod xdp;
