@@ -2,3 +2,4 @@
 //! and carries their traffic with an XDP data plane. See `ARCHITECTURE.md` for the map.
 
 pub mod dataplane;
+pub mod model;

@@ -1,1 +1,3 @@
-//! Fixtures for end-to-end tests.
+//! Fixtures for xlb's end-to-end tests: network-namespace topologies, backends, clients.
+
+pub mod netns;
