@@ -55,3 +55,20 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "other_l4",
     "truncated_l3l4",
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_counter_has_a_distinct_name() {
+        for (index, name) in STAT_NAMES.iter().enumerate() {
+            assert!(!name.is_empty(), "counter {index} has no name");
+            assert_eq!(
+                STAT_NAMES.iter().filter(|other| *other == name).count(),
+                1,
+                "counter name {name} is used twice"
+            );
+        }
+    }
+}

@@ -1,1 +1,111 @@
-fn main() {}
+//! `cargo xtask …`: bootstrap the toolchain, build, run, demo, test, bench. No product logic
+//! lives here: every subcommand drives cargo, the `xlb` binary and the test suite.
+
+mod bootstrap;
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use bootstrap::Needs;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, run, test and measure xlb")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the BPF toolchain if missing and build everything (release).
+    Build,
+    /// Build and run `xlb` with the given arguments (as root).
+    Run {
+        /// Arguments for `xlb`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build and run xlb on its embedded default: a small cluster of network namespaces.
+    Demo,
+    /// Run every test (unit, BPF_PROG_TEST_RUN, network namespaces, API server).
+    Test {
+        /// Extra arguments passed to `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Measure the data plane and the controller, side by side with the comparisons.
+    Bench,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Task::Build => {
+            bootstrap::ensure(Needs::Build)?;
+            cargo(&["build", "--release"])
+        }
+        Task::Run { args } => {
+            bootstrap::ensure(Needs::Build)?;
+            cargo(&["build", "--release", "--bin", "xlb"])?;
+            require_root("xlb run")?;
+            let status = Command::new(workspace_root().join("target/release/xlb"))
+                .args(&args)
+                .status()
+                .context("starting target/release/xlb")?;
+            exit_like(status)
+        }
+        Task::Demo => {
+            bootstrap::ensure(Needs::BuildAndTestTools)?;
+            cargo(&["build", "--release", "--bin", "xlb"])?;
+            bail!("the demo is not implemented yet (it needs the controller); `cargo xtask test` runs what exists")
+        }
+        Task::Test { args } => {
+            bootstrap::ensure(Needs::BuildAndTestTools)?;
+            if !bootstrap::is_root() {
+                eprintln!(
+                    "[xtask] warning: not root: tests that need network namespaces or BPF will fail saying so; run `sudo -E cargo xtask test`"
+                );
+            }
+            let mut test_args = vec!["test", "--workspace", "--exclude", "lb-ebpf", "--no-fail-fast"];
+            test_args.extend(args.iter().map(String::as_str));
+            cargo(&test_args)
+        }
+        Task::Bench => {
+            bootstrap::ensure(Needs::BuildAndTestTools)?;
+            bail!("benchmarks are not implemented yet")
+        }
+    }
+}
+
+fn require_root(what: &str) -> anyhow::Result<()> {
+    if !bootstrap::is_root() {
+        bail!("{what} loads BPF programs and changes network devices: run as root (sudo -E cargo xtask …)");
+    }
+    Ok(())
+}
+
+/// Runs cargo in the workspace root with the given arguments.
+fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let status = Command::new(cargo)
+        .args(args)
+        .current_dir(workspace_root())
+        .status()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn exit_like(status: std::process::ExitStatus) -> anyhow::Result<()> {
+    std::process::exit(status.code().unwrap_or(1))
+}
+
+fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default()
+}
