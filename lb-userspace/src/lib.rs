@@ -3,3 +3,5 @@
 
 pub mod dataplane;
 pub mod model;
+pub mod source;
+pub mod status;

@@ -6,7 +6,11 @@ use lb_common::STAT_NAMES;
 use xlb::dataplane::xdp::{ModeChoice, XdpProgram};
 
 #[derive(Parser)]
-#[command(name = "xlb", version, about = "Kubernetes LoadBalancer Services on bare metal, with XDP")]
+#[command(
+    name = "xlb",
+    version,
+    about = "Kubernetes LoadBalancer Services on bare metal, with XDP"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

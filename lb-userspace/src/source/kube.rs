@@ -1,0 +1,138 @@
+//! Cluster state from the Kubernetes API: reflectors over Services, EndpointSlices and Nodes in
+//! all namespaces, with managed fields trimmed from the cache. Every change publishes a fresh
+//! snapshot on a `watch` channel, which coalesces bursts: the reconciler always sees the latest.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use futures::{StreamExt as _, stream};
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::reflector;
+use kube::runtime::{WatchStreamExt as _, watcher};
+use kube::{Api, Client, Resource, ResourceExt as _};
+use tokio::sync::watch;
+
+/// Errors creating the Kubernetes client.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeSourceError {
+    #[error("reading kubeconfig {path}: {source}; check KUBECONFIG / --kubeconfig")]
+    Kubeconfig {
+        path: PathBuf,
+        source: kube::config::KubeconfigError,
+    },
+    #[error(
+        "no Kubernetes configuration: not in a cluster ({in_cluster}) and no ~/.kube/config ({kubeconfig}); set KUBECONFIG or use --manifests DIR"
+    )]
+    NoConfig {
+        in_cluster: kube::config::InClusterError,
+        kubeconfig: kube::config::KubeconfigError,
+    },
+    #[error("creating the Kubernetes client: {0}")]
+    Client(#[from] kube::Error),
+}
+
+/// The objects the reconciler reads, as last seen by the reflectors.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub services: Vec<Arc<Service>>,
+    pub slices: Vec<Arc<EndpointSlice>>,
+    pub nodes: Vec<Arc<Node>>,
+}
+
+/// Builds a client: `kubeconfig` when given (KUBECONFIG), else the in-cluster service account,
+/// else `~/.kube/config`.
+pub async fn client(kubeconfig: Option<PathBuf>) -> Result<Client, KubeSourceError> {
+    use kube::config::{Config, KubeConfigOptions, Kubeconfig};
+    let config = match kubeconfig {
+        Some(path) => {
+            let file =
+                Kubeconfig::read_from(&path).map_err(|source| KubeSourceError::Kubeconfig {
+                    path: path.clone(),
+                    source,
+                })?;
+            Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
+                .await
+                .map_err(|source| KubeSourceError::Kubeconfig { path, source })?
+        }
+        None => match Config::incluster() {
+            Ok(config) => config,
+            Err(in_cluster) => Config::from_kubeconfig(&KubeConfigOptions::default())
+                .await
+                .map_err(|kubeconfig| KubeSourceError::NoConfig {
+                    in_cluster,
+                    kubeconfig,
+                })?,
+        },
+    };
+    Ok(Client::try_from(config)?)
+}
+
+/// Watches the cluster until the channel's receivers are gone. `connected` is true while the
+/// watches are healthy and false after an error until the next successful event (for /readyz);
+/// the watchers retry with backoff and the last snapshot stays in force meanwhile.
+pub async fn run(client: Client, tx: watch::Sender<Option<Snapshot>>, connected: Arc<AtomicBool>) {
+    let (services, services_writer) = reflector::store::<Service>();
+    let (slices, slices_writer) = reflector::store::<EndpointSlice>();
+    let (nodes, nodes_writer) = reflector::store::<Node>();
+    let streams = stream::select_all([
+        reflect(0, Api::<Service>::all(client.clone()), services_writer),
+        reflect(1, Api::<EndpointSlice>::all(client.clone()), slices_writer),
+        reflect(2, Api::<Node>::all(client), nodes_writer),
+    ]);
+    tokio::pin!(streams);
+    // Nothing is published until each kind has finished its first list, so a partial view
+    // never withdraws a Service.
+    let mut listed = [false; 3];
+    while let Some(outcome) = streams.next().await {
+        match outcome {
+            Ok(Change { source, list_done }) => {
+                connected.store(true, Ordering::Relaxed);
+                listed[source] |= list_done;
+                if listed.iter().all(|done| *done) {
+                    let snapshot = Snapshot {
+                        services: services.state(),
+                        slices: slices.state(),
+                        nodes: nodes.state(),
+                    };
+                    if tx.send(Some(snapshot)).is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(err) => {
+                connected.store(false, Ordering::Relaxed);
+                tracing::warn!(error = %err, "Kubernetes watch failed; keeping the last known state and retrying");
+            }
+        }
+    }
+}
+
+/// Something changed in the store of watch number `source`; `list_done` when its (re)list ended.
+struct Change {
+    source: usize,
+    list_done: bool,
+}
+
+type ChangeStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<Change, watcher::Error>> + Send>>;
+
+/// One reflector stream with backoff and managed fields trimmed.
+fn reflect<K>(source: usize, api: Api<K>, writer: reflector::store::Writer<K>) -> ChangeStream
+where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    watcher(api, watcher::Config::default())
+        .default_backoff()
+        .modify(|object: &mut K| object.managed_fields_mut().clear())
+        .reflect(writer)
+        .map(move |event| {
+            event.map(|event| Change {
+                source,
+                list_done: matches!(event, watcher::Event::InitDone),
+            })
+        })
+        .boxed()
+}
