@@ -2,6 +2,7 @@
 //! and carries their traffic with an XDP data plane. See `ARCHITECTURE.md` for the map.
 
 pub mod dataplane;
+pub mod metrics;
 pub mod model;
 pub mod source;
 pub mod status;
