@@ -2,7 +2,7 @@
 //!
 //! The rules (ARCHITECTURE.md, "IP allocation"):
 //! - Services are visited in a stable order: those that already hold an IP (from the previous
-//!   run or from their status) first, then by creation time, then by `namespace/name`. So the
+//!   run or from their status) and still want it first, then by creation time, then by `namespace/name`. So the
 //!   outcome depends on the cluster state only, and a restart moves no IP.
 //! - An explicit request (`spec.loadBalancerIP` or the `xlb.io/loadBalancerIPs` annotation)
 //!   gets exactly that IP or nothing: a port already held on it is a conflict.
@@ -187,6 +187,18 @@ pub struct Request {
     pub previous: Option<Ipv4Addr>,
 }
 
+impl Request {
+    /// True when the Service held an IP and still wants it: such Services are served first,
+    /// so that nobody takes their IP:port from them. (A Service whose explicit request changed
+    /// is a newcomer for its new IP.)
+    fn holds_its_ip(&self) -> bool {
+        self.previous.is_some()
+            && self
+                .explicit
+                .is_none_or(|explicit| Some(explicit) == self.previous)
+    }
+}
+
 /// Allocates IPs for `requests` (in any order: they are sorted here) and returns, per
 /// Service, the IP it holds with its ports, or why it holds none.
 pub fn allocate(
@@ -194,8 +206,8 @@ pub fn allocate(
     mut requests: Vec<Request>,
 ) -> BTreeMap<ServiceKey, Result<Allocation, IpamError>> {
     requests.sort_by(|a, b| {
-        (a.previous.is_none(), &a.created, &a.service).cmp(&(
-            b.previous.is_none(),
+        (!a.holds_its_ip(), &a.created, &a.service).cmp(&(
+            !b.holds_its_ip(),
             &b.created,
             &b.service,
         ))

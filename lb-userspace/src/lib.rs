@@ -5,3 +5,5 @@ pub mod config;
 pub mod dataplane;
 pub mod ipam;
 pub mod model;
+pub mod reconcile;
+pub mod synthetic;
