@@ -6,4 +6,5 @@ pub mod dataplane;
 pub mod ipam;
 pub mod model;
 pub mod reconcile;
+pub mod source;
 pub mod synthetic;
