@@ -217,6 +217,7 @@ pub fn allocate(
         holders: BTreeMap::new(),
         reuse_from: HashMap::new(),
         next_free: 0,
+        exhausted: false,
     };
     requests
         .into_iter()
@@ -244,6 +245,8 @@ struct Run<'a> {
     reuse_from: HashMap<Vec<PortKey>, u32>,
     /// Every pool address below this one is taken or unusable.
     next_free: u32,
+    /// No pool address is free any more (so no need to scan the pool again).
+    exhausted: bool,
 }
 
 impl Run<'_> {
@@ -332,6 +335,9 @@ impl Run<'_> {
 
     /// The lowest pool IP that nobody uses and that may be a VIP.
     fn lowest_free(&mut self) -> Option<Ipv4Addr> {
+        if self.exhausted {
+            return None;
+        }
         let found = self
             .settings
             .pool
@@ -340,8 +346,9 @@ impl Run<'_> {
             .find(|&ip| {
                 !self.holders.contains_key(&u32::from(ip)) && self.check_usable(ip).is_ok()
             });
-        if let Some(ip) = found {
-            self.next_free = u32::from(ip);
+        match found {
+            Some(ip) => self.next_free = u32::from(ip),
+            None => self.exhausted = true,
         }
         found
     }
@@ -720,6 +727,23 @@ mod tests {
         );
         assert_eq!(ip_of(&outcome, "b"), Ok(ip("198.51.100.10")));
         assert_eq!(ip_of(&outcome, "a"), Ok(ip("198.51.100.11")));
+    }
+
+    #[test]
+    fn an_unusable_pool_is_scanned_once_per_run() {
+        // A large pool outside the device prefixes: every address is unusable. Scanning it for
+        // each of 1,000 Services would take minutes; once per run takes a blink.
+        let pool = pool("10.0.0.0/14");
+        let requests = (0..1_000)
+            .map(|i| request(&format!("svc{i:04}"), &[tcp(80)]))
+            .collect();
+        let outcome = run(&pool, requests);
+        assert!(
+            outcome
+                .values()
+                .all(|result| matches!(result, Err(IpamError::PoolExhausted { .. }))),
+            "nothing in 10.0.0.0/14 lies within the device prefix 198.51.100.0/24"
+        );
     }
 
     #[test]

@@ -304,7 +304,9 @@ fn examine<'a>(
     warn: &mut dyn FnMut(&'static str, String),
 ) -> Examined<'a> {
     let Some(spec) = &service.spec else {
-        return Examined::NotOurs;
+        // The API server always sets a spec; a manifest may lack one.
+        warn("InvalidService", "the Service has no spec".to_owned());
+        return Examined::Refused;
     };
     if spec.type_.as_deref() != Some("LoadBalancer")
         || spec.load_balancer_class.as_deref() != config.lb_class.as_deref()
@@ -1375,11 +1377,7 @@ mod tests {
             Some(ip("198.51.100.10")),
             "served once"
         );
-        assert_eq!(
-            reasons("no-spec"),
-            Vec::<&str>::new(),
-            "without a spec it is no LoadBalancer"
-        );
+        assert_eq!(reasons("no-spec"), vec!["InvalidService"]);
         assert_eq!(reasons("no-ports"), vec!["InvalidService"]);
         assert_eq!(
             reasons("port-zero"),
@@ -1399,6 +1397,7 @@ mod tests {
         );
         assert_eq!(reasons("bad-annotation"), vec!["InvalidLoadBalancerIP"]);
         for name in [
+            "no-spec",
             "bad-ip",
             "outside",
             "thousand-ports",
