@@ -545,10 +545,13 @@ fn env_names(arg: &clap::Arg) -> Vec<String> {
     std::iter::once(primary.clone()).chain(aliases).collect()
 }
 
+/// Flags that cannot be set in the config file.
+const NOT_FILE_KEYS: &[&str] = &["config", "help", "version"];
+
 /// Config-file keys are long flag names (or aliases); `_` counts as `-`, case is ignored.
 fn arg_has_key(arg: &clap::Arg, key: &str) -> bool {
     let key = key.to_ascii_lowercase().replace('_', "-");
-    key != "config"
+    !NOT_FILE_KEYS.contains(&key.as_str())
         && arg
             .get_long_and_visible_aliases()
             .is_some_and(|longs| longs.contains(&key.as_str()))
@@ -562,7 +565,7 @@ fn command_keys(command: &clap::Command) -> Vec<&str> {
     command
         .get_arguments()
         .filter_map(|arg| arg.get_long())
-        .filter(|long| !["config", "help", "version"].contains(long))
+        .filter(|long| !NOT_FILE_KEYS.contains(long))
         .collect()
 }
 
@@ -922,6 +925,8 @@ mod tests {
                 && message.contains("restricted-cidr"),
             "{message}"
         );
+        let file = config_file("help: true\n");
+        assert!(err(&["--config", path(&file)], &[]).contains(r#"unknown key "help""#));
         let file = config_file("- just\n- a list\n");
         assert!(err(&["--config", path(&file)], &[]).contains("must be a mapping"));
         let file = config_file("lb-class: {nested: map}\n");
