@@ -1,8 +1,12 @@
 //! xlb: gives Kubernetes Services of `type: LoadBalancer` an external address on bare metal
 //! and carries their traffic with an XDP data plane. See `ARCHITECTURE.md` for the map.
 
+pub mod config;
 pub mod dataplane;
+pub mod ipam;
 pub mod metrics;
 pub mod model;
+pub mod reconcile;
 pub mod source;
 pub mod status;
+pub mod synthetic;

@@ -3,7 +3,12 @@
 //! `reconcile` turns cluster state into these types; the data plane, the address manager and
 //! the status writer consume them.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
+
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 /// Transport protocol of a service port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -55,4 +60,179 @@ pub struct VirtualService {
     pub backends: Vec<Backend>,
     /// `namespace/name` of the Service this came from, for logs and `xlb inspect`.
     pub owner: String,
+}
+
+/// A `(port, protocol)` pair a Service asks for on its IP: the unit of port-aware sharing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortKey {
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl std::fmt::Display for PortKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.port, self.protocol)
+    }
+}
+
+/// `namespace/name` of a namespaced object (a Service or an EndpointSlice).
+///
+/// Orders by namespace, then name, which is the order reconcile visits objects in.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// The key of a Service: its namespace and name. Displays as `namespace/name`.
+pub type ServiceKey = ObjectKey;
+
+impl ObjectKey {
+    /// A key from a namespace and a name.
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    /// The key of a namespaced object, or `None` when its metadata lacks a name. A missing
+    /// namespace means `default`, as `kubectl apply` of a manifest without one does.
+    pub fn of(meta: &ObjectMeta) -> Option<Self> {
+        let name = meta.name.as_deref().filter(|name| !name.is_empty())?;
+        let namespace = meta
+            .namespace
+            .as_deref()
+            .filter(|namespace| !namespace.is_empty())
+            .unwrap_or("default");
+        Some(Self::new(namespace, name))
+    }
+}
+
+impl std::fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Everything reconcile looks at from the cluster: the Services, EndpointSlices and Nodes as
+/// the API server (or the manifest directory) has them.
+///
+/// Keyed by `namespace/name` (Nodes, being cluster-scoped, by name) in `BTreeMap`s so that
+/// every walk over the state is in one deterministic order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClusterState {
+    pub services: BTreeMap<ServiceKey, Service>,
+    pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
+    pub nodes: BTreeMap<String, Node>,
+}
+
+impl ClusterState {
+    /// Adds or replaces a Service. Returns `false` (and changes nothing) when it has no name.
+    pub fn upsert_service(&mut self, service: Service) -> bool {
+        let Some(key) = ObjectKey::of(&service.metadata) else {
+            return false;
+        };
+        self.services.insert(key, service);
+        true
+    }
+
+    /// Adds or replaces an EndpointSlice. Returns `false` (and changes nothing) when it has
+    /// no name.
+    pub fn upsert_endpoint_slice(&mut self, slice: EndpointSlice) -> bool {
+        let Some(key) = ObjectKey::of(&slice.metadata) else {
+            return false;
+        };
+        self.endpoint_slices.insert(key, slice);
+        true
+    }
+
+    /// Adds or replaces a Node. Returns `false` (and changes nothing) when it has no name.
+    pub fn upsert_node(&mut self, node: Node) -> bool {
+        let Some(name) = node.metadata.name.clone().filter(|name| !name.is_empty()) else {
+            return false;
+        };
+        self.nodes.insert(name, node);
+        true
+    }
+}
+
+/// The IP a Service holds and the ports it holds on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allocation {
+    pub ip: Ipv4Addr,
+    /// The `(port, protocol)` pairs the Service occupies on `ip`.
+    pub ports: BTreeSet<PortKey>,
+}
+
+/// Which IP each Service holds: the output of one reconcile and the input of the next.
+///
+/// After a restart the previous allocations are empty; reconcile then adopts the IPs recorded
+/// in the Services' `status.loadBalancer.ingress` (see [`recorded_ingress_ip`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Allocations {
+    pub by_service: BTreeMap<ServiceKey, Allocation>,
+}
+
+impl Allocations {
+    /// The IP `service` holds, if any.
+    pub fn ip_of(&self, service: &ServiceKey) -> Option<Ipv4Addr> {
+        self.by_service.get(service).map(|allocation| allocation.ip)
+    }
+}
+
+/// The first IPv4 address recorded in a Service's `status.loadBalancer.ingress`, which is
+/// where xlb keeps its allocations across restarts.
+pub fn recorded_ingress_ip(service: &Service) -> Option<Ipv4Addr> {
+    service
+        .status
+        .as_ref()?
+        .load_balancer
+        .as_ref()?
+        .ingress
+        .as_ref()?
+        .iter()
+        .find_map(|ingress| ingress.ip.as_deref()?.parse().ok())
+}
+
+/// What xlb knows about the link device it announces VIPs on: plain data filled in by the
+/// netlink side (`addr.rs`), so that IPAM stays pure.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostView {
+    /// The device's IPv4 prefixes (`address/len` of each address on it, or of its routes):
+    /// a VIP must fall within one, and takes its mask from it.
+    pub prefixes: Vec<(Ipv4Addr, u8)>,
+    /// The device's own addresses: never handed out as VIPs.
+    pub own_addresses: Vec<Ipv4Addr>,
+    /// Gateways of routes through the device: never handed out as VIPs.
+    pub gateways: Vec<Ipv4Addr>,
+}
+
+impl HostView {
+    /// The device prefix that contains `ip` (the longest, if several do), normalised to its
+    /// network address.
+    pub fn prefix_covering(&self, ip: Ipv4Addr) -> Option<(Ipv4Addr, u8)> {
+        self.prefixes
+            .iter()
+            .map(|&(address, len)| (network(address, len), len))
+            .filter(|&(net, len)| network(ip, len) == net)
+            .max_by_key(|&(_, len)| len)
+    }
+}
+
+/// The network address of `ip/len` (`len` is clamped to 32).
+pub fn network(ip: Ipv4Addr, len: u8) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(ip) & prefix_mask(len))
+}
+
+/// The broadcast address of `ip/len` (`len` is clamped to 32).
+pub fn broadcast(ip: Ipv4Addr, len: u8) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(ip) | !prefix_mask(len))
+}
+
+fn prefix_mask(len: u8) -> u32 {
+    match len {
+        0 => 0,
+        len => u32::MAX << (32 - u32::from(len.min(32))),
+    }
 }
