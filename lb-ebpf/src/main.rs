@@ -9,7 +9,7 @@ mod packet;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::*;
-use packet::{parse, Parsed};
+use packet::{Parsed, parse};
 
 use crate::packet::count;
 

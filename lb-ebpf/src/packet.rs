@@ -95,6 +95,10 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
         count(STAT_TRUNCATED_L3L4);
         return Parsed::Truncated;
     }
-    count(if proto == IPPROTO_TCP { STAT_TCP } else { STAT_UDP });
+    count(if proto == IPPROTO_TCP {
+        STAT_TCP
+    } else {
+        STAT_UDP
+    });
     Parsed::L4 { proto, l4_offset }
 }

@@ -81,7 +81,12 @@ impl Netns {
                 .spawn(|| {
                     // SAFETY: setns on a valid namespace fd affects only this thread.
                     let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                    assert_eq!(rc, 0, "setns into {path}: {}", std::io::Error::last_os_error());
+                    assert_eq!(
+                        rc,
+                        0,
+                        "setns into {path}: {}",
+                        std::io::Error::last_os_error()
+                    );
                     f()
                 })
                 .join()
@@ -102,7 +107,17 @@ impl Drop for Netns {
 /// Joins `a` and `b` with a veth pair: `a_if` inside `a`, `b_if` inside `b`, both up.
 pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
     run(Command::new("ip").args([
-        "link", "add", a_if, "netns", a.name(), "type", "veth", "peer", "name", b_if, "netns",
+        "link",
+        "add",
+        a_if,
+        "netns",
+        a.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_if,
+        "netns",
         b.name(),
     ]));
     a.run(&["ip", "link", "set", a_if, "up"]);

@@ -35,7 +35,9 @@ fn ipv6_tcp() -> Vec<u8> {
 }
 
 fn tcp_syn() -> Vec<u8> {
-    let mut seg = vec![0xc3, 0x50, 0, 80, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff];
+    let mut seg = vec![
+        0xc3, 0x50, 0, 80, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff,
+    ];
     seg.extend_from_slice(&[0, 0, 0, 0]);
     seg
 }
@@ -81,7 +83,10 @@ fn test_run_counts_frames_by_kind_and_passes_them() {
                 ..Default::default()
             })
             .expect("BPF_PROG_TEST_RUN");
-        assert_eq!(result.return_value, XDP_PASS, "verdict for frame {frame:02x?}");
+        assert_eq!(
+            result.return_value, XDP_PASS,
+            "verdict for frame {frame:02x?}"
+        );
         assert_eq!(
             &out[..result.data_size_out as usize],
             &frame[..],
@@ -129,7 +134,16 @@ fn ping_through(choice: ModeChoice, expected_mode: AttachMode) {
     });
     let before = program.stats().expect("read counters");
     let out = client.run(&[
-        "ping", "-c", &PINGS.to_string(), "-i", "0.01", "-W", "2", "-w", "10", "192.0.2.2",
+        "ping",
+        "-c",
+        &PINGS.to_string(),
+        "-i",
+        "0.01",
+        "-W",
+        "2",
+        "-w",
+        "10",
+        "192.0.2.2",
     ]);
     assert!(
         out.contains(&format!("{PINGS} received")),
@@ -137,7 +151,11 @@ fn ping_through(choice: ModeChoice, expected_mode: AttachMode) {
     );
     let after = program.stats().expect("read counters");
     assert_eq!(delta(&before, &after, STAT_IPV4), PINGS, "IPv4 counter");
-    assert_eq!(delta(&before, &after, STAT_OTHER_L4), PINGS, "ICMP counted as other L4");
+    assert_eq!(
+        delta(&before, &after, STAT_OTHER_L4),
+        PINGS,
+        "ICMP counted as other L4"
+    );
     assert!(delta(&before, &after, STAT_PASS) >= PINGS, "pass counter");
 }
 

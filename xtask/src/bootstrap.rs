@@ -10,7 +10,12 @@ use std::time::Instant;
 use anyhow::{Context as _, bail};
 
 /// Debian packages bpf-linker links against (Debian's LLVM 22 matches nightly's LLVM 22.1).
-const LLVM_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev"];
+const LLVM_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+];
 /// Where Debian puts LLVM 22's tools; must come first in PATH when building bpf-linker.
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 /// Tools the tests, the demo and the benchmarks drive.
@@ -45,7 +50,9 @@ pub fn ensure(needs: Needs) -> anyhow::Result<()> {
     if needs == Needs::BuildAndTestTools {
         apt.ensure(TEST_PACKAGES, "test tools")?;
         if which("kubectl").is_none() {
-            eprintln!("[xtask] warning: kubectl not found; the controller tests that drive it will fail");
+            eprintln!(
+                "[xtask] warning: kubectl not found; the controller tests that drive it will fail"
+            );
         }
     }
     eprintln!(
@@ -79,10 +86,7 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
     {
         return Ok(());
     }
-    let path = format!(
-        "{LLVM_BIN}:{}",
-        std::env::var("PATH").unwrap_or_default()
-    );
+    let path = format!("{LLVM_BIN}:{}", std::env::var("PATH").unwrap_or_default());
     step(
         "building bpf-linker against LLVM 22 (1-3 minutes)",
         Command::new("cargo")
@@ -121,7 +125,9 @@ impl Apt {
         let list = missing.join(" ");
         let by_hand = format!("apt-get update && apt-get install -y {list}");
         if !is_root() {
-            bail!("{why} missing ({list}) and installing needs root; run by hand: sudo sh -c '{by_hand}'");
+            bail!(
+                "{why} missing ({list}) and installing needs root; run by hand: sudo sh -c '{by_hand}'"
+            );
         }
         if !self.updated {
             step(
@@ -176,7 +182,10 @@ fn step(what: &str, cmd: &mut Command, by_hand: &str) -> anyhow::Result<()> {
 fn output(program: &str, args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new(program).args(args).output()?;
     if !out.status.success() {
-        bail!("{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "{program} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

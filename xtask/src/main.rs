@@ -58,7 +58,9 @@ fn main() -> anyhow::Result<()> {
         Task::Demo => {
             bootstrap::ensure(Needs::BuildAndTestTools)?;
             cargo(&["build", "--release", "--bin", "xlb"])?;
-            bail!("the demo is not implemented yet (it needs the controller); `cargo xtask test` runs what exists")
+            bail!(
+                "the demo is not implemented yet (it needs the controller); `cargo xtask test` runs what exists"
+            )
         }
         Task::Test { args } => {
             bootstrap::ensure(Needs::BuildAndTestTools)?;
@@ -67,7 +69,13 @@ fn main() -> anyhow::Result<()> {
                     "[xtask] warning: not root: tests that need network namespaces or BPF will fail saying so; run `sudo -E cargo xtask test`"
                 );
             }
-            let mut test_args = vec!["test", "--workspace", "--exclude", "lb-ebpf", "--no-fail-fast"];
+            let mut test_args = vec![
+                "test",
+                "--workspace",
+                "--exclude",
+                "lb-ebpf",
+                "--no-fail-fast",
+            ];
             test_args.extend(args.iter().map(String::as_str));
             cargo(&test_args)
         }
@@ -80,7 +88,9 @@ fn main() -> anyhow::Result<()> {
 
 fn require_root(what: &str) -> anyhow::Result<()> {
     if !bootstrap::is_root() {
-        bail!("{what} loads BPF programs and changes network devices: run as root (sudo -E cargo xtask …)");
+        bail!(
+            "{what} loads BPF programs and changes network devices: run as root (sudo -E cargo xtask …)"
+        );
     }
     Ok(())
 }
