@@ -2,4 +2,5 @@
 //! and carries their traffic with an XDP data plane. See `ARCHITECTURE.md` for the map.
 
 pub mod dataplane;
+pub mod inspect;
 pub mod model;
