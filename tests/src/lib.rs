@@ -5,3 +5,4 @@ pub mod bpf;
 pub mod fixture;
 pub mod netns;
 pub mod pkt;
+pub mod servers;
