@@ -1,42 +1,74 @@
-//! Global per-CPU packet counters, indexed by the `STAT_*` constants.
+//! Per-CPU packet counters.
 //!
-//! The map [`STATS_MAP`] is a `BPF_MAP_TYPE_PERCPU_ARRAY` of `u64` with [`STAT_COUNT`]
-//! entries; userspace sums the per-CPU values.
+//! [`STATS_MAP`] is a `BPF_MAP_TYPE_PERCPU_ARRAY` of `u64` with [`STAT_COUNT`] entries indexed
+//! by the `STAT_*` constants; userspace sums the per-CPU values. Every packet bumps
+//! [`STAT_TOTAL`], exactly one verdict counter (`STAT_PASS`, `STAT_DROP`, `STAT_TX`,
+//! `STAT_REDIRECT`, `STAT_ABORTED`) and at least one reason counter saying which path it took.
+//!
+//! [`SVC_STATS_MAP`] holds [`ServiceStats`] per service id, also per CPU.
 
-/// Name of the per-CPU counter array (kernel map names are at most 15 bytes).
+/// Name of the global per-CPU counter array (kernel map names are at most 15 bytes).
 pub const STATS_MAP: &str = "XLB_STATS";
+/// Name of the per-service per-CPU counter array, indexed by service id.
+pub const SVC_STATS_MAP: &str = "XLB_SVC_STATS";
 
 /// Every packet the program saw.
 pub const STAT_TOTAL: u32 = 0;
-/// Returned `XDP_PASS`: handed to the kernel stack.
+/// Verdict `XDP_PASS`: handed to the kernel stack.
 pub const STAT_PASS: u32 = 1;
-/// Returned `XDP_DROP`.
+/// Verdict `XDP_DROP`.
 pub const STAT_DROP: u32 = 2;
-/// Returned `XDP_TX`: sent back out of the device it came in on.
+/// Verdict `XDP_TX`: sent back out of the device it came in on.
 pub const STAT_TX: u32 = 3;
-/// Returned `XDP_REDIRECT`: sent out of another device.
+/// Verdict `XDP_REDIRECT`: sent out of another device.
 pub const STAT_REDIRECT: u32 = 4;
-/// Returned `XDP_ABORTED`: a cannot-happen path was taken.
+/// Verdict `XDP_ABORTED`: a cannot-happen path was taken.
 pub const STAT_ABORTED: u32 = 5;
-/// Frame too short for the Ethernet header.
-pub const STAT_TRUNCATED_ETH: u32 = 6;
-/// Not IPv4 or IPv6 (ARP, LLDP, …).
-pub const STAT_NOT_IP: u32 = 7;
-/// IPv4 packets.
-pub const STAT_IPV4: u32 = 8;
-/// IPv6 packets.
-pub const STAT_IPV6: u32 = 9;
-/// TCP segments (IPv4 or IPv6).
-pub const STAT_TCP: u32 = 10;
-/// UDP datagrams (IPv4 or IPv6).
-pub const STAT_UDP: u32 = 11;
-/// IP packets carrying neither TCP nor UDP.
-pub const STAT_OTHER_L4: u32 = 12;
-/// IP or L4 header cut short by the end of the frame.
-pub const STAT_TRUNCATED_L3L4: u32 = 13;
+/// Pass: not IPv4 (ARP, IPv6, LLDP, …) or a frame too short for Ethernet.
+pub const STAT_NOT_IPV4: u32 = 6;
+/// Pass: IPv4 but neither TCP nor UDP, or a fragment/malformed packet not addressed to a VIP.
+pub const STAT_NOT_L4: u32 = 7;
+/// Pass: TCP/UDP that is neither for a service nor a reply of a tracked flow.
+pub const STAT_NOT_OURS: u32 = 8;
+/// Pass: IPv4 header cut short; the destination cannot be read, the kernel drops it.
+pub const STAT_TRUNCATED_IP: u32 = 9;
+/// Drop: packet to a VIP whose IP or L4 header is cut short (or total length exceeds the frame).
+pub const STAT_DROP_TRUNCATED: u32 = 10;
+/// Drop: packet to a VIP with IHL < 5 or total length shorter than the header.
+pub const STAT_DROP_BAD_IHL: u32 = 11;
+/// Drop: IP fragment addressed to a VIP (fragments are not reassembled).
+pub const STAT_DROP_FRAGMENT: u32 = 12;
+/// Forward packet matched an established conntrack entry.
+pub const STAT_CT_HIT: u32 = 13;
+/// Reply packet matched a reverse conntrack entry and was translated back.
+pub const STAT_CT_REPLY: u32 = 14;
+/// Conntrack miss on a TCP SYN (or first UDP datagram) to a service: a new flow is attempted.
+pub const STAT_CT_MISS_SYN: u32 = 15;
+/// Pass: conntrack miss on a TCP non-SYN to a service; the kernel (proxy fallback) owns it.
+pub const STAT_CT_MISS_NON_SYN: u32 = 16;
+/// A new flow was created (forward and reverse entries inserted).
+pub const STAT_NEW_FLOW: u32 = 17;
+/// Pass: the service has no backends.
+pub const STAT_NO_BACKEND: u32 = 18;
+/// Pass: no free SNAT port found within the probe bound for the chosen backend.
+pub const STAT_SNAT_EXHAUSTED: u32 = 19;
+/// Pass: inserting a conntrack entry failed.
+pub const STAT_CT_INSERT_FAILED: u32 = 20;
+/// Pass: FIB lookup toward the backend/client failed (no route, forwarding disabled, …).
+pub const STAT_FIB_FAILED: u32 = 21;
+/// Pass: FIB found the route but the neighbour is unresolved; the kernel forwards the
+/// already-translated packet and resolves it.
+pub const STAT_FIB_NO_NEIGH: u32 = 22;
+/// Pass: translated packet whose egress device cannot take XDP frames (not in the xmit
+/// devmap, e.g. a veth); the kernel forwards it.
+pub const STAT_XMIT_PASS: u32 = 23;
+/// A TCP FIN or RST moved a flow to the closing state.
+pub const STAT_TCP_CLOSE: u32 = 24;
+/// A conntrack entry was found but had expired; it is treated as a miss.
+pub const STAT_CT_EXPIRED: u32 = 25;
 
 /// Number of counters in [`STATS_MAP`].
-pub const STAT_COUNT: u32 = 14;
+pub const STAT_COUNT: u32 = 26;
 
 /// Human-readable name of each counter, indexed like the map (for `xlb inspect stats`).
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
@@ -46,29 +78,37 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "tx",
     "redirect",
     "aborted",
-    "truncated_eth",
-    "not_ip",
-    "ipv4",
-    "ipv6",
-    "tcp",
-    "udp",
-    "other_l4",
-    "truncated_l3l4",
+    "not_ipv4",
+    "not_l4",
+    "not_ours",
+    "truncated_ip",
+    "drop_truncated",
+    "drop_bad_ihl",
+    "drop_fragment",
+    "ct_hit",
+    "ct_reply",
+    "ct_miss_syn",
+    "ct_miss_non_syn",
+    "new_flow",
+    "no_backend",
+    "snat_exhausted",
+    "ct_insert_failed",
+    "fib_failed",
+    "fib_no_neigh",
+    "xmit_pass",
+    "tcp_close",
+    "ct_expired",
 ];
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_counter_has_a_distinct_name() {
-        for (index, name) in STAT_NAMES.iter().enumerate() {
-            assert!(!name.is_empty(), "counter {index} has no name");
-            assert_eq!(
-                STAT_NAMES.iter().filter(|other| *other == name).count(),
-                1,
-                "counter name {name} is used twice"
-            );
-        }
-    }
+/// Per-service counters, one per CPU in [`SVC_STATS_MAP`] at the service's id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceStats {
+    /// Packets translated for this service (both directions).
+    pub packets: u64,
+    /// Bytes (whole frames) translated for this service (both directions).
+    pub bytes: u64,
+    /// New flows created.
+    pub new_flows: u64,
 }
+const _: () = assert!(core::mem::size_of::<ServiceStats>() == 24);

@@ -1,26 +1,57 @@
-//! xlb's XDP program.
+//! xlb's XDP data plane: connection-tracked full-NAT load balancing of IPv4 TCP/UDP.
 //!
-//! Parses Ethernet, IPv4/IPv6 and TCP/UDP headers with bounds checks and counts every packet
-//! by verdict in the per-CPU [`lb_common::STATS_MAP`] array.
+//! Per packet: parse (packet.rs) → `VIP:port/proto` in `XLB_SERVICES`? → forward conntrack
+//! (conntrack.rs), or a new flow for a TCP SYN / UDP datagram → rewrite source to the LB's
+//! address and an allocated port and destination to the backend (nat.rs) → FIB lookup and
+//! transmit (forward.rs). Otherwise the reverse conntrack translates backend replies back to
+//! `VIP → client`. Everything else passes to the kernel untouched.
+//!
+//! Two entry points share the code: `xlb` for native (driver) XDP and `xlb_skb` for generic
+//! (skb) XDP; they differ only in how a translated packet is transmitted (see
+//! `forward::xmit`). `xlb_noop` is a do-nothing baseline for benchmarks.
 #![no_std]
 #![no_main]
 
+mod conntrack;
+mod forward;
+mod maps;
+mod nat;
 mod packet;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::*;
-use packet::{Parsed, parse};
 
-use crate::packet::count;
+use crate::{
+    conntrack::{TCP_ACK, TCP_SYN},
+    maps::{XLB_CT_FWD, XLB_CT_REV, XLB_SERVICES, XLB_VIPS, count, count_service},
+    packet::{Flow, Parsed, parse},
+};
 
-/// Entry point attached to the link device and backend-facing devices.
+/// Native-mode entry point.
 #[xdp]
 pub fn xlb(ctx: XdpContext) -> u32 {
-    count(STAT_TOTAL);
-    let action = match try_xlb(&ctx) {
-        Ok(action) => action,
-        Err(action) => action,
+    finish(try_xlb::<false>(&ctx))
+}
+
+/// Generic-mode entry point.
+#[xdp]
+pub fn xlb_skb(ctx: XdpContext) -> u32 {
+    finish(try_xlb::<true>(&ctx))
+}
+
+/// Does nothing: the baseline `xlb bench` compares against.
+#[xdp]
+pub fn xlb_noop(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+/// Counts the packet and its verdict.
+#[inline(always)]
+fn finish(result: Result<u32, u32>) -> u32 {
+    let action = match result {
+        Ok(action) | Err(action) => action,
     };
+    count(STAT_TOTAL);
     count(match action {
         xdp_action::XDP_PASS => STAT_PASS,
         xdp_action::XDP_DROP => STAT_DROP,
@@ -31,13 +62,171 @@ pub fn xlb(ctx: XdpContext) -> u32 {
     action
 }
 
-fn try_xlb(ctx: &XdpContext) -> Result<u32, u32> {
-    // Everything passes for now: nothing is a VIP until the data plane is programmed.
-    match parse(ctx) {
-        Parsed::NotIp | Parsed::Truncated | Parsed::OtherL4 | Parsed::L4 { .. } => {
-            Ok(xdp_action::XDP_PASS)
+/// Counts `reason` and passes the packet to the kernel.
+#[inline(always)]
+fn pass(reason: u32) -> Result<u32, u32> {
+    count(reason);
+    Ok(xdp_action::XDP_PASS)
+}
+
+#[inline(always)]
+fn try_xlb<const GENERIC: bool>(ctx: &XdpContext) -> Result<u32, u32> {
+    let flow = match parse(ctx) {
+        Parsed::Flow(flow) => flow,
+        // Pass: not ours; ARP, IPv6, ICMP and the rest belong to the kernel.
+        Parsed::NotIpv4 => return pass(STAT_NOT_IPV4),
+        Parsed::NotL4 => return pass(STAT_NOT_L4),
+        // Pass: the destination is unreadable, so it cannot be a VIP we own; the kernel drops it.
+        Parsed::TruncatedIp => return pass(STAT_TRUNCATED_IP),
+        Parsed::Malformed { reason, dst } => {
+            if XLB_VIPS.get_ptr(&dst).is_some() {
+                // Drop: malformed and addressed to a VIP.
+                count(reason);
+                return Err(xdp_action::XDP_DROP);
+            }
+            // Pass: not ours.
+            return pass(STAT_NOT_L4);
+        }
+    };
+    let service_key = ServiceKey {
+        vip: flow.dst,
+        port: flow.dst_port,
+        proto: flow.proto,
+        _pad: 0,
+    };
+    match XLB_SERVICES.get_ptr_mut(&service_key) {
+        Some(service) => forward_path::<GENERIC>(ctx, &flow, service),
+        None => reply_path::<GENERIC>(ctx, &flow),
+    }
+}
+
+/// Client → VIP.
+#[inline(always)]
+fn forward_path<const GENERIC: bool>(
+    ctx: &XdpContext,
+    flow: &Flow,
+    service: *mut ServiceValue,
+) -> Result<u32, u32> {
+    let now = conntrack::now_ns();
+    let key = conntrack::key_of(flow);
+    let is_new = flow.proto == IPPROTO_UDP || flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if let Some(entry) = XLB_CT_FWD.get_ptr_mut(&key) {
+        // SAFETY: entry points into a map value, valid for this program run.
+        let state = unsafe { (*entry).state };
+        // SAFETY: as above.
+        if conntrack::alive(unsafe { &*entry }, flow.proto, now) {
+            // A SYN on a closing flow is a new connection reusing the tuple.
+            if !(is_new && flow.proto == IPPROTO_TCP && state == CT_STATE_CLOSING) {
+                count(STAT_CT_HIT);
+                return translate::<GENERIC>(ctx, flow, entry, &XLB_CT_REV, now);
+            }
+        } else {
+            count(STAT_CT_EXPIRED);
         }
     }
+    if !is_new {
+        // Pass: a TCP segment of a flow we do not track; the proxy fallback owns it.
+        return pass(STAT_CT_MISS_NON_SYN);
+    }
+    count(STAT_CT_MISS_SYN);
+    let Some(backend) = conntrack::pick_backend(service) else {
+        // Pass: no backend; the kernel (proxy or RST) answers.
+        return pass(STAT_NO_BACKEND);
+    };
+    let tot_len = flow.l4_len + (flow.l4_offset - network_types::eth::EthHdr::LEN) as u16;
+    let Some(route) = forward::route(ctx, flow.proto, backend.ip, tot_len, true) else {
+        // Pass: no route to the backend; nothing was created, the proxy may take it.
+        return pass(STAT_FIB_FAILED);
+    };
+    // SAFETY: service points into a map value, valid for this program run.
+    let service_id = unsafe { (*service).id };
+    let entry = match conntrack::create(flow, service_id, &backend, route.src, now) {
+        Ok(entry) => entry,
+        // Pass: no conntrack entry (counted in create); the proxy may take it.
+        Err(_) => return Ok(xdp_action::XDP_PASS),
+    };
+    count(STAT_NEW_FLOW);
+    count_service(service_id, (ctx.data_end() - ctx.data()) as u64, 1);
+    nat::rewrite(ctx, flow, &entry)?;
+    if !route.resolved {
+        // Pass: the kernel forwards the translated packet and resolves the neighbour.
+        return pass(STAT_FIB_NO_NEIGH);
+    }
+    // Cache the route in the forward entry for the flow's next packets.
+    if let Some(stored) = XLB_CT_FWD.get_ptr_mut(&key) {
+        // SAFETY: points into a map value.
+        unsafe {
+            (*stored).ifindex = route.ifindex;
+            (*stored).smac = route.smac;
+            (*stored).dmac = route.dmac;
+        }
+    }
+    forward::xmit::<GENERIC>(ctx, route.ifindex, route.smac, route.dmac)
+}
+
+/// Backend → SNAT address: a reply of a tracked flow, or not ours.
+#[inline(always)]
+fn reply_path<const GENERIC: bool>(ctx: &XdpContext, flow: &Flow) -> Result<u32, u32> {
+    let key = conntrack::key_of(flow);
+    let Some(entry) = XLB_CT_REV.get_ptr_mut(&key) else {
+        // Pass: not ours.
+        return pass(STAT_NOT_OURS);
+    };
+    let now = conntrack::now_ns();
+    // SAFETY: entry points into a map value, valid for this program run.
+    if !conntrack::alive(unsafe { &*entry }, flow.proto, now) {
+        // Pass: the flow expired; whatever this is, the kernel deals with it.
+        count(STAT_CT_EXPIRED);
+        return pass(STAT_NOT_OURS);
+    }
+    count(STAT_CT_REPLY);
+    translate::<GENERIC>(ctx, flow, entry, &XLB_CT_FWD, now)
+}
+
+/// Translates a packet of a tracked flow per `entry` and sends it on, refreshing the entry
+/// (timestamp and cached route) at most once per `CT_REFRESH_NS`.
+#[inline(always)]
+fn translate<const GENERIC: bool>(
+    ctx: &XdpContext,
+    flow: &Flow,
+    entry: *mut CtEntry,
+    peer_map: &aya_ebpf::btf_maps::LruHashMap<FlowKey, CtEntry, { MAX_FLOWS as usize }>,
+    now: u64,
+) -> Result<u32, u32> {
+    if flow.proto == IPPROTO_TCP {
+        conntrack::on_tcp_flags(entry, flow.tcp_flags, flow.proto, peer_map, now);
+    }
+    // SAFETY: entry points into a map value, valid for this program run; copied out once.
+    let mut e = unsafe { *entry };
+    count_service(e.service_id, (ctx.data_end() - ctx.data()) as u64, 0);
+    nat::rewrite(ctx, flow, &e)?;
+    if now.wrapping_sub(e.last_seen_ns) > CT_REFRESH_NS || e.ifindex == 0 {
+        let tot_len = flow.l4_len + (flow.l4_offset - network_types::eth::EthHdr::LEN) as u16;
+        let route = forward::route(ctx, flow.proto, e.nat_dst_ip, tot_len, false);
+        // SAFETY: as above; plain stores to the value.
+        unsafe {
+            (*entry).last_seen_ns = now;
+            (*entry).ifindex = 0;
+        }
+        let Some(route) = route else {
+            // Pass: no route any more; the kernel decides (ICMP unreachable or drop).
+            return pass(STAT_FIB_FAILED);
+        };
+        if !route.resolved {
+            // Pass: the kernel forwards the translated packet and resolves the neighbour.
+            return pass(STAT_FIB_NO_NEIGH);
+        }
+        // SAFETY: as above.
+        unsafe {
+            (*entry).ifindex = route.ifindex;
+            (*entry).smac = route.smac;
+            (*entry).dmac = route.dmac;
+        }
+        e.ifindex = route.ifindex;
+        e.smac = route.smac;
+        e.dmac = route.dmac;
+    }
+    forward::xmit::<GENERIC>(ctx, e.ifindex, e.smac, e.dmac)
 }
 
 #[cfg(not(test))]

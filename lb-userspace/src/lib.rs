@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod dataplane;
+pub mod inspect;
 pub mod ipam;
 pub mod metrics;
 pub mod model;

@@ -1,3 +1,8 @@
-//! Fixtures for xlb's end-to-end tests: network-namespace topologies, backends, clients.
+//! Fixtures for xlb's end-to-end tests: network-namespace topologies, backends, clients,
+//! crafted packets.
 
+pub mod bpf;
+pub mod fixture;
 pub mod netns;
+pub mod pkt;
+pub mod servers;

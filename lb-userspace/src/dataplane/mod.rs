@@ -1,3 +1,100 @@
-//! The data plane: the XDP program and its maps.
+//! The data plane: what carries the traffic of the virtual services.
+//!
+//! [`Dataplane::apply`] takes the whole desired set of virtual services and changes only what
+//! differs. [`xdp::XdpDataplane`] programs the XDP program's pinned maps; see `xdp.rs` for the
+//! system settings it makes and how it survives restarts.
 
+pub mod devices;
+pub mod spec;
+pub mod sync;
 pub mod xdp;
+
+use std::path::PathBuf;
+
+use crate::model::VirtualService;
+
+/// Something that carries the traffic of virtual services.
+pub trait Dataplane {
+    /// Makes the data plane serve exactly `services`: new frontends start taking flows,
+    /// removed frontends stop taking new flows at once, removed backends get no new flows but
+    /// keep their established ones until they end. Applying the same set twice changes nothing.
+    fn apply(&mut self, services: &[VirtualService]) -> Result<(), DataplaneError>;
+}
+
+/// Errors of the data plane, each saying what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error(
+        "loading the BPF object failed: {0}; check the kernel (5.15+, 6.7+ for SNAT source lookup) and that xlb runs as root with CAP_BPF/CAP_NET_ADMIN"
+    )]
+    Load(#[from] aya::EbpfError),
+    #[error("BPF program {name} failed: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("BPF map {name} is missing from the object; rebuild xlb")]
+    MissingMap { name: &'static str },
+    #[error("BPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error(
+        "pinned map {path} has a different layout than this xlb expects ({detail}); it is from another xlb version: remove it (this drops its state) with `rm {path}` and restart"
+    )]
+    IncompatibleMap { path: PathBuf, detail: String },
+    #[error(
+        "pinning under {path} failed: {source}; is bpffs mounted there? (`mount -t bpf bpf /sys/fs/bpf`)"
+    )]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("pinning {path} failed: {source}; is bpffs mounted? (`mount -t bpf bpf /sys/fs/bpf`)")]
+    PinObject {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error(
+        "XDP attach failed on {iface} in native mode ({native}) and in generic mode ({generic}); check the device is up and has no other XDP program (`ip link show {iface}`)"
+    )]
+    Attach {
+        iface: String,
+        native: String,
+        generic: String,
+    },
+    #[error(
+        "XDP attach in {mode} mode failed on {iface}: {source}; retry with the other --xdp-mode or check `ip link show {iface}`"
+    )]
+    AttachMode {
+        iface: String,
+        mode: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error(
+        "device {0} does not exist in this network namespace; check --link-device and the routes to backends"
+    )]
+    NoSuchDevice(String),
+    #[error("{0}")]
+    Plan(#[from] sync::PlanError),
+    #[error("running {command} failed: {source}; is iproute2 installed?")]
+    Command {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "setting sysctl {path} failed: {source}; xlb needs root, or set it yourself and disable sysctls in the config"
+    )]
+    Sysctl {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}

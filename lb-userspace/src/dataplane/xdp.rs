@@ -1,52 +1,91 @@
-//! Loads the embedded XDP object with aya, attaches it to devices and reads its maps.
+//! [`XdpDataplane`]: loads the embedded XDP object with aya, pins and adopts its maps, program
+//! and links, attaches to devices and keeps the maps in line with the desired services.
+//!
+//! # Pinning and restarts
+//! Everything lives under the pin directory ([`XdpConfig::pin_dir`], default
+//! [`lb_common::PIN_DIR`]): one file per map (`XLB_SERVICES`, `XLB_CT_FWD`, …, all with BTF),
+//! the programs (`prog_xlb`, `prog_xlb_skb`) and one bpf_link per device
+//! (`link_drv_<ifname>` for native, `link_skb_<ifname>` for generic XDP). The data plane keeps
+//! forwarding while no xlb process runs (crash, SIGKILL, upgrade). A restarted loader reuses
+//! the pinned maps (conntrack included, so established connections survive), reads the
+//! installed services back from them, and atomically swaps its freshly loaded program into
+//! the pinned links (`BPF_LINK_UPDATE`).
+//!
+//! # System settings
+//! With [`XdpConfig::set_sysctls`] (the default) xlb sets, in its network namespace:
+//! - `net.ipv4.ip_forward=1`: a translated packet whose egress device cannot take XDP frames,
+//!   or whose next hop is not resolved yet, is passed to the kernel, which forwards it;
+//! - `net.ipv4.conf.<dev>.accept_local=1` on every device it attaches to: such packets carry one
+//!   of the LB's own addresses as source (the SNAT address, or the VIP on replies);
+//! - `net.ipv4.conf.<dev>.rp_filter=2` (loose) on those devices: the SNAT address may belong
+//!   to another device than the one the packet came in on.
+//!
+//! # Devices
+//! xlb attaches to [`XdpConfig::devices`] (the link device) and, with
+//! [`XdpConfig::follow_backend_routes`], to every device through which a backend is routed
+//! (`ip route get`, re-checked on every [`Dataplane::apply`] that changes backends). Devices
+//! stay attached until [`XdpDataplane::detach_all`]: a device toward a removed backend may
+//! still carry its draining flows.
+//!
+//! # Forwarding
+//! The program looks the translated packet's route up in the FIB (`bpf_fib_lookup`). In
+//! generic mode it then uses `XDP_TX` (same device) or `bpf_redirect` (another device), which
+//! work into any device because the frame is still an skb. In native mode it uses them only
+//! for devices in the `XLB_XMIT` devmap, which holds natively attached non-veth devices: a frame
+//! redirected into a veth is lost unless the veth's peer runs XDP, and xlb does not control
+//! the peer. Otherwise, and when the neighbour is unresolved, the translated packet is passed
+//! to the kernel, which forwards it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
 
 use aya::{
-    Ebpf,
-    maps::PerCpuArray,
-    programs::{ProgramError, Xdp, XdpMode},
+    Ebpf, EbpfLoader,
+    maps::{DevMapHash, HashMap, MapData, MapInfo, PerCpuArray, PerCpuValues},
+    programs::{
+        Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
 };
-use lb_common::{STAT_COUNT, STATS_MAP};
+use lb_common::*;
+
+use super::{Dataplane, DataplaneError, devices, sync};
+use crate::model::{Backend, Frontend, Protocol, VirtualService};
 
 /// The BPF object built by `build.rs` (aya-build), embedded at compile time.
 pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
 
-/// Name of the XDP program inside [`BPF_OBJECT`].
-pub const PROGRAM_NAME: &str = "xlb";
-
-/// Errors from loading, attaching or reading the data plane.
-#[derive(Debug, thiserror::Error)]
-pub enum XdpError {
-    #[error("loading the BPF object failed: {0}")]
-    Load(#[from] aya::EbpfError),
-    #[error("BPF program {PROGRAM_NAME} failed: {0}")]
-    Program(#[from] ProgramError),
-    #[error("BPF map {0} is missing from the object")]
-    MissingMap(&'static str),
-    #[error("BPF map access failed: {0}")]
-    Map(#[from] aya::maps::MapError),
-    #[error(
-        "XDP attach failed on {iface} in both native and generic mode: native: {native}; generic: {generic}"
-    )]
-    Attach {
-        iface: String,
-        native: ProgramError,
-        generic: ProgramError,
-    },
-}
-
 /// How the program ended up attached to a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttachMode {
-    /// Native (driver) XDP.
+    /// Native (driver) XDP, program [`PROGRAM_NATIVE`].
     Native,
-    /// Generic (skb) XDP, used when the driver lacks native support.
+    /// Generic (skb) XDP, program [`PROGRAM_GENERIC`].
     Generic,
+}
+
+impl AttachMode {
+    fn tag(self) -> &'static str {
+        match self {
+            AttachMode::Native => "drv",
+            AttachMode::Generic => "skb",
+        }
+    }
+
+    fn program(self) -> &'static str {
+        match self {
+            AttachMode::Native => PROGRAM_NATIVE,
+            AttachMode::Generic => PROGRAM_GENERIC,
+        }
+    }
 }
 
 /// Which mode to try when attaching.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ModeChoice {
-    /// Native, falling back to generic with a log line.
+    /// Native, falling back to generic with a log line, per device.
     #[default]
     Auto,
     /// Native only.
@@ -55,55 +94,410 @@ pub enum ModeChoice {
     Generic,
 }
 
-/// The loaded XDP program and its maps.
-pub struct XdpProgram {
-    ebpf: Ebpf,
+/// How [`XdpDataplane`] is set up.
+#[derive(Debug, Clone)]
+pub struct XdpConfig {
+    /// Where maps, programs and links are pinned (must be on bpffs). Default
+    /// [`lb_common::PIN_DIR`]; tests use their own directory.
+    pub pin_dir: PathBuf,
+    /// Devices always attached (the link device). Empty attaches nothing: maps and programs
+    /// only, for `BPF_PROG_TEST_RUN` fixtures and benchmarks.
+    pub devices: Vec<String>,
+    /// Also attach to every device through which a backend is routed.
+    pub follow_backend_routes: bool,
+    /// XDP mode per device.
+    pub mode: ModeChoice,
+    /// Set the sysctls listed in the module docs.
+    pub set_sysctls: bool,
 }
 
-impl XdpProgram {
-    /// Loads [`BPF_OBJECT`] into the kernel (maps created, program verified).
-    pub fn load() -> Result<Self, XdpError> {
-        let mut ebpf = Ebpf::load(BPF_OBJECT)?;
-        program_mut(&mut ebpf)?.load()?;
-        Ok(Self { ebpf })
+impl Default for XdpConfig {
+    fn default() -> Self {
+        XdpConfig {
+            pin_dir: PathBuf::from(PIN_DIR),
+            devices: Vec::new(),
+            follow_backend_routes: true,
+            mode: ModeChoice::Auto,
+            set_sysctls: true,
+        }
+    }
+}
+
+impl XdpConfig {
+    /// The usual setup: attach to `link_device` and to the devices toward backends.
+    pub fn new(link_device: &str) -> Self {
+        XdpConfig {
+            devices: vec![link_device.to_owned()],
+            ..XdpConfig::default()
+        }
+    }
+}
+
+/// One device the program is attached to.
+#[derive(Debug)]
+struct Attachment {
+    mode: AttachMode,
+    pin: PathBuf,
+    /// Keeps the link fd open; the pin keeps the link alive without it.
+    _link: FdLink,
+}
+
+/// The XDP data plane: the loaded programs, their pinned maps, the attachments, and what the
+/// maps hold.
+pub struct XdpDataplane {
+    config: XdpConfig,
+    ebpf: Ebpf,
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: HashMap<MapData, BackendKey, BackendValue>,
+    vips: HashMap<MapData, [u8; 4], VipValue>,
+    xmit: DevMapHash<MapData>,
+    stats: PerCpuArray<MapData, u64>,
+    svc_stats: PerCpuArray<MapData, ServiceStats>,
+    installed: sync::InstalledSet,
+    attached: BTreeMap<String, Attachment>,
+    backend_devices: BTreeMap<Ipv4Addr, String>,
+}
+
+/// Expected `(key size, value size)` of each pinned map, checked when adopting it.
+fn expected_layout(name: &str) -> Option<(usize, usize)> {
+    use core::mem::size_of;
+    Some(match name {
+        SERVICES_MAP => (size_of::<ServiceKey>(), size_of::<ServiceValue>()),
+        BACKENDS_MAP => (size_of::<BackendKey>(), size_of::<BackendValue>()),
+        VIPS_MAP => (4, size_of::<VipValue>()),
+        CT_FWD_MAP | CT_REV_MAP => (size_of::<FlowKey>(), size_of::<CtEntry>()),
+        STATS_MAP => (4, 8),
+        SVC_STATS_MAP => (4, size_of::<ServiceStats>()),
+        _ => return None,
+    })
+}
+
+impl XdpDataplane {
+    /// Loads the programs, creating the maps under the pin directory or adopting the ones
+    /// already pinned there, adopts pinned links, reads the installed services back from the
+    /// maps and attaches to [`XdpConfig::devices`].
+    pub fn open(config: XdpConfig) -> Result<Self, DataplaneError> {
+        let dir = config.pin_dir.clone();
+        std::fs::create_dir_all(&dir).map_err(|source| DataplaneError::Pin {
+            path: dir.clone(),
+            source,
+        })?;
+        for name in ALL_MAPS {
+            check_pinned_layout(&dir, name)?;
+        }
+        let mut loader = EbpfLoader::new();
+        for name in ALL_MAPS {
+            loader.map_pin_path(name, dir.join(name));
+        }
+        let mut ebpf = loader.load(BPF_OBJECT)?;
+        for name in [PROGRAM_NATIVE, PROGRAM_GENERIC, PROGRAM_NOOP] {
+            let program = xdp_mut(&mut ebpf, name)?;
+            program
+                .load()
+                .map_err(|source| DataplaneError::Program { name, source })?;
+        }
+        for name in [PROGRAM_NATIVE, PROGRAM_GENERIC] {
+            let path = dir.join(format!("prog_{name}"));
+            let _ = std::fs::remove_file(&path);
+            xdp_mut(&mut ebpf, name)?
+                .pin(&path)
+                .map_err(|source| DataplaneError::PinObject { path, source })?;
+        }
+        let services =
+            HashMap::try_from(take_map(&mut ebpf, SERVICES_MAP)?).map_err(map_err(SERVICES_MAP))?;
+        let backends =
+            HashMap::try_from(take_map(&mut ebpf, BACKENDS_MAP)?).map_err(map_err(BACKENDS_MAP))?;
+        let vips = HashMap::try_from(take_map(&mut ebpf, VIPS_MAP)?).map_err(map_err(VIPS_MAP))?;
+        let xmit =
+            DevMapHash::try_from(take_map(&mut ebpf, XMIT_MAP)?).map_err(map_err(XMIT_MAP))?;
+        let stats =
+            PerCpuArray::try_from(take_map(&mut ebpf, STATS_MAP)?).map_err(map_err(STATS_MAP))?;
+        let svc_stats = PerCpuArray::try_from(take_map(&mut ebpf, SVC_STATS_MAP)?)
+            .map_err(map_err(SVC_STATS_MAP))?;
+        let mut dataplane = XdpDataplane {
+            config,
+            ebpf,
+            services,
+            backends,
+            vips,
+            xmit,
+            stats,
+            svc_stats,
+            installed: sync::InstalledSet::new(),
+            attached: BTreeMap::new(),
+            backend_devices: BTreeMap::new(),
+        };
+        dataplane.installed = dataplane.read_installed()?;
+        if dataplane.config.set_sysctls && !dataplane.config.devices.is_empty() {
+            devices::set_sysctl("ip_forward", "1")?;
+        }
+        dataplane.adopt_links()?;
+        let wanted = dataplane.config.devices.clone();
+        for device in &wanted {
+            dataplane.ensure_attached(device)?;
+        }
+        dataplane.log_devices();
+        Ok(dataplane)
     }
 
-    /// The loaded program, e.g. for `BPF_PROG_TEST_RUN`.
-    pub fn program(&self) -> Result<&Xdp, XdpError> {
-        let program = self
-            .ebpf
-            .program(PROGRAM_NAME)
-            .ok_or(ProgramError::NotLoaded)?;
-        Ok(program.try_into()?)
+    /// The loaded XDP program `name` ([`PROGRAM_NATIVE`], [`PROGRAM_GENERIC`] or
+    /// [`PROGRAM_NOOP`]), e.g. for `BPF_PROG_TEST_RUN`.
+    pub fn program(&self, name: &'static str) -> Result<&Xdp, DataplaneError> {
+        let program = self.ebpf.program(name).ok_or(DataplaneError::Program {
+            name,
+            source: aya::programs::ProgramError::NotLoaded,
+        })?;
+        program
+            .try_into()
+            .map_err(|source| DataplaneError::Program { name, source })
     }
 
-    /// Attaches to `iface` in the mode asked for; `Auto` tries native first and falls back to
-    /// generic, logging why.
-    pub fn attach(&mut self, iface: &str, choice: ModeChoice) -> Result<AttachMode, XdpError> {
-        let program = program_mut(&mut self.ebpf)?;
-        match choice {
-            ModeChoice::Native => program
-                .attach(iface, XdpMode::Driver)
-                .map(|_| AttachMode::Native)
-                .map_err(Into::into),
-            ModeChoice::Generic => program
-                .attach(iface, XdpMode::Skb)
-                .map(|_| AttachMode::Generic)
-                .map_err(Into::into),
-            ModeChoice::Auto => match program.attach(iface, XdpMode::Driver) {
-                Ok(_) => Ok(AttachMode::Native),
-                Err(native) => {
-                    tracing::warn!(
-                        iface,
-                        error = %native,
-                        "native XDP attach failed (driver lacks XDP?); falling back to generic mode"
+    /// The pin directory in use.
+    pub fn pin_dir(&self) -> &Path {
+        &self.config.pin_dir
+    }
+
+    /// What the maps hold: service id and backend slots per frontend.
+    pub fn installed(&self) -> &sync::InstalledSet {
+        &self.installed
+    }
+
+    /// Devices the program is attached to, with their mode.
+    pub fn devices(&self) -> BTreeMap<String, AttachMode> {
+        self.attached
+            .iter()
+            .map(|(d, a)| (d.clone(), a.mode))
+            .collect()
+    }
+
+    /// Global counters summed over CPUs, indexed by `lb_common::STAT_*`.
+    pub fn stats(&self) -> Result<[u64; STAT_COUNT as usize], DataplaneError> {
+        let mut totals = [0u64; STAT_COUNT as usize];
+        for (index, total) in (0..STAT_COUNT).zip(totals.iter_mut()) {
+            *total = self
+                .stats
+                .get(&index, 0)
+                .map_err(map_err(STATS_MAP))?
+                .iter()
+                .sum();
+        }
+        Ok(totals)
+    }
+
+    /// Counters of service `id` summed over CPUs.
+    pub fn service_stats(&self, id: u32) -> Result<ServiceStats, DataplaneError> {
+        let values = self.svc_stats.get(&id, 0).map_err(map_err(SVC_STATS_MAP))?;
+        Ok(sum_service_stats(values.iter()))
+    }
+
+    /// Detaches from every device and removes the link pins (maps stay pinned). Traffic then
+    /// goes to the kernel (and the proxy fallback).
+    pub fn detach_all(&mut self) {
+        for (device, attachment) in std::mem::take(&mut self.attached) {
+            let _ = std::fs::remove_file(&attachment.pin);
+            tracing::info!(device = %device, "XDP detached");
+        }
+    }
+
+    /// Rebuilds the installed set from the pinned services and backends maps.
+    fn read_installed(&self) -> Result<sync::InstalledSet, DataplaneError> {
+        let mut installed = sync::InstalledSet::new();
+        for item in self.services.iter() {
+            let (key, value) = item.map_err(map_err(SERVICES_MAP))?;
+            let protocol = match key.proto {
+                IPPROTO_TCP => Protocol::Tcp,
+                IPPROTO_UDP => Protocol::Udp,
+                _ => continue,
+            };
+            let frontend = Frontend {
+                vip: Ipv4Addr::from(key.vip),
+                port: key.port,
+                protocol,
+            };
+            let mut slots = Vec::new();
+            for slot in 0..value.backend_count {
+                let key = BackendKey {
+                    service_id: value.id,
+                    slot,
+                };
+                match self.backends.get(&key, 0) {
+                    Ok(b) => slots.push(Backend {
+                        ip: Ipv4Addr::from(b.ip),
+                        port: b.port,
+                    }),
+                    Err(aya::maps::MapError::KeyNotFound) => break,
+                    Err(source) => {
+                        return Err(DataplaneError::Map {
+                            name: BACKENDS_MAP,
+                            source,
+                        });
+                    }
+                }
+            }
+            installed.insert(
+                frontend,
+                sync::Installed {
+                    id: value.id,
+                    slots,
+                },
+            );
+        }
+        if !installed.is_empty() {
+            tracing::info!(
+                services = installed.len(),
+                "adopted services from pinned maps"
+            );
+        }
+        Ok(installed)
+    }
+
+    /// Takes over the links pinned by a previous loader: swaps the freshly loaded program in.
+    fn adopt_links(&mut self) -> Result<(), DataplaneError> {
+        let dir = self.config.pin_dir.clone();
+        let entries = std::fs::read_dir(&dir).map_err(|source| DataplaneError::Pin {
+            path: dir.clone(),
+            source,
+        })?;
+        for entry in entries.flatten() {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            let (mode, device) = if let Some(device) = file.strip_prefix("link_drv_") {
+                (AttachMode::Native, device.to_owned())
+            } else if let Some(device) = file.strip_prefix("link_skb_") {
+                (AttachMode::Generic, device.to_owned())
+            } else {
+                continue;
+            };
+            let path = entry.path();
+            match self.adopt_link(&path, mode) {
+                Ok(link) => {
+                    tracing::info!(device = %device, ?mode, "adopted pinned XDP link");
+                    self.attached.insert(
+                        device,
+                        Attachment {
+                            mode,
+                            pin: path,
+                            _link: link,
+                        },
                     );
-                    match program.attach(iface, XdpMode::Skb) {
-                        Ok(_) => Ok(AttachMode::Generic),
-                        Err(generic) => Err(XdpError::Attach {
-                            iface: iface.to_owned(),
-                            native,
-                            generic,
+                }
+                Err(error) => {
+                    // The device went away or the link is defunct: drop it; ensure_attached
+                    // attaches afresh if the device is still wanted.
+                    tracing::warn!(device = %device, %error, "stale pinned XDP link removed");
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn adopt_link(&mut self, path: &Path, mode: AttachMode) -> Result<FdLink, String> {
+        let pinned = PinnedLink::from_pin(path).map_err(|e| e.to_string())?;
+        let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| e.to_string())?;
+        let program = xdp_mut(&mut self.ebpf, mode.program()).map_err(|e| e.to_string())?;
+        let id = program.attach_to_link(link).map_err(|e| e.to_string())?;
+        let link = program.take_link(id).map_err(|e| e.to_string())?;
+        FdLink::try_from(link).map_err(|e| e.to_string())
+    }
+
+    /// Attaches to `device` unless already attached; pins the link; sets the device's
+    /// sysctls; lists it in the xmit devmap when native XDP can transmit into it.
+    fn ensure_attached(&mut self, device: &str) -> Result<(), DataplaneError> {
+        let ifindex = devices::ifindex(device)?;
+        if !self.attached.contains_key(device) {
+            let (mode, id) = self.attach(device, ifindex)?;
+            let program = xdp_mut(&mut self.ebpf, mode.program())?;
+            let link = program
+                .take_link(id)
+                .map_err(|source| DataplaneError::Program {
+                    name: mode.program(),
+                    source,
+                })?;
+            let link = FdLink::try_from(link).map_err(|e| DataplaneError::AttachMode {
+                iface: device.to_owned(),
+                mode: mode.tag(),
+                source: aya::programs::ProgramError::IOError(std::io::Error::other(e.to_string())),
+            })?;
+            let path = self
+                .config
+                .pin_dir
+                .join(format!("link_{}_{device}", mode.tag()));
+            let _ = std::fs::remove_file(&path);
+            let pinned = link
+                .pin(&path)
+                .map_err(|source| DataplaneError::PinObject {
+                    path: path.clone(),
+                    source,
+                })?;
+            self.attached.insert(
+                device.to_owned(),
+                Attachment {
+                    mode,
+                    pin: path,
+                    _link: FdLink::from(pinned),
+                },
+            );
+            tracing::info!(device, ?mode, "XDP attached");
+        }
+        if self.config.set_sysctls {
+            devices::set_device_sysctls(device)?;
+        }
+        let native = self.attached.get(device).map(|a| a.mode) == Some(AttachMode::Native);
+        if native && devices::native_xmit_ok(device) {
+            self.xmit
+                .insert(ifindex, ifindex, None, 0)
+                .map_err(|e| DataplaneError::Map {
+                    name: XMIT_MAP,
+                    source: map_error_from(e),
+                })?;
+        } else {
+            let _ = self.xmit.remove(ifindex);
+        }
+        Ok(())
+    }
+
+    /// Attaches to `device` in the configured mode (native first in `Auto`, falling back to
+    /// generic with a log line).
+    fn attach(
+        &mut self,
+        device: &str,
+        ifindex: u32,
+    ) -> Result<(AttachMode, XdpLinkId), DataplaneError> {
+        let mut try_mode = |mode: AttachMode| -> Result<XdpLinkId, aya::programs::ProgramError> {
+            let program = xdp_mut(&mut self.ebpf, mode.program())
+                .map_err(|_| aya::programs::ProgramError::NotLoaded)?;
+            let flags = if mode == AttachMode::Native {
+                XdpMode::Driver
+            } else {
+                XdpMode::Skb
+            };
+            program.attach_to_if_index(ifindex, flags)
+        };
+        match self.config.mode {
+            ModeChoice::Native => try_mode(AttachMode::Native)
+                .map(|id| (AttachMode::Native, id))
+                .map_err(|source| DataplaneError::AttachMode {
+                    iface: device.into(),
+                    mode: "native",
+                    source,
+                }),
+            ModeChoice::Generic => try_mode(AttachMode::Generic)
+                .map(|id| (AttachMode::Generic, id))
+                .map_err(|source| DataplaneError::AttachMode {
+                    iface: device.into(),
+                    mode: "generic",
+                    source,
+                }),
+            ModeChoice::Auto => match try_mode(AttachMode::Native) {
+                Ok(id) => Ok((AttachMode::Native, id)),
+                Err(native) => {
+                    tracing::warn!(device, error = %native, "native XDP attach failed (driver lacks XDP?); falling back to generic mode");
+                    match try_mode(AttachMode::Generic) {
+                        Ok(id) => Ok((AttachMode::Generic, id)),
+                        Err(generic) => Err(DataplaneError::Attach {
+                            iface: device.into(),
+                            native: native.to_string(),
+                            generic: generic.to_string(),
                         }),
                     }
                 }
@@ -111,24 +505,202 @@ impl XdpProgram {
         }
     }
 
-    /// Reads the global counters, summed over CPUs, indexed by `lb_common::STAT_*`.
-    pub fn stats(&self) -> Result<[u64; STAT_COUNT as usize], XdpError> {
-        let map = self
-            .ebpf
-            .map(STATS_MAP)
-            .ok_or(XdpError::MissingMap(STATS_MAP))?;
-        let array = PerCpuArray::<_, u64>::try_from(map)?;
-        let mut totals = [0u64; STAT_COUNT as usize];
-        for (index, total) in (0..STAT_COUNT).zip(totals.iter_mut()) {
-            *total = array.get(&index, 0)?.iter().sum();
+    fn log_devices(&self) {
+        let list: Vec<String> = self
+            .attached
+            .iter()
+            .map(|(d, a)| format!("{d}({})", a.mode.tag()))
+            .collect();
+        tracing::info!(devices = %list.join(","), "XDP data plane devices");
+    }
+
+    fn execute(&mut self, op: &sync::Op) -> Result<(), DataplaneError> {
+        match *op {
+            sync::Op::ResetStats { id } => {
+                let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Command {
+                    command: "reading possible CPUs".into(),
+                    source: e,
+                })?;
+                let zero =
+                    PerCpuValues::try_from(vec![ServiceStats::default(); cpus]).map_err(|e| {
+                        DataplaneError::Map {
+                            name: SVC_STATS_MAP,
+                            source: aya::maps::MapError::IoError(e),
+                        }
+                    })?;
+                self.svc_stats
+                    .set(id, zero, 0)
+                    .map_err(map_err(SVC_STATS_MAP))
+            }
+            sync::Op::SetBackend { id, slot, backend } => self
+                .backends
+                .insert(
+                    BackendKey {
+                        service_id: id,
+                        slot,
+                    },
+                    BackendValue {
+                        ip: backend.ip.octets(),
+                        port: backend.port,
+                        _pad: 0,
+                    },
+                    0,
+                )
+                .map_err(map_err(BACKENDS_MAP)),
+            sync::Op::SetService {
+                frontend,
+                id,
+                count,
+            } => self
+                .services
+                .insert(
+                    service_key(&frontend),
+                    ServiceValue {
+                        id,
+                        backend_count: count,
+                        rr_cursor: 0,
+                    },
+                    0,
+                )
+                .map_err(map_err(SERVICES_MAP)),
+            sync::Op::DeleteService { frontend } => {
+                ignore_missing(self.services.remove(&service_key(&frontend)), SERVICES_MAP)
+            }
+            sync::Op::DeleteBackend { id, slot } => ignore_missing(
+                self.backends.remove(&BackendKey {
+                    service_id: id,
+                    slot,
+                }),
+                BACKENDS_MAP,
+            ),
+            sync::Op::SetVip { vip, services } => {
+                if services == 0 {
+                    ignore_missing(self.vips.remove(&vip.octets()), VIPS_MAP)
+                } else {
+                    self.vips
+                        .insert(vip.octets(), VipValue { services }, 0)
+                        .map_err(map_err(VIPS_MAP))
+                }
+            }
         }
-        Ok(totals)
     }
 }
 
-fn program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, XdpError> {
-    let program = ebpf
-        .program_mut(PROGRAM_NAME)
-        .ok_or(ProgramError::NotLoaded)?;
-    Ok(program.try_into()?)
+impl Dataplane for XdpDataplane {
+    fn apply(&mut self, services: &[VirtualService]) -> Result<(), DataplaneError> {
+        let (ops, next) = sync::plan(&self.installed, services)?;
+        for op in &ops {
+            self.execute(op)?;
+        }
+        if !ops.is_empty() {
+            tracing::info!(
+                changes = ops.len(),
+                services = next.len(),
+                "data plane maps updated"
+            );
+        }
+        self.installed = next;
+        if self.config.follow_backend_routes && !self.config.devices.is_empty() {
+            let ips: BTreeSet<Ipv4Addr> = self
+                .installed
+                .values()
+                .flat_map(|i| i.slots.iter().map(|b| b.ip))
+                .collect();
+            let known: BTreeSet<Ipv4Addr> = self.backend_devices.keys().copied().collect();
+            if ips != known {
+                let ips: Vec<Ipv4Addr> = ips.into_iter().collect();
+                self.backend_devices = devices::route_devices(&ips)?;
+                let wanted: BTreeSet<String> = self.backend_devices.values().cloned().collect();
+                let before = self.attached.len();
+                for device in &wanted {
+                    self.ensure_attached(device)?;
+                }
+                if self.attached.len() != before {
+                    self.log_devices();
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn service_key(frontend: &Frontend) -> ServiceKey {
+    ServiceKey {
+        vip: frontend.vip.octets(),
+        port: frontend.port,
+        proto: frontend.protocol.number(),
+        _pad: 0,
+    }
+}
+
+/// Sums per-CPU service counters.
+pub fn sum_service_stats<'a>(values: impl Iterator<Item = &'a ServiceStats>) -> ServiceStats {
+    values.fold(ServiceStats::default(), |acc, v| ServiceStats {
+        packets: acc.packets + v.packets,
+        bytes: acc.bytes + v.bytes,
+        new_flows: acc.new_flows + v.new_flows,
+    })
+}
+
+fn check_pinned_layout(dir: &Path, name: &'static str) -> Result<(), DataplaneError> {
+    let path = dir.join(name);
+    let Some((key, value)) = expected_layout(name) else {
+        return Ok(());
+    };
+    if !path.exists() {
+        return Ok(());
+    }
+    let info = MapInfo::from_pin(&path).map_err(map_err(name))?;
+    if info.key_size() as usize != key || info.value_size() as usize != value {
+        return Err(DataplaneError::IncompatibleMap {
+            detail: format!(
+                "key/value {}/{} bytes, expected {key}/{value}",
+                info.key_size(),
+                info.value_size()
+            ),
+            path,
+        });
+    }
+    Ok(())
+}
+
+fn xdp_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DataplaneError> {
+    let program = ebpf.program_mut(name).ok_or(DataplaneError::Program {
+        name,
+        source: aya::programs::ProgramError::NotLoaded,
+    })?;
+    program
+        .try_into()
+        .map_err(|source| DataplaneError::Program { name, source })
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, DataplaneError> {
+    ebpf.take_map(name)
+        .ok_or(DataplaneError::MissingMap { name })
+}
+
+fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { name, source }
+}
+
+fn map_error_from(error: aya::maps::xdp::XdpMapError) -> aya::maps::MapError {
+    match error {
+        aya::maps::xdp::XdpMapError::MapError(e) => e,
+        other => aya::maps::MapError::IoError(std::io::Error::other(other.to_string())),
+    }
+}
+
+fn ignore_missing(
+    result: Result<(), aya::maps::MapError>,
+    name: &'static str,
+) -> Result<(), DataplaneError> {
+    match result {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        Err(source) => Err(DataplaneError::Map { name, source }),
+    }
 }

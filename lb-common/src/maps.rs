@@ -1,0 +1,242 @@
+//! Map names, keys and values shared by the XDP program and userspace.
+//!
+//! Byte order: IPv4 addresses are `[u8; 4]` in network order (as on the wire, so `bpftool`
+//! prints them as dotted bytes); ports and other integers are in **host** byte order, so
+//! `bpftool map dump` prints them readably. The program swaps ports once per packet.
+
+/// Services: hash [`ServiceKey`] → [`ServiceValue`]. Written by userspace only (the program
+/// bumps [`ServiceValue::rr_cursor`]).
+pub const SERVICES_MAP: &str = "XLB_SERVICES";
+/// Backends: hash [`BackendKey`] → [`BackendValue`]. Written by userspace only.
+pub const BACKENDS_MAP: &str = "XLB_BACKENDS";
+/// VIP set: hash `[u8; 4]` (VIP, network order) → [`VipValue`]. Lets the program tell
+/// malformed packets to a VIP (dropped) from other traffic (passed).
+pub const VIPS_MAP: &str = "XLB_VIPS";
+/// Forward conntrack: LRU hash [`FlowKey`] (client → VIP tuple) → [`CtEntry`].
+pub const CT_FWD_MAP: &str = "XLB_CT_FWD";
+/// Reverse conntrack: LRU hash [`FlowKey`] (backend → SNAT tuple) → [`CtEntry`].
+pub const CT_REV_MAP: &str = "XLB_CT_REV";
+/// Devices that can take frames from native XDP (`XDP_TX`/`XDP_REDIRECT`): a `DEVMAP_HASH`
+/// keyed by ifindex (value: the same ifindex). A translated packet whose egress device is missing here is passed to the kernel.
+pub const XMIT_MAP: &str = "XLB_XMIT";
+
+/// Every map the program defines, for pinning and `xlb inspect`.
+pub const ALL_MAPS: [&str; 8] = [
+    SERVICES_MAP,
+    BACKENDS_MAP,
+    VIPS_MAP,
+    CT_FWD_MAP,
+    CT_REV_MAP,
+    XMIT_MAP,
+    crate::STATS_MAP,
+    crate::SVC_STATS_MAP,
+];
+
+/// Maximum number of services (service ids are `0..MAX_SERVICES`).
+pub const MAX_SERVICES: u32 = 4096;
+/// Maximum backends per service (slots are `0..MAX_BACKENDS_PER_SERVICE`).
+pub const MAX_BACKENDS_PER_SERVICE: u32 = 1024;
+/// Total backend entries.
+pub const MAX_BACKENDS: u32 = 65536;
+/// Entries in each conntrack map (LRU: the least recently used flow is evicted when full).
+pub const MAX_FLOWS: u32 = 262_144;
+/// Entries in the xmit devmap (a `DEVMAP_HASH` keyed by ifindex).
+pub const MAX_XMIT_DEVICES: u32 = 256;
+
+/// IANA protocol number of TCP.
+pub const IPPROTO_TCP: u8 = 6;
+/// IANA protocol number of UDP.
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Key of [`SERVICES_MAP`]: `VIP:port/protocol`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    /// Virtual IP, network byte order.
+    pub vip: [u8; 4],
+    /// Port, host byte order.
+    pub port: u16,
+    /// [`IPPROTO_TCP`] or [`IPPROTO_UDP`].
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
+
+/// Value of [`SERVICES_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Stable id of the service: key of its backends and of its counters.
+    pub id: u32,
+    /// Number of backend slots in use (`0..backend_count`); 0 means new flows pass to the kernel.
+    pub backend_count: u32,
+    /// Round-robin cursor, incremented by the program for every new flow; userspace
+    /// writes 0 when it rewrites the value.
+    pub rr_cursor: u64,
+}
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
+
+/// Key of [`BACKENDS_MAP`]: `(service id, slot)`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BackendKey {
+    /// [`ServiceValue::id`].
+    pub service_id: u32,
+    /// Slot, `0..backend_count`.
+    pub slot: u32,
+}
+const _: () = assert!(core::mem::size_of::<BackendKey>() == 8);
+
+/// Value of [`BACKENDS_MAP`]: where new flows go.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendValue {
+    /// Backend address, network byte order.
+    pub ip: [u8; 4],
+    /// Backend port, host byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<BackendValue>() == 8);
+
+/// Value of [`VIPS_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipValue {
+    /// Number of services on this VIP.
+    pub services: u32,
+}
+const _: () = assert!(core::mem::size_of::<VipValue>() == 4);
+
+/// Key of both conntrack maps: the 5-tuple of a packet as it arrives at the LB.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Source address, network byte order.
+    pub src_ip: [u8; 4],
+    /// Destination address, network byte order.
+    pub dst_ip: [u8; 4],
+    /// Source port, host byte order.
+    pub src_port: u16,
+    /// Destination port, host byte order.
+    pub dst_port: u16,
+    /// [`IPPROTO_TCP`] or [`IPPROTO_UDP`].
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
+
+/// [`CtEntry::state`]: TCP flow open (or UDP flow active).
+pub const CT_STATE_OPEN: u32 = 0;
+/// [`CtEntry::state`]: a FIN or RST was seen in either direction.
+pub const CT_STATE_CLOSING: u32 = 1;
+
+/// Idle timeout of an open TCP flow.
+pub const CT_TIMEOUT_TCP_OPEN_NS: u64 = 3600 * 1_000_000_000;
+/// Idle timeout of a TCP flow after a FIN or RST.
+pub const CT_TIMEOUT_TCP_CLOSING_NS: u64 = 10 * 1_000_000_000;
+/// Idle timeout of a UDP flow.
+pub const CT_TIMEOUT_UDP_NS: u64 = 60 * 1_000_000_000;
+/// The program refreshes [`CtEntry::last_seen_ns`] and the cached forwarding result at most
+/// this often per flow, so established packets rarely write to shared memory.
+pub const CT_REFRESH_NS: u64 = 1_000_000_000;
+
+/// Idle timeout for a flow of protocol `proto` in state `state`.
+#[inline(always)]
+pub const fn ct_timeout_ns(proto: u8, state: u32) -> u64 {
+    if proto == IPPROTO_UDP {
+        CT_TIMEOUT_UDP_NS
+    } else if state == CT_STATE_CLOSING {
+        CT_TIMEOUT_TCP_CLOSING_NS
+    } else {
+        CT_TIMEOUT_TCP_OPEN_NS
+    }
+}
+
+/// Value of both conntrack maps: how to rewrite a packet of the flow, and where it went last.
+///
+/// Forward entries rewrite `client→VIP` into `SNAT→backend`; reverse entries rewrite
+/// `backend→SNAT` into `VIP→client`. The peer entry's key is always
+/// `(nat_dst_ip, nat_src_ip, nat_dst_port, nat_src_port, proto)`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtEntry {
+    /// New source address, network byte order.
+    pub nat_src_ip: [u8; 4],
+    /// New destination address, network byte order.
+    pub nat_dst_ip: [u8; 4],
+    /// New source port, host byte order.
+    pub nat_src_port: u16,
+    /// New destination port, host byte order.
+    pub nat_dst_port: u16,
+    /// Service the flow belongs to (for per-service counters).
+    pub service_id: u32,
+    /// [`CT_STATE_OPEN`] or [`CT_STATE_CLOSING`].
+    pub state: u32,
+    /// Cached egress ifindex from the last FIB lookup; 0 when none is cached.
+    pub ifindex: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the flow was last refreshed.
+    pub last_seen_ns: u64,
+    /// Cached source MAC for the egress device.
+    pub smac: [u8; 6],
+    /// Cached destination MAC (next hop).
+    pub dmac: [u8; 6],
+    pub _pad: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 48);
+
+impl CtEntry {
+    /// Key of the peer entry (the other direction of the same flow).
+    #[inline(always)]
+    pub const fn peer_key(&self, proto: u8) -> FlowKey {
+        FlowKey {
+            src_ip: self.nat_dst_ip,
+            dst_ip: self.nat_src_ip,
+            src_port: self.nat_dst_port,
+            dst_port: self.nat_src_port,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// First port of the SNAT range. The range sits below Linux's default ephemeral range
+/// (`net.ipv4.ip_local_port_range = 32768 60999`), so the LB host's own connections (the proxy
+/// fallback included) never collide with translated flows.
+pub const SNAT_PORT_MIN: u16 = 16384;
+/// Number of SNAT ports (a power of two): ports `16384..=32767`.
+pub const SNAT_PORT_COUNT: u32 = 16384;
+/// How many candidate SNAT ports a new flow probes before giving up (and passing the packet).
+pub const SNAT_PROBES: u32 = 8;
+/// Distance between consecutive probes (odd, so probes never repeat within the range).
+pub const SNAT_PROBE_STEP: u32 = 4099;
+
+/// The `attempt`-th SNAT port candidate for a flow whose hash is `hash`
+/// (see [`crate::flow_hash`]).
+#[inline(always)]
+pub const fn snat_port(hash: u32, attempt: u32) -> u16 {
+    let offset = hash.wrapping_add(attempt.wrapping_mul(SNAT_PROBE_STEP)) & (SNAT_PORT_COUNT - 1);
+    SNAT_PORT_MIN + offset as u16
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all these are #[repr(C)], Copy, made of integers and byte arrays with padding
+    // written out, so every bit pattern is valid and there are no uninitialised bytes.
+    unsafe impl aya::Pod for ServiceKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ServiceValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for BackendKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for BackendValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for VipValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for CtEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::ServiceStats {}
+}

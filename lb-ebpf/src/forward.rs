@@ -1,0 +1,118 @@
+//! Where a translated packet goes: FIB lookup, then `XDP_TX`, `XDP_REDIRECT` or `XDP_PASS`.
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SRC, bpf_fib_lookup,
+        xdp_action,
+    },
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect},
+    programs::XdpContext,
+};
+use lb_common::*;
+use network_types::eth::EthHdr;
+
+use crate::{
+    maps::{XLB_XMIT, count},
+    packet::ptr_at,
+};
+
+/// `AF_INET`.
+const AF_INET: u8 = 2;
+
+/// Result of a FIB lookup toward a destination.
+pub struct Route {
+    /// Egress ifindex (also set when the neighbour is unresolved).
+    pub ifindex: u32,
+    /// Preferred source address for the route (network order), when asked for.
+    pub src: [u8; 4],
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    /// Whether the neighbour is resolved (MACs valid).
+    pub resolved: bool,
+}
+
+/// Looks up the route to `dst` as the kernel would forward it from the ingress device.
+/// `want_src` also asks for the source address the kernel would use (BPF_FIB_LOOKUP_SRC,
+/// Linux 6.7+). `None` when there is no usable route.
+#[inline(always)]
+pub fn route(
+    ctx: &XdpContext,
+    proto: u8,
+    dst: [u8; 4],
+    tot_len: u16,
+    want_src: bool,
+) -> Option<Route> {
+    // SAFETY: bpf_fib_lookup is a plain-old-data C struct; all-zero is a valid value.
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.l4_protocol = proto;
+    params.__bindgen_anon_1.tot_len = tot_len;
+    params.ifindex = ctx.ingress_ifindex() as u32;
+    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+    let flags = if want_src { BPF_FIB_LOOKUP_SRC } else { 0 };
+    // SAFETY: params is a valid, writable bpf_fib_lookup of the size passed.
+    let rc = unsafe {
+        fib_lookup(
+            ctx.as_ptr(),
+            &mut params,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            flags,
+        )
+    };
+    let resolved = rc == BPF_FIB_LKUP_RET_SUCCESS as i64;
+    if !resolved && rc != BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+        return None;
+    }
+    Some(Route {
+        ifindex: params.ifindex,
+        // SAFETY: the ipv4_src arm of the union is the one the kernel writes for AF_INET.
+        src: unsafe { params.__bindgen_anon_3.ipv4_src }.to_ne_bytes(),
+        smac: params.smac,
+        dmac: params.dmac,
+        resolved,
+    })
+}
+
+/// Sends the (already translated) packet out of `ifindex` with the given MACs.
+///
+/// Generic XDP (`GENERIC`): the frame is an skb, so `XDP_TX` / redirect work into any device,
+/// veth included. Native XDP: only devices in the xmit devmap (drivers that take XDP frames)
+/// are used; for others (a veth whose peer runs no XDP program loses redirected frames) the
+/// translated packet is passed to the kernel with its Ethernet header untouched, and the
+/// kernel forwards it.
+#[inline(always)]
+pub fn xmit<const GENERIC: bool>(
+    ctx: &XdpContext,
+    ifindex: u32,
+    smac: [u8; 6],
+    dmac: [u8; 6],
+) -> Result<u32, u32> {
+    let same_device = ifindex == ctx.ingress_ifindex() as u32;
+    if !GENERIC && XLB_XMIT.get_ifindex(ifindex).is_none() {
+        // Pass: the kernel forwards the translated packet (ip_forward=1, accept_local=1).
+        count(STAT_XMIT_PASS);
+        return Ok(xdp_action::XDP_PASS);
+    }
+    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(xdp_action::XDP_ABORTED)?;
+    // SAFETY: ptr_at checked bounds; the MAC fields are byte arrays.
+    unsafe {
+        (*eth).src_addr = smac;
+        (*eth).dst_addr = dmac;
+    }
+    if same_device {
+        return Ok(xdp_action::XDP_TX);
+    }
+    if GENERIC {
+        // SAFETY: plain helper call; returns XDP_REDIRECT or XDP_ABORTED.
+        return Ok(unsafe { bpf_redirect(ifindex, 0) } as u32);
+    }
+    // The devmap lookup above succeeded, so this redirects; XDP_PASS if it vanished meanwhile.
+    match XLB_XMIT.redirect(ifindex, xdp_action::XDP_PASS as u64) {
+        Ok(action) => Ok(action),
+        Err(action) => {
+            count(STAT_XMIT_PASS);
+            Ok(action)
+        }
+    }
+}

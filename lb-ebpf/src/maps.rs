@@ -1,0 +1,64 @@
+//! The program's maps, defined BTF-style (`.maps` section) so the loader creates them with key
+//! and value BTF and `bpftool map dump` prints readable keys. Layouts live in `lb-common`.
+
+use aya_ebpf::{
+    btf_maps::{DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use lb_common::*;
+
+/// Services by `(VIP, port, proto)`.
+#[btf_map]
+pub static XLB_SERVICES: HashMap<ServiceKey, ServiceValue, { MAX_SERVICES as usize }> =
+    HashMap::new();
+
+/// Backends by `(service id, slot)`.
+#[btf_map]
+pub static XLB_BACKENDS: HashMap<BackendKey, BackendValue, { MAX_BACKENDS as usize }> =
+    HashMap::new();
+
+/// Set of VIPs (network order), to drop malformed packets addressed to them.
+#[btf_map]
+pub static XLB_VIPS: HashMap<[u8; 4], VipValue, { MAX_SERVICES as usize }> = HashMap::new();
+
+/// Forward conntrack: client→VIP tuple → rewrite to SNAT→backend.
+#[btf_map]
+pub static XLB_CT_FWD: LruHashMap<FlowKey, CtEntry, { MAX_FLOWS as usize }> = LruHashMap::new();
+
+/// Reverse conntrack: backend→SNAT tuple → rewrite to VIP→client.
+#[btf_map]
+pub static XLB_CT_REV: LruHashMap<FlowKey, CtEntry, { MAX_FLOWS as usize }> = LruHashMap::new();
+
+/// Devices that accept frames from native XDP, by ifindex (filled by userspace).
+#[btf_map]
+pub static XLB_XMIT: DevMapHash<{ MAX_XMIT_DEVICES as usize }> = DevMapHash::new();
+
+/// Global per-CPU counters indexed by `lb_common::STAT_*`.
+#[btf_map]
+pub static XLB_STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::new();
+
+/// Per-service per-CPU counters indexed by service id.
+#[btf_map]
+pub static XLB_SVC_STATS: PerCpuArray<ServiceStats, { MAX_SERVICES as usize }> = PerCpuArray::new();
+
+/// Adds one to global counter `index`.
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(counter) = XLB_STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *counter += 1 };
+    }
+}
+
+/// Counts one packet of `bytes` for service `id`, and a new flow when `new_flow`.
+#[inline(always)]
+pub fn count_service(id: u32, bytes: u64, new_flow: u64) {
+    if let Some(stats) = XLB_SVC_STATS.get_ptr_mut(id) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe {
+            (*stats).packets += 1;
+            (*stats).bytes += bytes;
+            (*stats).new_flows += new_flow;
+        }
+    }
+}

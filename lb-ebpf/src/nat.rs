@@ -1,0 +1,62 @@
+//! Header rewrite with incremental checksum updates.
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::{CtEntry, IPPROTO_TCP, csum};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+
+use crate::packet::{Flow, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET, ptr_at};
+
+/// Rewrites the packet of `flow` to `entry`'s source and destination (addresses and ports),
+/// updating the IPv4 checksum and the L4 checksum. A full L4 checksum gets the address and
+/// port deltas; a `CHECKSUM_PARTIAL` one (see `lb_common::csum`) only the address delta. A UDP
+/// checksum of 0 (none) stays 0. IP options are left as they are. `Err` means a header moved
+/// out of the frame, which parsing rules out (abort).
+#[inline(always)]
+pub fn rewrite(ctx: &XdpContext, flow: &Flow, entry: &CtEntry) -> Result<(), u32> {
+    let abort = aya_ebpf::bindings::xdp_action::XDP_ABORTED;
+    let addr_delta =
+        csum::delta4(flow.src, entry.nat_src_ip) + csum::delta4(flow.dst, entry.nat_dst_ip);
+    let new_sport = entry.nat_src_port.to_be_bytes();
+    let new_dport = entry.nat_dst_port.to_be_bytes();
+    let port_delta = csum::delta2(flow.src_port.to_be_bytes(), new_sport)
+        + csum::delta2(flow.dst_port.to_be_bytes(), new_dport);
+
+    let ip = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN).ok_or(abort)?;
+    // SAFETY: ptr_at checked bounds; all fields are byte arrays (alignment 1).
+    unsafe {
+        (*ip).check = csum::update_full((*ip).check, addr_delta);
+        (*ip).src_addr = entry.nat_src_ip;
+        (*ip).dst_addr = entry.nat_dst_ip;
+    }
+
+    let is_tcp = flow.proto == IPPROTO_TCP;
+    let check_offset = flow.l4_offset
+        + if is_tcp {
+            TCP_CHECK_OFFSET
+        } else {
+            UDP_CHECK_OFFSET
+        };
+    let check = ptr_at::<[u8; 2]>(ctx, check_offset).ok_or(abort)?;
+    // SAFETY: as above.
+    let old = unsafe { *check };
+    let new = if !is_tcp && old == [0, 0] {
+        old
+    } else if csum::is_partial(old, flow.src, flow.dst, flow.proto, flow.l4_len) {
+        csum::update_partial(old, addr_delta)
+    } else {
+        let full = csum::update_full(old, addr_delta + port_delta);
+        // In UDP a computed 0 is sent as 0xffff (RFC 768); 0 would mean "no checksum".
+        if !is_tcp && full == [0, 0] {
+            [0xff, 0xff]
+        } else {
+            full
+        }
+    };
+    let ports = ptr_at::<[u8; 4]>(ctx, flow.l4_offset).ok_or(abort)?;
+    // SAFETY: as above.
+    unsafe {
+        *check = new;
+        *ports = [new_sport[0], new_sport[1], new_dport[0], new_dport[1]];
+    }
+    Ok(())
+}

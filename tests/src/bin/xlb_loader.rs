@@ -1,0 +1,60 @@
+//! Test loader: the data plane as a separate process, as the controller will run it.
+//!
+//! `xlb_loader <pin-dir> <link-device> <auto|native|generic> <services-file>`: opens (or
+//! adopts) the data plane, applies the services file, prints `ready`, then re-applies the file
+//! whenever it changes. Kill it with SIGKILL to test that forwarding survives.
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use xlb::dataplane::Dataplane as _;
+use xlb::dataplane::spec::parse_services;
+use xlb::dataplane::xdp::{ModeChoice, XdpConfig, XdpDataplane};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let [_, pin_dir, device, mode, file] = &args[..] else {
+        eprintln!("usage: xlb_loader PIN_DIR LINK_DEVICE auto|native|generic SERVICES_FILE");
+        std::process::exit(2);
+    };
+    let mode = match mode.as_str() {
+        "native" => ModeChoice::Native,
+        "generic" => ModeChoice::Generic,
+        _ => ModeChoice::Auto,
+    };
+    let config = XdpConfig {
+        pin_dir: PathBuf::from(pin_dir),
+        mode,
+        ..XdpConfig::new(device)
+    };
+    let mut dp = XdpDataplane::open(config).unwrap_or_else(|e| panic!("open: {e}"));
+    let read = || {
+        parse_services(&std::fs::read_to_string(file).expect("services file")).expect("services")
+    };
+    let mtime = || {
+        std::fs::metadata(file)
+            .and_then(|m| m.modified())
+            .unwrap_or(SystemTime::UNIX_EPOCH)
+    };
+    dp.apply(&read()).unwrap_or_else(|e| panic!("apply: {e}"));
+    let mut seen = mtime();
+    let devices: Vec<String> = dp
+        .devices()
+        .iter()
+        .map(|(d, m)| format!("{d}:{m:?}"))
+        .collect();
+    println!("ready {}", devices.join(" "));
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        if mtime() != seen {
+            seen = mtime();
+            dp.apply(&read()).unwrap_or_else(|e| panic!("apply: {e}"));
+            let devices: Vec<String> = dp
+                .devices()
+                .iter()
+                .map(|(d, m)| format!("{d}:{m:?}"))
+                .collect();
+            println!("applied {}", devices.join(" "));
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! BPF helpers for tests: a private pin directory, test runs.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A pin directory `/sys/fs/bpf/xlb-test-<pid>-<n>` removed (with everything pinned in it:
+/// maps, programs, links, so attachments go too) on drop.
+#[derive(Debug)]
+pub struct PinDir(PathBuf);
+
+impl PinDir {
+    /// A fresh, empty pin directory.
+    pub fn new() -> PinDir {
+        crate::netns::require_root("pinning BPF objects");
+        ensure_bpffs();
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path = PathBuf::from(format!("/sys/fs/bpf/xlb-test-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        PinDir(path)
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Default for PinDir {
+    fn default() -> Self {
+        PinDir::new()
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `BPF_FS_MAGIC` from `linux/magic.h`.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Mounts bpffs on `/sys/fs/bpf` unless it is there already (fresh machines and containers
+/// often lack it); panics with the command to run when mounting fails.
+pub fn ensure_bpffs() {
+    let path = c"/sys/fs/bpf";
+    // SAFETY: statfs writes into the zeroed struct; path is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let rc = unsafe { libc::statfs(path.as_ptr(), &mut st) };
+    if rc == 0 && st.f_type as i64 == BPF_FS_MAGIC {
+        return;
+    }
+    let status = std::process::Command::new("mount")
+        .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+        .status();
+    assert!(
+        matches!(status, Ok(s) if s.success()),
+        "bpffs is not mounted on /sys/fs/bpf and mounting it failed; run `mount -t bpf bpf /sys/fs/bpf`"
+    );
+}

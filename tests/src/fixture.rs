@@ -1,0 +1,178 @@
+//! A loaded (not attached) data plane inside a namespace whose routes and permanent neighbours
+//! make FIB lookups deterministic, for `BPF_PROG_TEST_RUN` fixtures and benchmarks.
+//!
+//! `bpf_fib_lookup` in a test run works in the caller's namespace with `lo` as the ingress
+//! device, so runs happen inside the namespace: backends `203.0.113.0/24` sit behind `fxb`
+//! (LB address 203.0.113.1, MAC 02:00:00:00:01:0b), clients `192.0.2.0/24` behind `fxc`
+//! (192.0.2.254, 02:00:00:00:01:0c); each host address used has a permanent neighbour entry
+//! `02:00:00:00:<3rd octet low byte>:<4th octet>`. Egress is never `lo`, so the generic
+//! program redirects (`XDP_REDIRECT`) and the native program, whose xmit devmap is empty,
+//! passes the translated packet to the kernel (`XDP_PASS`, original MACs).
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use aya::maps::{HashMap, Map, MapData};
+use aya::programs::{TestRun as _, TestRunOptions};
+use lb_common::{CtEntry, FlowKey};
+use xlb::dataplane::Dataplane as _;
+use xlb::dataplane::xdp::{XdpConfig, XdpDataplane};
+use xlb::model::{Backend, Frontend, Protocol, VirtualService};
+
+use crate::bpf::PinDir;
+use crate::netns::Netns;
+
+/// The LB's address toward the backends (the SNAT source).
+pub const LB_BACKEND_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+/// MAC of the LB's backend-facing device.
+pub const LB_BACKEND_MAC: [u8; 6] = [2, 0, 0, 0, 1, 0x0b];
+/// MAC of the LB's client-facing device.
+pub const LB_CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 1, 0x0c];
+
+/// The permanent neighbour MAC of a host address in the fixture.
+pub fn host_mac(ip: Ipv4Addr) -> [u8; 6] {
+    let o = ip.octets();
+    [2, 0, 0, 0, o[2], o[3]]
+}
+
+/// Namespace + pin directory + loaded data plane.
+pub struct Fixture {
+    // Field order: the data plane closes its fds before the pins and the namespace go.
+    pub dp: XdpDataplane,
+    pub pins: PinDir,
+    pub ns: Netns,
+}
+
+impl Fixture {
+    /// Sets up the namespace and loads the data plane with `services`.
+    pub fn new(tag: &str, services: &[VirtualService]) -> Fixture {
+        let ns = Netns::new(tag);
+        ns.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        for (dev, mac, addr, hosts) in [
+            (
+                "fxb",
+                "02:00:00:00:01:0b",
+                "203.0.113.1/24",
+                ["203.0.113.2", "203.0.113.3", "203.0.113.4"],
+            ),
+            (
+                "fxc",
+                "02:00:00:00:01:0c",
+                "192.0.2.254/24",
+                ["192.0.2.1", "192.0.2.2", "192.0.2.3"],
+            ),
+        ] {
+            let peer = format!("{dev}-p");
+            ns.run(&[
+                "ip", "link", "add", dev, "address", mac, "type", "veth", "peer", "name", &peer,
+            ]);
+            ns.run(&["ip", "link", "set", dev, "up"]);
+            ns.run(&["ip", "link", "set", &peer, "up"]);
+            ns.run(&["ip", "addr", "add", addr, "dev", dev]);
+            for host in hosts {
+                let ip: Ipv4Addr = host.parse().expect("address");
+                let m = host_mac(ip);
+                let mac = format!(
+                    "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                    m[0], m[1], m[2], m[3], m[4], m[5]
+                );
+                ns.run(&[
+                    "ip",
+                    "neigh",
+                    "replace",
+                    host,
+                    "lladdr",
+                    &mac,
+                    "dev",
+                    dev,
+                    "nud",
+                    "permanent",
+                ]);
+            }
+        }
+        let pins = PinDir::new();
+        let config = XdpConfig {
+            pin_dir: pins.path().to_owned(),
+            devices: Vec::new(),
+            set_sysctls: false,
+            ..XdpConfig::default()
+        };
+        let mut dp =
+            XdpDataplane::open(config).unwrap_or_else(|e| panic!("loading the data plane: {e}"));
+        dp.apply(services)
+            .unwrap_or_else(|e| panic!("applying services: {e}"));
+        Fixture { dp, pins, ns }
+    }
+
+    /// Runs program `name` once on `frame` inside the namespace: (verdict, output frame).
+    pub fn run(&self, name: &'static str, frame: &[u8]) -> (u32, Vec<u8>) {
+        let program = self.dp.program(name).unwrap_or_else(|e| panic!("{e}"));
+        let mut out = vec![0u8; frame.len() + 512];
+        let result = self.ns.enter(|| {
+            program.test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                repeat: 1,
+                ..TestRunOptions::default()
+            })
+        });
+        let result = result.unwrap_or_else(|e| panic!("test run of {name}: {e}"));
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    /// Runs program `name` `repeat` times on `frame`; returns the kernel's mean ns per run.
+    pub fn bench(&self, name: &'static str, frame: &[u8], repeat: u32) -> f64 {
+        let program = self.dp.program(name).unwrap_or_else(|e| panic!("{e}"));
+        let mut out = vec![0u8; frame.len() + 512];
+        let result = self.ns.enter(|| {
+            program.test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                repeat,
+                ..TestRunOptions::default()
+            })
+        });
+        result
+            .unwrap_or_else(|e| panic!("test run of {name}: {e}"))
+            .duration
+            .as_nanos() as f64
+    }
+
+    /// A conntrack map (`lb_common::CT_FWD_MAP` or `CT_REV_MAP`) opened from its pin.
+    pub fn ct_map(&self, name: &str) -> HashMap<MapData, FlowKey, CtEntry> {
+        let data = MapData::from_pin(self.pins.path().join(name))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        HashMap::try_from(Map::from_map_data(data).expect("map type")).expect("hash map")
+    }
+
+    /// The global counter `index`.
+    pub fn stat(&self, index: u32) -> u64 {
+        self.dp.stats().unwrap_or_else(|e| panic!("{e}"))[index as usize]
+    }
+}
+
+/// A virtual service.
+pub fn service(
+    vip: Ipv4Addr,
+    port: u16,
+    protocol: Protocol,
+    backends: &[(Ipv4Addr, u16)],
+) -> VirtualService {
+    VirtualService {
+        frontend: Frontend {
+            vip,
+            port,
+            protocol,
+        },
+        backends: backends
+            .iter()
+            .map(|&(ip, port)| Backend { ip, port })
+            .collect(),
+        owner: "default/test".into(),
+    }
+}
+
+/// Shorthand for a socket address.
+pub fn sa(ip: [u8; 4], port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::from(ip), port)
+}
