@@ -23,7 +23,7 @@ use std::str::FromStr;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use crate::model::{Allocation, HostView, PortKey, ServiceKey, broadcast, network};
+use crate::model::{Allocation, HostNetwork, PortKey, ServiceKey, broadcast, network};
 
 /// Why a Service got no IP, or why a pool could not be parsed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -167,7 +167,7 @@ pub struct IpamSettings<'a> {
     /// Where dynamic IPs come from; explicit requests must lie in it when it is not empty.
     pub pool: &'a Pool,
     /// The link device's prefixes, own addresses and gateways.
-    pub host: &'a HostView,
+    pub host: &'a HostNetwork,
     /// True when VIPs go on the link device (`--announce link`): each must then lie in one of
     /// its prefixes. False for `--announce lo`, where VIPs are host routes.
     pub require_device_prefix: bool,
@@ -367,7 +367,7 @@ impl Run<'_> {
         if let Some(what) = self.settings.pool.reserved.get(&u32::from(ip)) {
             return reserved(what.clone());
         }
-        match host.prefix_covering(ip) {
+        match host.covering_prefix(ip) {
             Some((net, len)) if len <= 30 && ip == net => reserved(format!(
                 "the network address of the device prefix {net}/{len}"
             )),
@@ -390,11 +390,12 @@ mod tests {
         text.parse().expect("test IP literal")
     }
 
-    fn host() -> HostView {
-        HostView {
+    fn host() -> HostNetwork {
+        HostNetwork {
             prefixes: vec![(ip("198.51.100.2"), 24)],
             own_addresses: vec![ip("198.51.100.2")],
             gateways: vec![ip("198.51.100.1")],
+            ..HostNetwork::default()
         }
     }
 
@@ -749,7 +750,7 @@ mod tests {
     #[test]
     fn many_services_on_one_port_fill_the_pool_in_order() {
         let pool = pool("10.0.0.0/16");
-        let host = HostView::default();
+        let host = HostNetwork::default();
         let settings = IpamSettings {
             pool: &pool,
             host: &host,

@@ -195,44 +195,143 @@ pub fn recorded_ingress_ip(service: &Service) -> Option<Ipv4Addr> {
         .find_map(|ingress| ingress.ip.as_deref()?.parse().ok())
 }
 
-/// What xlb knows about the link device it announces VIPs on: plain data filled in by the
-/// netlink side (`addr.rs`), so that IPAM stays pure.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct HostView {
-    /// The device's IPv4 prefixes (`address/len` of each address on it, or of its routes):
-    /// a VIP must fall within one, and takes its mask from it.
+/// The host's view of the link device, read over netlink by
+/// [`AddrManager::host_network`](crate::addr::AddrManager::host_network) and handed to the pure
+/// reconciler, so that it never allocates an address the host network needs.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HostNetwork {
+    /// Name of the link device (`--linkdevice`, or the device of the default route).
+    pub device: String,
+    /// Interface index of `device`.
+    pub ifindex: u32,
+    /// Prefixes of the host's own IPv4 addresses on `device`, as `(network, length)`.
     pub prefixes: Vec<(Ipv4Addr, u8)>,
-    /// The device's own addresses: never handed out as VIPs.
+    /// The host's own IPv4 addresses (not xlb's) on `device`, and on `lo` in `--announce lo` mode.
     pub own_addresses: Vec<Ipv4Addr>,
-    /// Gateways of routes through the device: never handed out as VIPs.
+    /// Next hops of routes through `device` (the default gateway among them).
     pub gateways: Vec<Ipv4Addr>,
+    /// True when VIPs go on `device` and are answered by ARP: a VIP must then lie inside one of
+    /// `prefixes`. False in `--announce lo` mode, where a VIP is a /32 that a routing daemon
+    /// announces, so any address will do.
+    pub vip_prefix_required: bool,
 }
 
-impl HostView {
-    /// The device prefix that contains `ip` (the longest, if several do), normalised to its
-    /// network address.
-    pub fn prefix_covering(&self, ip: Ipv4Addr) -> Option<(Ipv4Addr, u8)> {
+/// Why an address cannot be a VIP on this host: see [`HostNetwork::check_vip`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VipRefusal {
+    /// The host itself uses the address.
+    OwnAddress,
+    /// A route through the device uses the address as its next hop.
+    Gateway,
+    /// The address is the network address of a prefix of the device.
+    NetworkAddress { prefix: (Ipv4Addr, u8) },
+    /// The address is the broadcast address of a prefix of the device.
+    BroadcastAddress { prefix: (Ipv4Addr, u8) },
+    /// The address lies outside every prefix of the device (ARP mode only).
+    OutsidePrefixes { prefixes: Vec<(Ipv4Addr, u8)> },
+}
+
+impl std::fmt::Display for VipRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VipRefusal::OwnAddress => f.write_str(
+                "it is one of the host's own addresses; choose another address or remove it from the host",
+            ),
+            VipRefusal::Gateway => f.write_str(
+                "it is a gateway of the host's routes; announcing it would take over the gateway, choose another address",
+            ),
+            VipRefusal::NetworkAddress { prefix: (net, len) } => {
+                write!(f, "it is the network address of {net}/{len}; choose another address")
+            }
+            VipRefusal::BroadcastAddress { prefix: (net, len) } => {
+                write!(f, "it is the broadcast address of {net}/{len}; choose another address")
+            }
+            VipRefusal::OutsidePrefixes { prefixes } => {
+                let list: Vec<String> = prefixes
+                    .iter()
+                    .map(|(net, len)| format!("{net}/{len}"))
+                    .collect();
+                let list = if list.is_empty() {
+                    "none: the device has no IPv4 address".to_owned()
+                } else {
+                    list.join(", ")
+                };
+                write!(
+                    f,
+                    "it is outside every prefix of the device ({list}); choose an address inside them, \
+                     add an address covering it to the device, or use --announce lo on a routed fabric"
+                )
+            }
+        }
+    }
+}
+
+impl HostNetwork {
+    /// The longest prefix of the device that contains `ip`: the prefix `ip addr add` would need.
+    pub fn covering_prefix(&self, ip: Ipv4Addr) -> Option<(Ipv4Addr, u8)> {
         self.prefixes
             .iter()
-            .map(|&(address, len)| (network(address, len), len))
-            .filter(|&(net, len)| network(ip, len) == net)
+            .copied()
+            .filter(|&(net, len)| prefix_contains(net, len, ip))
             .max_by_key(|&(_, len)| len)
     }
-}
 
-/// The network address of `ip/len` (`len` is clamped to 32).
-pub fn network(ip: Ipv4Addr, len: u8) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(ip) & prefix_mask(len))
-}
-
-/// The broadcast address of `ip/len` (`len` is clamped to 32).
-pub fn broadcast(ip: Ipv4Addr, len: u8) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(ip) | !prefix_mask(len))
-}
-
-fn prefix_mask(len: u8) -> u32 {
-    match len {
-        0 => 0,
-        len => u32::MAX << (32 - u32::from(len.min(32))),
+    /// Whether `ip` may be a VIP on this host: not the host's own address, not a gateway, not
+    /// the network or broadcast address of a prefix of the device, and (when
+    /// `vip_prefix_required`) inside one of its prefixes.
+    pub fn check_vip(&self, ip: Ipv4Addr) -> Result<(), VipRefusal> {
+        if self.own_addresses.contains(&ip) {
+            return Err(VipRefusal::OwnAddress);
+        }
+        if self.gateways.contains(&ip) {
+            return Err(VipRefusal::Gateway);
+        }
+        for &(net, len) in &self.prefixes {
+            // /31 and /32 have no network or broadcast address (RFC 3021).
+            if len > 30 || !prefix_contains(net, len, ip) {
+                continue;
+            }
+            let host_bits = u32::MAX >> len;
+            if u32::from(ip) & host_bits == 0 {
+                return Err(VipRefusal::NetworkAddress { prefix: (net, len) });
+            }
+            if u32::from(ip) & host_bits == host_bits {
+                return Err(VipRefusal::BroadcastAddress { prefix: (net, len) });
+            }
+        }
+        if self.vip_prefix_required && self.covering_prefix(ip).is_none() {
+            return Err(VipRefusal::OutsidePrefixes {
+                prefixes: self.prefixes.clone(),
+            });
+        }
+        Ok(())
     }
+}
+
+/// Whether `ip` lies inside `net/len` (`len` above 32 contains nothing).
+pub fn prefix_contains(net: Ipv4Addr, len: u8, ip: Ipv4Addr) -> bool {
+    let Some(mask) = prefix_mask(len) else {
+        return false;
+    };
+    u32::from(ip) & mask == u32::from(net) & mask
+}
+
+/// The netmask of a prefix length, `None` above 32.
+pub fn prefix_mask(len: u8) -> Option<u32> {
+    match len {
+        0 => Some(0),
+        1..=32 => Some(u32::MAX << (32 - u32::from(len))),
+        _ => None,
+
+    }
+}
+
+/// The network address of `ip/len` (`len` above 32 is taken as 32).
+pub fn network(ip: Ipv4Addr, len: u8) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(ip) & prefix_mask(len.min(32)).unwrap_or(u32::MAX))
+}
+
+/// The broadcast address of `ip/len` (`len` above 32 is taken as 32).
+pub fn broadcast(ip: Ipv4Addr, len: u8) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(ip) | !prefix_mask(len.min(32)).unwrap_or(u32::MAX))
 }

@@ -35,7 +35,7 @@ use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 use crate::config::{Announce, Config, IpMode, LabelFilter};
 use crate::ipam::{self, IpamSettings, Request};
 use crate::model::{
-    Allocations, Backend, ClusterState, Frontend, HostView, PortKey, Protocol, ServiceKey,
+    Allocations, Backend, ClusterState, Frontend, HostNetwork, PortKey, Protocol, ServiceKey,
     VirtualService, recorded_ingress_ip,
 };
 
@@ -107,7 +107,7 @@ pub struct Plan {
 pub fn reconcile(
     state: &ClusterState,
     config: &Config,
-    host: &HostView,
+    host: &HostNetwork,
     previous: &Allocations,
 ) -> Plan {
     let mut plan = Plan::default();
@@ -635,11 +635,12 @@ mod tests {
         text.parse().expect("test IP literal")
     }
 
-    fn host() -> HostView {
-        HostView {
+    fn host() -> HostNetwork {
+        HostNetwork {
             prefixes: vec![(ip("198.51.100.2"), 24)],
             own_addresses: vec![ip("198.51.100.2")],
             gateways: vec![ip("198.51.100.1")],
+            ..HostNetwork::default()
         }
     }
 

@@ -15,7 +15,7 @@ use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::config::Config;
-use crate::model::{ClusterState, HostView};
+use crate::model::{ClusterState, HostNetwork};
 use crate::reconcile::SERVICE_NAME_LABEL;
 
 fn meta(namespace: Option<&str>, name: &str) -> ObjectMeta {
@@ -152,7 +152,7 @@ pub fn endpoint_slice(
 /// of at most 100), a pool large enough for all, and an in-cluster configuration so that the
 /// endpoints are what reconcile walks. `cargo xtask bench` times `reconcile` on
 /// `cluster(10_000, 10)`: 10,000 Services and 100,000 endpoints.
-pub fn cluster(services: usize, endpoints_per_service: usize) -> (ClusterState, Config, HostView) {
+pub fn cluster(services: usize, endpoints_per_service: usize) -> (ClusterState, Config, HostNetwork) {
     let mut state = ClusterState::default();
     let nodes = 50;
     for index in 0..nodes {
@@ -206,10 +206,11 @@ pub fn cluster(services: usize, endpoints_per_service: usize) -> (ClusterState, 
             .expect("the synthetic pool is a valid CIDR"),
         ..Config::default()
     };
-    let host = HostView {
+    let host = HostNetwork {
         prefixes: vec![(Ipv4Addr::new(100, 64, 0, 1), 10)],
         own_addresses: vec![Ipv4Addr::new(100, 64, 0, 1)],
         gateways: vec![Ipv4Addr::new(100, 64, 0, 2)],
+        ..HostNetwork::default()
     };
     (state, config, host)
 }
