@@ -57,10 +57,14 @@ fn main() {
         "{:<22} {:>10} {:>10} {:>8}",
         "path", "xlb_skb", "noop", "ratio"
     );
+    let mut arp = vec![0xff; 6];
+    arp.extend_from_slice(&[2, 0, 0, 0, 0, 0xcc, 0x08, 0x06]);
+    arp.extend_from_slice(&[0u8; 46]);
     for (name, frame) in [
         ("established (fwd hit)", &data),
         ("reply (rev hit)", &reply),
-        ("not for us", &not_ours),
+        ("not for us (TCP)", &not_ours),
+        ("not IPv4 (ARP)", &arp),
     ] {
         let noop = fx.bench(PROGRAM_NOOP, frame, repeat);
         let xlb = fx.bench(PROGRAM_GENERIC, frame, repeat);
