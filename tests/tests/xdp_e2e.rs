@@ -387,6 +387,19 @@ fn long_lived(mode: &str, tag: &str) {
     assert_eq!(backend, "b1");
     let text = stats(&pins);
     eprintln!("{text}");
+    for (table, expect) in [
+        (xlb::inspect::Table::Services, "198.51.100.10:80/TCP"),
+        (xlb::inspect::Table::Backends, "203.0.113.6:8080"),
+        (xlb::inspect::Table::Conntrack, "192.0.2.1:"),
+    ] {
+        let mut out = Vec::new();
+        xlb::inspect::print(pins.path(), table, &mut out).expect("inspect");
+        let out = String::from_utf8_lossy(&out);
+        assert!(
+            out.contains(expect),
+            "inspect {table:?} lacks {expect}: {out}"
+        );
+    }
     loader.kill();
     drop(backends);
 }
