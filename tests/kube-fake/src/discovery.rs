@@ -164,13 +164,18 @@ impl Docs {
         self.docs.get(path)
     }
 
-    /// The description of a property in the OpenAPI v2 definitions.
+    /// The description of a property in the OpenAPI v2 definitions, without the
+    /// list of enum values (as table column descriptions show it).
     pub fn description(&self, definition: &str, property: &str) -> String {
-        self.definitions
+        let text = self
+            .definitions
             .get(definition)
             .and_then(|d| d.pointer(&format!("/properties/{property}/description")))
             .and_then(Value::as_str)
-            .unwrap_or_default()
+            .unwrap_or_default();
+        text.split("\n\nPossible enum values:")
+            .next()
+            .unwrap_or(text)
             .to_string()
     }
 }

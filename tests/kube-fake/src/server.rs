@@ -147,8 +147,9 @@ impl Server {
         self.shared.faults.clone()
     }
 
-    /// Forgets the change history now: a watch or list from any earlier
-    /// resourceVersion gets `410 Gone` (`Expired`).
+    /// Forgets the change history now: a watch from any resourceVersion up to now
+    /// (and a list at any earlier one) gets `410 Gone` (`Expired`), so clients must
+    /// list again.
     pub fn compact(&self) {
         self.shared.store.lock().compact();
     }

@@ -221,11 +221,11 @@ impl State {
         object
     }
 
-    /// Forgets the whole history: watches and lists from any earlier version get
-    /// `410 Gone`.
+    /// Forgets the whole history: watches from any version up to now, and lists at
+    /// any earlier version, get `410 Gone`.
     pub fn compact(&mut self) {
         self.history.clear();
-        self.oldest = self.rv;
+        self.oldest = self.rv + 1;
     }
 
     /// Changes how many changes are kept.
