@@ -322,7 +322,6 @@ pub fn prefix_mask(len: u8) -> Option<u32> {
         0 => Some(0),
         1..=32 => Some(u32::MAX << (32 - u32::from(len))),
         _ => None,
-
     }
 }
 

@@ -152,7 +152,10 @@ pub fn endpoint_slice(
 /// of at most 100), a pool large enough for all, and an in-cluster configuration so that the
 /// endpoints are what reconcile walks. `cargo xtask bench` times `reconcile` on
 /// `cluster(10_000, 10)`: 10,000 Services and 100,000 endpoints.
-pub fn cluster(services: usize, endpoints_per_service: usize) -> (ClusterState, Config, HostNetwork) {
+pub fn cluster(
+    services: usize,
+    endpoints_per_service: usize,
+) -> (ClusterState, Config, HostNetwork) {
     let mut state = ClusterState::default();
     let nodes = 50;
     for index in 0..nodes {
