@@ -3,6 +3,7 @@
 
 pub mod addr;
 pub mod config;
+pub mod controller;
 pub mod dataplane;
 pub mod inspect;
 pub mod ipam;

@@ -11,52 +11,23 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Api, Client};
 use serde_json::json;
 
+use crate::config::IpMode;
+use crate::reconcile::EventKind;
+
 /// The field manager every xlb write uses.
 pub const FIELD_MANAGER: &str = "xlb";
-
-/// How the ingress entry tells kube-proxy to treat the address (`status.loadBalancer.ingress[].ipMode`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum IpMode {
-    /// kube-proxy also captures traffic to the VIP inside the cluster (the default).
-    #[default]
-    Vip,
-    /// Traffic is always sent to the load balancer.
-    Proxy,
-}
-
-impl IpMode {
-    fn as_str(self) -> &'static str {
-        match self {
-            IpMode::Vip => "VIP",
-            IpMode::Proxy => "Proxy",
-        }
-    }
-}
-
-/// Normal or Warning, as Events carry it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EventKind {
-    Normal,
-    Warning,
-}
 
 /// Writes Service status, externalIPs and Events.
 #[derive(Clone)]
 pub struct StatusWriter {
     client: Client,
     recorder: Recorder,
-    ip_mode: IpMode,
     update_external_ips: bool,
 }
 
 impl StatusWriter {
     /// `instance` names this xlb (the node name) in the Events it reports.
-    pub fn new(
-        client: Client,
-        instance: Option<String>,
-        ip_mode: IpMode,
-        update_external_ips: bool,
-    ) -> Self {
+    pub fn new(client: Client, instance: Option<String>, update_external_ips: bool) -> Self {
         let reporter = Reporter {
             controller: "xlb".into(),
             instance,
@@ -64,37 +35,32 @@ impl StatusWriter {
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
-            ip_mode,
             update_external_ips,
         }
     }
 
-    /// Makes the Service's ingress exactly `ips` (empty: xlb's entry removed). A Service that is
-    /// gone is not an error.
+    /// Makes xlb's ingress entry of the Service `ingress` (`None`: xlb's entry removed). A
+    /// Service that is gone is not an error.
     pub async fn set_ingress(
         &self,
         namespace: &str,
         name: &str,
-        ips: &[Ipv4Addr],
+        ingress: Option<(Ipv4Addr, IpMode)>,
     ) -> Result<(), kube::Error> {
         let api: Api<Service> = Api::namespaced(self.client.clone(), namespace);
-        let status = if ips.is_empty() {
-            json!({})
-        } else {
-            let ingress: Vec<_> = ips
-                .iter()
-                .map(|ip| json!({"ip": ip.to_string(), "ipMode": self.ip_mode.as_str()}))
-                .collect();
-            json!({"loadBalancer": {"ingress": ingress}})
+        let status = match ingress {
+            None => json!({}),
+            Some((ip, mode)) => json!({"loadBalancer": {"ingress": [
+                {"ip": ip.to_string(), "ipMode": mode.as_api_str()}
+            ]}}),
         };
         let patch = json!({"apiVersion": "v1", "kind": "Service", "status": status});
         let params = PatchParams::apply(FIELD_MANAGER).force();
         ignore_not_found(api.patch_status(name, &params, &Patch::Apply(patch)).await)?;
         if self.update_external_ips {
-            let spec = if ips.is_empty() {
-                json!({})
-            } else {
-                json!({"externalIPs": ips.iter().map(ToString::to_string).collect::<Vec<_>>()})
+            let spec = match ingress {
+                None => json!({}),
+                Some((ip, _)) => json!({"externalIPs": [ip.to_string()]}),
             };
             let patch = json!({
                 "apiVersion": "v1",
@@ -110,7 +76,7 @@ impl StatusWriter {
     /// Records an Event on the Service; repeats are folded into a series by the recorder.
     pub async fn event(
         &self,
-        service: ObjectReference,
+        service: &ObjectReference,
         kind: EventKind,
         reason: &str,
         note: &str,
@@ -125,7 +91,7 @@ impl StatusWriter {
             action: reason.into(),
             secondary: None,
         };
-        self.recorder.publish(&event, &service).await
+        self.recorder.publish(&event, service).await
     }
 }
 

@@ -14,6 +14,8 @@ use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Api, Client, Resource, ResourceExt as _};
 use tokio::sync::watch;
 
+use crate::model::ClusterState;
+
 /// Errors creating the Kubernetes client.
 #[derive(Debug, thiserror::Error)]
 pub enum KubeSourceError {
@@ -31,14 +33,6 @@ pub enum KubeSourceError {
     },
     #[error("creating the Kubernetes client: {0}")]
     Client(#[from] kube::Error),
-}
-
-/// The objects the reconciler reads, as last seen by the reflectors.
-#[derive(Debug, Clone, Default)]
-pub struct Snapshot {
-    pub services: Vec<Arc<Service>>,
-    pub slices: Vec<Arc<EndpointSlice>>,
-    pub nodes: Vec<Arc<Node>>,
 }
 
 /// Builds a client: `kubeconfig` when given (KUBECONFIG), else the in-cluster service account,
@@ -72,7 +66,7 @@ pub async fn client(kubeconfig: Option<PathBuf>) -> Result<Client, KubeSourceErr
 /// Watches the cluster until the channel's receivers are gone. `connected` is true while the
 /// watches are healthy and false after an error until the next successful event (for /readyz);
 /// the watchers retry with backoff and the last snapshot stays in force meanwhile.
-pub async fn run(client: Client, tx: watch::Sender<Option<Snapshot>>, connected: Arc<AtomicBool>) {
+pub async fn run(client: Client, tx: watch::Sender<ClusterState>, connected: Arc<AtomicBool>) {
     let (services, services_writer) = reflector::store::<Service>();
     let (slices, slices_writer) = reflector::store::<EndpointSlice>();
     let (nodes, nodes_writer) = reflector::store::<Node>();
@@ -91,12 +85,17 @@ pub async fn run(client: Client, tx: watch::Sender<Option<Snapshot>>, connected:
                 connected.store(true, Ordering::Relaxed);
                 listed[source] |= list_done;
                 if listed.iter().all(|done| *done) {
-                    let snapshot = Snapshot {
-                        services: services.state(),
-                        slices: slices.state(),
-                        nodes: nodes.state(),
-                    };
-                    if tx.send(Some(snapshot)).is_err() {
+                    let mut state = ClusterState::default();
+                    for service in services.state() {
+                        state.upsert_service((*service).clone());
+                    }
+                    for slice in slices.state() {
+                        state.upsert_endpoint_slice((*slice).clone());
+                    }
+                    for node in nodes.state() {
+                        state.upsert_node((*node).clone());
+                    }
+                    if tx.send(state).is_err() {
                         return;
                     }
                 }

@@ -1,0 +1,303 @@
+//! The control loop: a source publishes cluster state, `reconcile` turns it into a plan, and
+//! the actuators (addresses, data plane, status) apply only what changed. Wiring and I/O only;
+//! the behaviour lives in `reconcile`.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use kube::Resource as _;
+use tokio::sync::watch;
+
+use crate::addr::{AddrConfig, AddrManager, DesiredVips};
+use crate::config::{self, Config, KubeconfigSource};
+use crate::dataplane::Dataplane as _;
+use crate::dataplane::xdp::{ModeChoice, XdpConfig, XdpDataplane};
+use crate::metrics::Metrics;
+use crate::model::{Allocations, ClusterState, ServiceKey};
+use crate::reconcile::{EventKind, Plan, StatusChange, reconcile};
+use crate::source::{file::FileSource, kube as kube_source};
+use crate::status::StatusWriter;
+
+/// How often addresses are re-checked even without a change (someone may have removed one).
+const RESYNC: Duration = Duration::from_secs(30);
+
+/// Runs xlb until SIGINT/SIGTERM, then cleans up as the lifecycle rules say.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    let metrics_addr = config.metrics_addr;
+    let serving = metrics.clone();
+    tokio::spawn(async move {
+        if let Err(error) = crate::metrics::serve(metrics_addr, serving).await {
+            tracing::error!(%error, addr = %metrics_addr, "metrics listener failed");
+        }
+    });
+
+    let mut addrs = AddrManager::new(AddrConfig {
+        link_device: config.link_device.clone(),
+        announce: match config.announce {
+            config::Announce::Link => crate::addr::Announce::Arp,
+            config::Announce::Lo => crate::addr::Announce::Lo,
+        },
+        local_only: config.announce_local_only,
+    })
+    .await?;
+    let mut dataplane = XdpDataplane::open(XdpConfig {
+        pin_dir: config.pin_dir.clone(),
+        mode: match config.xdp_mode {
+            config::XdpMode::Auto => ModeChoice::Auto,
+            config::XdpMode::Native => ModeChoice::Native,
+            config::XdpMode::Skb => ModeChoice::Generic,
+        },
+        ..XdpConfig::new(addrs.device())
+    })?;
+    tracing::info!(devices = ?dataplane.devices(), "data plane attached");
+
+    let connected = Arc::new(AtomicBool::new(true));
+    let (mut states, writer) = match &config.manifests {
+        Some(dir) => {
+            tracing::info!(dir = %dir.display(), "reading Services, EndpointSlices and Nodes from manifests");
+            let mut states = FileSource::new(dir.clone()).spawn()?;
+            states.mark_changed();
+            (states, None)
+        }
+        None => {
+            let kubeconfig = match &config.kubeconfig {
+                KubeconfigSource::Infer => None,
+                KubeconfigSource::File(path) => Some(path.clone()),
+            };
+            let client = kube_source::client(kubeconfig).await?;
+            // The first value is a placeholder marked as seen: nothing is reconciled until the
+            // watches have listed everything once.
+            let (tx, states) = watch::channel(ClusterState::default());
+            tokio::spawn(kube_source::run(client.clone(), tx, connected.clone()));
+            let writer =
+                StatusWriter::new(client, config.node_name.clone(), config.update_external_ips);
+            (states, Some(writer))
+        }
+    };
+
+    let mut controller = Controller {
+        config: &config,
+        allocations: Allocations::default(),
+        warnings: BTreeSet::new(),
+        writer,
+        metrics: metrics.clone(),
+        seen_state: false,
+    };
+    let mut resync = tokio::time::interval(RESYNC);
+    let mut shutdown = std::pin::pin!(shutdown_signal());
+    loop {
+        tokio::select! {
+            changed = states.changed() => {
+                if changed.is_err() {
+                    anyhow::bail!("the cluster-state source stopped");
+                }
+                controller.seen_state = true;
+            }
+            _ = resync.tick() => {}
+            _ = &mut shutdown => break,
+        }
+        if !controller.seen_state {
+            continue;
+        }
+        let state = states.borrow_and_update().clone();
+        let ok = controller.step(&state, &mut addrs, &mut dataplane).await;
+        metrics
+            .ready
+            .store(ok && connected.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
+    tracing::info!("shutting down; a second signal exits at once");
+    tokio::spawn(async {
+        shutdown_signal().await;
+        std::process::exit(130);
+    });
+    if !config.keep_on_exit {
+        // Stop taking new flows: established ones keep their conntrack entries until they end.
+        if let Err(error) = dataplane.apply(&[]) {
+            tracing::warn!(%error, "could not withdraw the services from the data plane");
+        }
+        match addrs.cleanup().await {
+            Ok(removed) => tracing::info!(removed, "removed xlb's addresses"),
+            Err(error) => tracing::warn!(%error, "could not remove xlb's addresses"),
+        }
+        controller.clear_statuses(&states.borrow()).await;
+    }
+    if config.cleanup {
+        dataplane.detach_all();
+        if let Err(error) = std::fs::remove_dir_all(&config.pin_dir) {
+            tracing::warn!(%error, dir = %config.pin_dir.display(), "could not remove pinned maps");
+        }
+    }
+    Ok(())
+}
+
+struct Controller<'a> {
+    config: &'a Config,
+    /// What the last plan allocated; `reconcile` adopts from status on the first run.
+    allocations: Allocations,
+    /// Warnings of the last run, so each is logged and reported once while it lasts.
+    warnings: BTreeSet<(ServiceKey, String)>,
+    writer: Option<StatusWriter>,
+    metrics: Arc<Metrics>,
+    seen_state: bool,
+}
+
+impl Controller<'_> {
+    /// One reconcile and apply. Returns whether every actuator succeeded.
+    async fn step(
+        &mut self,
+        state: &ClusterState,
+        addrs: &mut AddrManager,
+        dataplane: &mut XdpDataplane,
+    ) -> bool {
+        let mut ok = true;
+        let host = match addrs.host_network().await {
+            Ok(host) => host,
+            Err(error) => {
+                tracing::error!(%error, "reading the link device failed; nothing applied");
+                return false;
+            }
+        };
+        let plan = reconcile(state, self.config, &host, &self.allocations);
+        self.metrics.reconciles.fetch_add(1, Ordering::Relaxed);
+
+        let desired: DesiredVips = plan
+            .vips
+            .iter()
+            .map(|(ip, owners)| (*ip, owners.iter().map(ToString::to_string).collect()))
+            .collect();
+        let local: BTreeSet<String> = plan
+            .vips
+            .iter()
+            .filter(|(ip, _)| plan.local_endpoint_vips.contains(ip))
+            .flat_map(|(_, owners)| owners.iter().map(ToString::to_string))
+            .collect();
+        match addrs.sync(&desired, &local).await {
+            Ok(report) => {
+                for error in &report.failed {
+                    tracing::error!(%error, "VIP not placed");
+                    ok = false;
+                }
+                if !report.added.is_empty() || !report.removed.is_empty() {
+                    tracing::info!(added = ?report.added, removed = ?report.removed, "addresses changed");
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, "syncing addresses failed");
+                ok = false;
+            }
+        }
+        if let Err(error) = dataplane.apply(&plan.virtual_services) {
+            tracing::error!(%error, "programming the data plane failed");
+            ok = false;
+        }
+        ok &= self.report(state, &plan).await;
+
+        self.metrics
+            .virtual_services
+            .store(plan.virtual_services.len() as u64, Ordering::Relaxed);
+        self.metrics
+            .vips
+            .store(plan.vips.len() as u64, Ordering::Relaxed);
+        if let Ok(stats) = dataplane.stats() {
+            let counters = lb_common::STAT_NAMES
+                .iter()
+                .zip(stats)
+                .map(|(name, value)| ((*name).to_owned(), value))
+                .collect();
+            if let Ok(mut slot) = self.metrics.dataplane.lock() {
+                *slot = counters;
+            }
+        }
+        if !ok {
+            self.metrics.apply_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        self.allocations = plan.allocations;
+        ok
+    }
+
+    /// Logs the plan's events (each Warning once while it lasts), writes statuses and Events.
+    async fn report(&mut self, state: &ClusterState, plan: &Plan) -> bool {
+        let mut ok = true;
+        let mut warnings = BTreeSet::new();
+        for event in &plan.events {
+            let new = match event.kind {
+                EventKind::Normal => {
+                    tracing::info!(service = %event.service, reason = event.reason, "{}", event.message);
+                    true
+                }
+                EventKind::Warning => {
+                    let key = (event.service.clone(), event.message.clone());
+                    let new = !self.warnings.contains(&key);
+                    if new {
+                        tracing::warn!(service = %event.service, reason = event.reason, "{}", event.message);
+                    }
+                    warnings.insert(key);
+                    new
+                }
+            };
+            if let (true, Some(writer), Some(service)) =
+                (new, &self.writer, state.services.get(&event.service))
+                && let Err(error) = writer
+                    .event(
+                        &service.object_ref(&()),
+                        event.kind,
+                        event.reason,
+                        &event.message,
+                    )
+                    .await
+            {
+                tracing::warn!(%error, service = %event.service, "could not record an Event");
+            }
+        }
+        self.warnings = warnings;
+        let Some(writer) = &self.writer else {
+            return ok;
+        };
+        for (key, change) in &plan.statuses {
+            let ingress = match change {
+                StatusChange::Ingress { ip, ip_mode } => Some((*ip, *ip_mode)),
+                StatusChange::Clear => None,
+            };
+            if let Err(error) = writer.set_ingress(&key.namespace, &key.name, ingress).await {
+                tracing::error!(%error, service = %key, "writing the Service status failed");
+                ok = false;
+            }
+        }
+        ok
+    }
+
+    /// On exit: removes the ingress xlb wrote on every Service it served.
+    async fn clear_statuses(&self, state: &ClusterState) {
+        let Some(writer) = &self.writer else {
+            return;
+        };
+        for key in self.allocations.by_service.keys() {
+            if !state.services.contains_key(key) {
+                continue;
+            }
+            if let Err(error) = writer.set_ingress(&key.namespace, &key.name, None).await {
+                tracing::warn!(%error, service = %key, "could not clear the Service status");
+            }
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGTERM; only SIGINT stops xlb");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
