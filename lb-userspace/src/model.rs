@@ -267,13 +267,15 @@ impl std::fmt::Display for VipRefusal {
 }
 
 impl HostNetwork {
-    /// The longest prefix of the device that contains `ip`: the prefix `ip addr add` would need.
+    /// The longest prefix of the device that contains `ip`, as `(network address, length)`: the
+    /// prefix `ip addr add` would need.
     pub fn covering_prefix(&self, ip: Ipv4Addr) -> Option<(Ipv4Addr, u8)> {
         self.prefixes
             .iter()
             .copied()
             .filter(|&(net, len)| prefix_contains(net, len, ip))
             .max_by_key(|&(_, len)| len)
+            .map(|(address, len)| (network(address, len), len))
     }
 
     /// Whether `ip` may be a VIP on this host: not the host's own address, not a gateway, not

@@ -57,10 +57,15 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Demo => {
             bootstrap::ensure(Needs::BuildAndTestTools)?;
-            cargo(&["build", "--release", "--bin", "xlb"])?;
-            bail!(
-                "the demo is not implemented yet (it needs the controller); `cargo xtask test` runs what exists"
-            )
+            cargo(&["build", "--release", "--bin", "xlb", "--bin", "xlb_demo"])?;
+            require_root("the demo")?;
+            let root = workspace_root();
+            let status = Command::new(root.join("target/release/xlb_demo"))
+                .arg(root.join("target/release/xlb"))
+                .arg(root.join("demo/manifests"))
+                .status()
+                .context("starting the demo")?;
+            exit_like(status)
         }
         Task::Test { args } => {
             bootstrap::ensure(Needs::BuildAndTestTools)?;
