@@ -86,7 +86,26 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Bench => {
             bootstrap::ensure(Needs::BuildAndTestTools)?;
-            bail!("benchmarks are not implemented yet")
+            cargo(&[
+                "build",
+                "--release",
+                "--bin",
+                "bench_xdp",
+                "--bin",
+                "bench_reconcile",
+            ])?;
+            require_root("the data plane benchmark")?;
+            let root = workspace_root();
+            for bench in ["bench_xdp", "bench_reconcile"] {
+                eprintln!("[xtask] {bench}");
+                let status = Command::new(root.join("target/release").join(bench))
+                    .status()
+                    .with_context(|| format!("starting {bench}"))?;
+                if !status.success() {
+                    bail!("{bench} failed ({status})");
+                }
+            }
+            Ok(())
         }
     }
 }
