@@ -240,3 +240,78 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for crate::ServiceStats {}
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::{align_of, offset_of, size_of};
+
+    /// The kernel reads these structs byte for byte: every field must sit where the BPF side
+    /// and `bpftool` expect it, with no implicit padding.
+    #[test]
+    fn map_types_have_the_documented_layout() {
+        assert_eq!(
+            (
+                offset_of!(ServiceKey, vip),
+                offset_of!(ServiceKey, port),
+                offset_of!(ServiceKey, proto)
+            ),
+            (0, 4, 6)
+        );
+        assert_eq!(
+            (
+                offset_of!(ServiceValue, id),
+                offset_of!(ServiceValue, backend_count),
+                offset_of!(ServiceValue, rr_cursor)
+            ),
+            (0, 4, 8)
+        );
+        assert_eq!(
+            (
+                offset_of!(BackendKey, service_id),
+                offset_of!(BackendKey, slot)
+            ),
+            (0, 4)
+        );
+        assert_eq!(
+            (offset_of!(BackendValue, ip), offset_of!(BackendValue, port)),
+            (0, 4)
+        );
+        assert_eq!(
+            (
+                offset_of!(FlowKey, src_ip),
+                offset_of!(FlowKey, dst_ip),
+                offset_of!(FlowKey, src_port),
+                offset_of!(FlowKey, dst_port),
+                offset_of!(FlowKey, proto),
+            ),
+            (0, 4, 8, 10, 12)
+        );
+        assert_eq!(
+            (
+                offset_of!(CtEntry, nat_src_ip),
+                offset_of!(CtEntry, nat_src_port),
+                offset_of!(CtEntry, service_id),
+                offset_of!(CtEntry, last_seen_ns),
+                offset_of!(CtEntry, smac),
+                offset_of!(CtEntry, dmac),
+            ),
+            (0, 8, 12, 24, 32, 38)
+        );
+    }
+
+    #[test]
+    fn map_types_have_no_implicit_padding() {
+        // The sum of the field sizes equals the struct size, so nothing is left uninitialised.
+        assert_eq!(size_of::<ServiceKey>(), 4 + 2 + 1 + 1);
+        assert_eq!(size_of::<ServiceValue>(), 4 + 4 + 8);
+        assert_eq!(size_of::<BackendKey>(), 4 + 4);
+        assert_eq!(size_of::<BackendValue>(), 4 + 2 + 2);
+        assert_eq!(size_of::<FlowKey>(), 4 + 4 + 2 + 2 + 1 + 3);
+        assert_eq!(
+            size_of::<CtEntry>(),
+            4 + 4 + 2 + 2 + 4 + 4 + 4 + 8 + 6 + 6 + 4
+        );
+        assert!(align_of::<FlowKey>() <= 4, "flow keys hash as raw bytes");
+    }
+}
