@@ -30,7 +30,7 @@ struct Lan {
 /// Builds the topology with the LB's address `lb_cidr` and the peer's `peer_cidr`, the peer
 /// being the LB's default gateway `gateway`.
 fn lan_with(tag: &str, lb_cidr: &str, peer_cidr: &str, gateway: &str) -> Lan {
-    require_root("the address manager's netns tests");
+    require_root("this address-manager test");
     let lb = Netns::new(&format!("{tag}-lb"));
     let peer = Netns::new(&format!("{tag}-pe"));
     veth(&lb, LB_DEV, &peer, PEER_DEV);
