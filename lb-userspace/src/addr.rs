@@ -36,6 +36,7 @@ use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::time::Duration;
 
 use futures::TryStreamExt as _;
+use rtnetlink::Handle;
 use rtnetlink::packet_core::ErrorMessage;
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::address::{
@@ -43,7 +44,6 @@ use rtnetlink::packet_route::address::{
 };
 use rtnetlink::packet_route::link::{LinkAttribute, LinkLayerType, LinkMessage};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage};
-use rtnetlink::{Handle, RouteMessageBuilder};
 
 use crate::model::{HostNetwork, VipRefusal, prefix_mask};
 
@@ -171,13 +171,14 @@ pub enum AddrError {
         /// Why not, and what to do.
         reason: VipRefusal,
     },
-    /// A gratuitous ARP could not be sent; the VIP is in place, neighbours learn it when they ask.
+    /// Gratuitous ARP could not be sent. The VIPs are in place and neighbours learn them when
+    /// they ask; the next sync tries again.
     #[error(
-        "sending gratuitous ARP for {vip} on {device} failed: {source}; neighbours with a stale entry keep it until it expires; check that the device is up"
+        "sending gratuitous ARP for {vips:?} on {device} failed: {source}; neighbours with a stale entry keep it until it expires; check that the device is up"
     )]
     Arp {
-        /// The VIP announced.
-        vip: Ipv4Addr,
+        /// The VIPs being announced.
+        vips: Vec<Ipv4Addr>,
         /// The link device.
         device: String,
         /// The socket error.
@@ -309,21 +310,26 @@ impl AddrManager {
             return Err(AddrError::LocalOnlyNeedsLo);
         }
         check_kernel()?;
-        let (connection, handle, _) = rtnetlink::new_connection().map_err(AddrError::Socket)?;
+        // Strict checking lets the kernel filter route dumps by table and device itself.
+        let (connection, handle, _) =
+            rtnetlink::new_connection_with_strict_check().map_err(AddrError::Socket)?;
         tokio::spawn(connection);
         let (link, how) = match &config.link_device {
-            Some(name) => (find_link(&handle, Some(name), None).await?, "--linkdevice"),
+            Some(name) => (
+                find_link(&handle, LinkRef::Name(name)).await?,
+                "--linkdevice",
+            ),
             None => {
                 let index = default_route_device(&handle).await?;
                 (
-                    find_link(&handle, None, Some(index)).await?,
+                    find_link(&handle, LinkRef::Index(index)).await?,
                     "default route",
                 )
             }
         };
         let target = match config.announce {
             Announce::Arp => link.clone(),
-            Announce::Lo => find_link(&handle, Some("lo"), None).await?,
+            Announce::Lo => find_link(&handle, LinkRef::Name("lo")).await?,
         };
         tracing::info!(
             device = %link.name, ifindex = link.index, chosen_by = how,
@@ -385,11 +391,16 @@ impl AddrManager {
         let plan = plan(&wanted, self.target.index, &present);
 
         for addr in &plan.remove {
-            let owners = self.owners.get(&addr.ip).map(join).unwrap_or_default();
-            tracing::info!(
-                vip = %addr.ip, prefix_len = addr.prefix_len, ifindex = addr.ifindex,
-                last_owners = %owners, "removing VIP: no Service uses it here any more"
-            );
+            match self.owners.get(&addr.ip) {
+                Some(owners) => tracing::info!(
+                    vip = %addr.ip, prefix_len = addr.prefix_len, ifindex = addr.ifindex,
+                    last_owners = %join(owners), "removing VIP: no Service uses it here any more"
+                ),
+                None => tracing::info!(
+                    vip = %addr.ip, prefix_len = addr.prefix_len, ifindex = addr.ifindex,
+                    "removing VIP left by an earlier run, or on the wrong device or prefix"
+                ),
+            }
             match self.delete(addr).await {
                 Ok(()) => report.removed.push(addr.ip),
                 Err(err) => report.failed.push(err),
@@ -423,31 +434,38 @@ impl AddrManager {
                 .filter(|vip| !self.announced.contains(vip))
                 .copied()
                 .collect();
-            let failed = self.gratuitous_arp(&fresh).await;
-            self.announced.extend(
-                fresh
-                    .iter()
-                    .filter(|vip| !failed.iter().any(|e| arp_vip(e) == Some(**vip))),
-            );
-            report.failed.extend(failed);
+            // Not marked as announced on failure: the next sync tries again.
+            match self.gratuitous_arp(&fresh).await {
+                Ok(()) => self.announced.extend(fresh),
+                Err(err) => report.failed.push(err),
+            }
         }
         self.owners = desired;
         Ok(report)
     }
 
     /// Removes every address that carries xlb's mark, on any device, and nothing else. Used on
-    /// SIGTERM unless `--keep-on-exit`. Returns how many were removed.
+    /// SIGTERM unless `--keep-on-exit`. Returns how many were removed, or the first failure
+    /// after trying them all.
     pub async fn cleanup(&mut self) -> Result<usize, AddrError> {
         let present = self.addresses().await?;
         let mut removed = 0;
+        let mut first_error = None;
         for addr in present.iter().filter(|a| a.xlb) {
-            self.delete(addr).await?;
-            tracing::info!(vip = %addr.ip, ifindex = addr.ifindex, "removed VIP on exit");
-            removed += 1;
+            match self.delete(addr).await {
+                Ok(()) => {
+                    tracing::info!(vip = %addr.ip, ifindex = addr.ifindex, "removed VIP on exit");
+                    removed += 1;
+                }
+                Err(err) => {
+                    tracing::warn!(vip = %addr.ip, error = %err, "cannot remove VIP on exit");
+                    first_error.get_or_insert(err);
+                }
+            }
         }
         self.owners.clear();
         self.announced.clear();
-        Ok(removed)
+        first_error.map_or(Ok(removed), Err)
     }
 
     /// The prefix length a VIP gets: the covering prefix of the link device in ARP mode, /32
@@ -478,14 +496,7 @@ impl AddrManager {
     }
 
     async fn host_network_from(&self, present: &[DeviceAddr]) -> Result<HostNetwork, AddrError> {
-        let routes: Vec<RouteMessage> = self
-            .handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|source| netlink_error("listing IPv4 routes".to_owned(), source))?;
+        let routes = dump_routes(&self.handle, None, Some(self.link.index)).await?;
         let own = |a: &&DeviceAddr| !a.xlb && a.ifindex == self.link.index;
         let mut prefixes: Vec<(Ipv4Addr, u8)> = present
             .iter()
@@ -584,61 +595,30 @@ impl AddrManager {
     }
 
     /// Announces `vips` on the link device with gratuitous ARP, [`GARP_COUNT`] times each.
-    /// Returns one error per VIP that could not be announced.
-    async fn gratuitous_arp(&self, vips: &[Ipv4Addr]) -> Vec<AddrError> {
+    async fn gratuitous_arp(&self, vips: &[Ipv4Addr]) -> Result<(), AddrError> {
+        let Some(mac) = self.link.mac else {
+            tracing::debug!(device = %self.link.name, "device has no Ethernet address: no gratuitous ARP");
+            return Ok(());
+        };
         if vips.is_empty() {
-            return Vec::new();
+            return Ok(());
         }
-        let arp_error = |vip: Ipv4Addr, source: std::io::Error| AddrError::Arp {
-            vip,
+        let arp_error = |source| AddrError::Arp {
+            vips: vips.to_vec(),
             device: self.link.name.clone(),
             source,
         };
-        let Some(mac) = self.link.mac else {
-            tracing::debug!(device = %self.link.name, "device has no Ethernet address: no gratuitous ARP");
-            return Vec::new();
-        };
-        let socket = match ArpSocket::open(self.link.index) {
-            Ok(socket) => socket,
-            Err(err) => {
-                let kind = err.kind();
-                return vips
-                    .iter()
-                    .map(|&vip| arp_error(vip, std::io::Error::new(kind, err.to_string())))
-                    .collect();
-            }
-        };
-        let mut failed: BTreeMap<Ipv4Addr, std::io::Error> = BTreeMap::new();
+        let socket = ArpSocket::open(self.link.index).map_err(arp_error)?;
         for round in 0..GARP_COUNT {
             if round > 0 {
                 tokio::time::sleep(GARP_GAP).await;
             }
             for &vip in vips {
-                if failed.contains_key(&vip) {
-                    continue;
-                }
-                match socket.send(&garp_frame(mac, vip)) {
-                    Ok(()) => {
-                        tracing::debug!(vip = %vip, device = %self.link.name, round, "gratuitous ARP sent")
-                    }
-                    Err(err) => {
-                        failed.insert(vip, err);
-                    }
-                }
+                socket.send(&garp_frame(mac, vip)).map_err(arp_error)?;
+                tracing::debug!(vip = %vip, device = %self.link.name, round, "gratuitous ARP sent");
             }
         }
-        failed
-            .into_iter()
-            .map(|(vip, source)| arp_error(vip, source))
-            .collect()
-    }
-}
-
-/// The VIP of an ARP error.
-fn arp_vip(err: &AddrError) -> Option<Ipv4Addr> {
-    match err {
-        AddrError::Arp { vip, .. } => Some(*vip),
-        _ => None,
+        Ok(())
     }
 }
 
@@ -734,15 +714,29 @@ fn route_table(route: &RouteMessage) -> u32 {
         .unwrap_or(u32::from(route.header.table))
 }
 
-/// The device of the main table's IPv4 default route with the lowest metric.
-async fn default_route_device(handle: &Handle) -> Result<u32, AddrError> {
-    let routes: Vec<RouteMessage> = handle
+/// IPv4 routes, of one table and through one device when given. The kernel does the filtering
+/// (strict checking), which matters on a router that holds a full table.
+async fn dump_routes(
+    handle: &Handle,
+    table: Option<u8>,
+    oif: Option<u32>,
+) -> Result<Vec<RouteMessage>, AddrError> {
+    let mut filter = RouteMessage::default();
+    filter.header.address_family = AddressFamily::Inet;
+    filter.header.table = table.unwrap_or(RouteHeader::RT_TABLE_UNSPEC);
+    filter.attributes.extend(oif.map(RouteAttribute::Oif));
+    handle
         .route()
-        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .get(filter)
         .execute()
         .try_collect()
         .await
-        .map_err(|source| netlink_error("listing IPv4 routes".to_owned(), source))?;
+        .map_err(|source| netlink_error("listing IPv4 routes".to_owned(), source))
+}
+
+/// The device of the main table's IPv4 default route with the lowest metric.
+async fn default_route_device(handle: &Handle) -> Result<u32, AddrError> {
+    let routes = dump_routes(handle, Some(RouteHeader::RT_TABLE_MAIN), None).await?;
     routes
         .iter()
         .filter(|route| {
@@ -761,27 +755,35 @@ async fn default_route_device(handle: &Handle) -> Result<u32, AddrError> {
         .ok_or(AddrError::NoDefaultRoute)
 }
 
+/// A device to look up.
+#[derive(Debug, Clone, Copy)]
+enum LinkRef<'a> {
+    Name(&'a str),
+    Index(u32),
+}
+
+impl std::fmt::Display for LinkRef<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LinkRef::Name(name) => f.write_str(name),
+            LinkRef::Index(index) => write!(f, "ifindex {index}"),
+        }
+    }
+}
+
 /// Looks a device up by name or by index.
-async fn find_link(
-    handle: &Handle,
-    name: Option<&str>,
-    index: Option<u32>,
-) -> Result<Link, AddrError> {
-    let wanted = name.map_or_else(|| format!("ifindex {}", index.unwrap_or(0)), str::to_owned);
-    let mut request = handle.link().get();
-    if let Some(name) = name {
-        request = request.match_name(name.to_owned());
-    }
-    if let Some(index) = index {
-        request = request.match_index(index);
-    }
+async fn find_link(handle: &Handle, wanted: LinkRef<'_>) -> Result<Link, AddrError> {
+    let request = match wanted {
+        LinkRef::Name(name) => handle.link().get().match_name(name.to_owned()),
+        LinkRef::Index(index) => handle.link().get().match_index(index),
+    };
     let message: Option<LinkMessage> = match request.execute().try_next().await {
         Ok(message) => message,
         Err(err) if errno(&err) == Some(libc::ENODEV) => None,
         Err(source) => return Err(netlink_error(format!("looking up device {wanted}"), source)),
     };
-    let message = message.ok_or(AddrError::NoSuchDevice {
-        device: wanted.clone(),
+    let message = message.ok_or_else(|| AddrError::NoSuchDevice {
+        device: wanted.to_string(),
     })?;
     let link_name = message.attributes.iter().find_map(|attr| match attr {
         LinkAttribute::IfName(name) => Some(name.clone()),
@@ -794,7 +796,7 @@ async fn find_link(
         _ => None,
     });
     Ok(Link {
-        name: link_name.unwrap_or(wanted),
+        name: link_name.unwrap_or_else(|| wanted.to_string()),
         index: message.header.index,
         mac,
     })
