@@ -45,6 +45,7 @@ use rtnetlink::packet_route::address::{
 use rtnetlink::packet_route::link::{LinkAttribute, LinkLayerType, LinkMessage};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage};
 
+use crate::config::Announce;
 use crate::model::{HostNetwork, VipRefusal, prefix_mask};
 
 /// `IFA_PROTO` value that marks an address as xlb's (`0x78` is ASCII `x`). The kernel reserves
@@ -65,39 +66,6 @@ const GARP_GAP: Duration = Duration::from_millis(100);
 /// The VIPs the controller wants, each with the Services (`namespace/name`) that use it: the
 /// size of the set is the VIP's reference count. A VIP with an empty set is not wanted.
 pub type DesiredVips = BTreeMap<Ipv4Addr, BTreeSet<String>>;
-
-/// How the network learns that VIP traffic goes to this node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Announce {
-    /// VIPs are addresses of the link device inside its subnet; neighbours find them by ARP,
-    /// and xlb sends gratuitous ARP when it adds or adopts one. `--announce arp` (default).
-    #[default]
-    Arp,
-    /// VIPs are /32 addresses on `lo`, for a routing daemon (FRR, BIRD) to advertise over BGP
-    /// or OSPF on a routed fabric. No ARP. `--announce lo`.
-    Lo,
-}
-
-impl std::str::FromStr for Announce {
-    type Err = AddrError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "arp" => Ok(Announce::Arp),
-            "lo" => Ok(Announce::Lo),
-            other => Err(AddrError::UnknownAnnounce(other.to_owned())),
-        }
-    }
-}
-
-impl std::fmt::Display for Announce {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Announce::Arp => "arp",
-            Announce::Lo => "lo",
-        })
-    }
-}
 
 /// What the address manager needs from xlb's configuration.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -145,11 +113,6 @@ pub enum AddrError {
         "--announce-local-only needs --announce lo: on a shared link only one node may answer ARP for a VIP"
     )]
     LocalOnlyNeedsLo,
-    /// An `--announce` value that is neither `arp` nor `lo`.
-    #[error(
-        "unknown --announce mode {0:?}: use `arp` (VIPs on the link device, found by ARP) or `lo` (/32 on lo for a routing daemon)"
-    )]
-    UnknownAnnounce(String),
     /// A netlink request failed.
     #[error(
         "{what} failed: {source}; check that xlb runs with CAP_NET_ADMIN in the host's network namespace and that the device exists"
@@ -328,12 +291,12 @@ impl AddrManager {
             }
         };
         let target = match config.announce {
-            Announce::Arp => link.clone(),
+            Announce::Link => link.clone(),
             Announce::Lo => find_link(&handle, LinkRef::Name("lo")).await?,
         };
         tracing::info!(
             device = %link.name, ifindex = link.index, chosen_by = how,
-            announce = %config.announce, vip_device = %target.name,
+            announce = ?config.announce, vip_device = %target.name,
             local_only = config.local_only, "link device"
         );
         Ok(AddrManager {
@@ -426,7 +389,7 @@ impl AddrManager {
 
         self.announced
             .retain(|vip| report.added.contains(vip) || report.kept.contains(vip));
-        if self.config.announce == Announce::Arp {
+        if self.config.announce == Announce::Link {
             let fresh: Vec<Ipv4Addr> = report
                 .added
                 .iter()
@@ -474,7 +437,7 @@ impl AddrManager {
         host.check_vip(vip)?;
         match self.config.announce {
             Announce::Lo => Ok(32),
-            Announce::Arp => host
+            Announce::Link => host
                 .covering_prefix(vip)
                 .map(|(_, len)| len)
                 .ok_or_else(|| VipRefusal::OutsidePrefixes {
@@ -529,7 +492,7 @@ impl AddrManager {
             prefixes,
             own_addresses,
             gateways,
-            vip_prefix_required: self.config.announce == Announce::Arp,
+            vip_prefix_required: self.config.announce == Announce::Link,
         })
     }
 
@@ -1086,7 +1049,7 @@ mod tests {
     fn addr_local_only_needs_lo_mode() {
         let config = AddrConfig {
             link_device: Some("eth0".to_owned()),
-            announce: Announce::Arp,
+            announce: Announce::Link,
             local_only: true,
         };
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -1094,12 +1057,5 @@ mod tests {
             .expect("tokio runtime");
         let err = runtime.block_on(AddrManager::new(config)).err();
         assert!(matches!(err, Some(AddrError::LocalOnlyNeedsLo)), "{err:?}");
-    }
-
-    #[test]
-    fn addr_announce_parses_flag_values() {
-        assert_eq!("arp".parse::<Announce>().ok(), Some(Announce::Arp));
-        assert_eq!("lo".parse::<Announce>().ok(), Some(Announce::Lo));
-        assert!("bgp".parse::<Announce>().is_err());
     }
 }

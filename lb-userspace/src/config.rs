@@ -119,12 +119,15 @@ impl IpMode {
     }
 }
 
-/// Where VIPs are put on the host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+/// How the network learns that VIP traffic goes to this node (`--announce`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
 pub enum Announce {
-    /// On the link device, with the mask of its prefix (answers ARP on the link).
+    /// On the link device, with the mask of its prefix; neighbours find VIPs by ARP, and xlb
+    /// sends gratuitous ARP when it adds or adopts one.
+    #[default]
     Link,
-    /// On the loopback device as /32 (reached through routes announced elsewhere).
+    /// On the loopback device as /32, for a routing daemon (FRR, BIRD) to advertise over BGP or
+    /// OSPF on a routed fabric. No ARP.
     Lo,
 }
 

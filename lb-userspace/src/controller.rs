@@ -36,10 +36,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let mut addrs = AddrManager::new(AddrConfig {
         link_device: config.link_device.clone(),
-        announce: match config.announce {
-            config::Announce::Link => crate::addr::Announce::Arp,
-            config::Announce::Lo => crate::addr::Announce::Lo,
-        },
+        announce: config.announce,
         local_only: config.announce_local_only,
     })
     .await?;

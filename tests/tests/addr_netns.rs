@@ -12,7 +12,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use xlb::addr::{AddrConfig, AddrError, AddrManager, Announce, DesiredVips};
+use xlb::addr::{AddrConfig, AddrError, AddrManager, DesiredVips};
+use xlb::config::Announce;
 use xlb_tests::netns::{ChildGuard, Netns, require_root, veth};
 
 const LB_DEV: &str = "xlb0";
@@ -248,7 +249,7 @@ impl Lines {
 fn shared_vip_is_added_once_and_removed_with_its_last_owner() {
     let lan = lan("share");
     block_in(&lan.lb, || async {
-        let mut m = manager(Announce::Arp, false).await;
+        let mut m = manager(Announce::Link, false).await;
         let none = BTreeSet::new();
 
         let report = sync_ok(
@@ -301,7 +302,7 @@ fn vip_prefix_is_the_longest_device_prefix_that_covers_it() {
     lan.lb
         .run(&["ip", "addr", "add", "198.51.100.129/25", "dev", LB_DEV]);
     block_in(&lan.lb, || async {
-        let mut m = manager(Announce::Arp, false).await;
+        let mut m = manager(Announce::Link, false).await;
         sync_ok(
             &mut m,
             &desired(&[
@@ -328,7 +329,7 @@ fn host_network_describes_the_link_device_without_xlb_addresses() {
     lan.lb
         .run(&["ip", "addr", "add", "198.51.100.129/25", "dev", LB_DEV]);
     let host = block_in(&lan.lb, || async {
-        let mut m = manager(Announce::Arp, false).await;
+        let mut m = manager(Announce::Link, false).await;
         sync_ok(
             &mut m,
             &desired(&[("198.51.100.10", &["default/a"])]),
@@ -389,7 +390,7 @@ fn link_device_comes_from_the_flag_or_the_default_route() {
 fn vip_outside_the_device_prefixes_is_refused_naming_device_and_prefixes() {
     let lan = lan("outside");
     block_in(&lan.lb, || async {
-        let mut m = manager(Announce::Arp, false).await;
+        let mut m = manager(Announce::Link, false).await;
         let report = m
             .sync(
                 &desired(&[
@@ -427,7 +428,7 @@ fn host_address_inside_the_pool_survives_start_run_and_stop() {
         .run(&["ip", "addr", "add", "198.51.100.20/24", "dev", LB_DEV]);
     block_in(&lan.lb, || async {
         let none = BTreeSet::new();
-        let mut m = manager(Announce::Arp, false).await;
+        let mut m = manager(Announce::Link, false).await;
         sync_ok(
             &mut m,
             &desired(&[("198.51.100.10", &["default/a"])]),
@@ -515,7 +516,7 @@ fn restart_after_sigkill_adopts_wanted_vips_without_flap_and_removes_the_rest() 
     );
 
     block_in(&lan.lb, || async {
-        let mut m = manager(Announce::Arp, false).await;
+        let mut m = manager(Announce::Link, false).await;
         let report = sync_ok(
             &mut m,
             &desired(&[("198.51.100.10", &["default/a"])]),
@@ -561,7 +562,7 @@ fn gratuitous_arp_repoints_a_neighbour_on_add_and_on_adoption() {
 
     seed_wrong_neighbour(&lan, vip);
     block_in(&lan.lb, || async {
-        let mut m = manager(Announce::Arp, false).await;
+        let mut m = manager(Announce::Link, false).await;
         sync_ok(&mut m, &wanted, &BTreeSet::new()).await;
     });
     assert!(
@@ -575,7 +576,7 @@ fn gratuitous_arp_repoints_a_neighbour_on_add_and_on_adoption() {
     // A new process adopting the VIP announces it again.
     seed_wrong_neighbour(&lan, vip);
     block_in(&lan.lb, || async {
-        let mut m = manager(Announce::Arp, false).await;
+        let mut m = manager(Announce::Link, false).await;
         let report = sync_ok(&mut m, &wanted, &BTreeSet::new()).await;
         assert_eq!(report.kept, vec![ip(vip)], "adopted, not re-added");
     });
@@ -596,7 +597,7 @@ fn default_source_address_is_unchanged_after_vips_are_added() {
     assert_eq!(route_src(&lan.lb, "198.51.100.77"), LB_ADDR);
 
     block_in(&lan.lb, || async {
-        let mut m = manager(Announce::Arp, false).await;
+        let mut m = manager(Announce::Link, false).await;
         sync_ok(
             &mut m,
             &desired(&[
@@ -739,7 +740,7 @@ fn lo_mode_local_only_announces_a_vip_only_while_it_has_a_local_endpoint() {
 fn xlb_addresses_are_labelled_for_people_reading_ip_addr() {
     let lan = lan("label");
     block_in(&lan.lb, || async {
-        let mut m = manager(Announce::Arp, false).await;
+        let mut m = manager(Announce::Link, false).await;
         sync_ok(
             &mut m,
             &desired(&[("198.51.100.10", &["default/a"])]),
