@@ -142,6 +142,19 @@ pub enum XdpMode {
     Skb,
 }
 
+/// Which data planes carry the traffic (`--dataplane`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum DataplaneKind {
+    /// The XDP program only; flows it passes to the kernel find no listener.
+    Xdp,
+    /// The userspace TCP/UDP proxy only, no BPF at all: for hosts where XDP cannot load.
+    Proxy,
+    /// XDP for the fast path and the proxy on the same VIP:port for what XDP passes to the
+    /// kernel; if XDP cannot load or attach, the proxy alone, with a warning.
+    #[default]
+    Both,
+}
+
 /// The command line of `xlb`, as clap parses it. Build a [`Config`] with [`Config::load`].
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -246,6 +259,11 @@ pub struct Args {
     #[arg(long, env = "XLB_XDP_MODE", value_enum, default_value = "auto")]
     pub xdp_mode: XdpMode,
 
+    /// Data plane: xdp, proxy (userspace TCP/UDP proxy, no BPF), or both (XDP fast path, proxy
+    /// for the flows XDP passes to the kernel).
+    #[arg(long, env = "XLB_DATAPLANE", value_enum, default_value = "both")]
+    pub dataplane: DataplaneKind,
+
     /// Address of the /metrics, /healthz and /readyz endpoint.
     #[arg(long, env = "XLB_METRICS_ADDR", default_value = "0.0.0.0:9464")]
     pub metrics_addr: SocketAddr,
@@ -304,6 +322,7 @@ pub struct Config {
     pub announce: Announce,
     pub announce_local_only: bool,
     pub xdp_mode: XdpMode,
+    pub dataplane: DataplaneKind,
     pub metrics_addr: SocketAddr,
     pub pin_dir: PathBuf,
 }
@@ -435,6 +454,7 @@ impl Config {
             announce: args.announce,
             announce_local_only: args.announce_local_only,
             xdp_mode: args.xdp_mode,
+            dataplane: args.dataplane,
             metrics_addr: args.metrics_addr,
             pin_dir: args.pin_dir,
         })
@@ -690,6 +710,7 @@ mod tests {
         assert_eq!(config.ip_mode, IpMode::Vip);
         assert_eq!(config.announce, Announce::Link);
         assert_eq!(config.xdp_mode, XdpMode::Auto);
+        assert_eq!(config.dataplane, DataplaneKind::Both);
         assert_eq!(
             config.metrics_addr,
             "0.0.0.0:9464".parse().expect("literal")
@@ -770,6 +791,37 @@ mod tests {
         let file = config_file("xdp-mode: native\n");
         let config = ok(&["--config", path(&file), "--xdp-mode", "skb"], &[]);
         assert_eq!(config.xdp_mode, XdpMode::Skb);
+    }
+
+    #[test]
+    fn dataplane_is_chosen_by_flag_environment_or_file() {
+        assert_eq!(
+            ok(&["--dataplane", "proxy"], &[]).dataplane,
+            DataplaneKind::Proxy
+        );
+        assert_eq!(
+            ok(&[], &[("XLB_DATAPLANE", "xdp")]).dataplane,
+            DataplaneKind::Xdp
+        );
+        let file = config_file("dataplane: proxy\n");
+        assert_eq!(
+            ok(&["--config", path(&file)], &[]).dataplane,
+            DataplaneKind::Proxy
+        );
+        assert_eq!(
+            ok(
+                &["--config", path(&file), "--dataplane", "both"],
+                &[("XLB_DATAPLANE", "xdp")]
+            )
+            .dataplane,
+            DataplaneKind::Both
+        );
+        let message = err(&[], &[("XLB_DATAPLANE", "ipvs")]);
+        assert!(
+            message.starts_with(r#"XLB_DATAPLANE: "ipvs" is not valid"#)
+                && message.contains("proxy"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -962,6 +1014,7 @@ mod tests {
             "XLB_ANNOUNCE",
             "XLB_ANNOUNCE_LOCAL_ONLY",
             "XLB_XDP_MODE",
+            "XLB_DATAPLANE",
             "XLB_METRICS_ADDR",
             "XLB_PIN_DIR",
         ] {
@@ -976,6 +1029,7 @@ mod tests {
             "[default: vip]",
             "[default: link]",
             "[default: auto]",
+            "[default: both]",
             "[default: 0.0.0.0:9464]",
             "[default: /sys/fs/bpf/xlb]",
         ] {

@@ -11,9 +11,10 @@ use kube::Resource as _;
 use tokio::sync::watch;
 
 use crate::addr::{AddrConfig, AddrManager, DesiredVips};
-use crate::config::{self, Config, KubeconfigSource};
-use crate::dataplane::Dataplane as _;
+use crate::config::{self, Config, DataplaneKind, KubeconfigSource};
+use crate::dataplane::proxy::ProxyDataplane;
 use crate::dataplane::xdp::{ModeChoice, XdpConfig, XdpDataplane};
+use crate::dataplane::{Dataplane as _, Layered};
 use crate::metrics::Metrics;
 use crate::model::{Allocations, ClusterState, ServiceKey};
 use crate::reconcile::{EventKind, Plan, StatusChange, reconcile};
@@ -40,16 +41,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         local_only: config.announce_local_only,
     })
     .await?;
-    let mut dataplane = XdpDataplane::open(XdpConfig {
-        pin_dir: config.pin_dir.clone(),
-        mode: match config.xdp_mode {
-            config::XdpMode::Auto => ModeChoice::Auto,
-            config::XdpMode::Native => ModeChoice::Native,
-            config::XdpMode::Skb => ModeChoice::Generic,
-        },
-        ..XdpConfig::new(addrs.device())
-    })?;
-    tracing::info!(devices = ?dataplane.devices(), "data plane attached");
+    let mut dataplane = open_dataplane(&config, addrs.device())?;
 
     let connected = Arc::new(AtomicBool::new(true));
     let (mut states, writer) = match &config.manifests {
@@ -123,12 +115,62 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         controller.clear_statuses(&states.borrow()).await;
     }
     if config.cleanup {
-        dataplane.detach_all();
+        if let Some(xdp) = dataplane.first.as_mut() {
+            xdp.detach_all();
+        }
         if let Err(error) = std::fs::remove_dir_all(&config.pin_dir) {
             tracing::warn!(%error, dir = %config.pin_dir.display(), "could not remove pinned maps");
         }
     }
     Ok(())
+}
+
+/// The data planes `--dataplane` chose: XDP, the userspace proxy, or both.
+type Dataplanes = Layered<Option<XdpDataplane>, Option<ProxyDataplane>>;
+
+/// Opens the data planes `--dataplane` asks for. With `both`, an XDP program that cannot be
+/// loaded or attached leaves the proxy alone, with a warning; with `xdp` it is an error.
+fn open_dataplane(config: &Config, device: &str) -> anyhow::Result<Dataplanes> {
+    let xdp = match config.dataplane {
+        DataplaneKind::Proxy => None,
+        DataplaneKind::Xdp | DataplaneKind::Both => {
+            let opened = XdpDataplane::open(XdpConfig {
+                pin_dir: config.pin_dir.clone(),
+                mode: match config.xdp_mode {
+                    config::XdpMode::Auto => ModeChoice::Auto,
+                    config::XdpMode::Native => ModeChoice::Native,
+                    config::XdpMode::Skb => ModeChoice::Generic,
+                },
+                ..XdpConfig::new(device)
+            });
+            match opened {
+                Ok(xdp) => {
+                    tracing::info!(devices = ?xdp.devices(), "XDP data plane attached");
+                    Some(xdp)
+                }
+                Err(error) if config.dataplane == DataplaneKind::Both => {
+                    tracing::warn!(
+                        %error,
+                        "XDP could not be loaded or attached; carrying all traffic with the userspace proxy (slower). \
+                         Fix the cause above, or set --dataplane proxy to run without BPF"
+                    );
+                    None
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+    };
+    let proxy = match config.dataplane {
+        DataplaneKind::Xdp => None,
+        DataplaneKind::Proxy | DataplaneKind::Both => {
+            tracing::info!("userspace proxy data plane running");
+            Some(ProxyDataplane::new()?)
+        }
+    };
+    Ok(Layered {
+        first: xdp,
+        second: proxy,
+    })
 }
 
 struct Controller<'a> {
@@ -148,7 +190,7 @@ impl Controller<'_> {
         &mut self,
         state: &ClusterState,
         addrs: &mut AddrManager,
-        dataplane: &mut XdpDataplane,
+        dataplane: &mut Dataplanes,
     ) -> bool {
         let mut ok = true;
         let host = match addrs.host_network().await {
@@ -199,7 +241,14 @@ impl Controller<'_> {
         self.metrics
             .vips
             .store(plan.vips.len() as u64, Ordering::Relaxed);
-        if let Ok(stats) = dataplane.stats() {
+        if let Some(proxy) = &dataplane.second
+            && let Ok(mut slot) = self.metrics.proxy.lock()
+        {
+            *slot = proxy.stats().into_iter().collect();
+        }
+        if let Some(xdp) = &dataplane.first
+            && let Ok(stats) = xdp.stats()
+        {
             let counters = lb_common::STAT_NAMES
                 .iter()
                 .zip(stats)

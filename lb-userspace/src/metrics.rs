@@ -10,6 +10,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpListener;
 
+use crate::dataplane::proxy::ProxyStats;
+use crate::model::Frontend;
+
+/// A proxy counter family: name, help text, and how to read it from [`ProxyStats`].
+type ProxyFamily = (&'static str, &'static str, fn(&ProxyStats) -> u64);
+
 /// What the controller reports.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -25,6 +31,8 @@ pub struct Metrics {
     pub vips: AtomicU64,
     /// Data plane counters (name, value), refreshed after each reconcile and on scrape.
     pub dataplane: Mutex<Vec<(String, u64)>>,
+    /// Userspace proxy counters per frontend, refreshed after each reconcile.
+    pub proxy: Mutex<Vec<(Frontend, ProxyStats)>>,
 }
 
 impl Metrics {
@@ -79,6 +87,54 @@ impl Metrics {
                 ));
             }
         }
+        if let Ok(frontends) = self.proxy.lock() {
+            let families: [ProxyFamily; 5] = [
+                (
+                    "xlb_proxy_connections_total",
+                    "TCP connections accepted and UDP flows started by the userspace proxy",
+                    |s| s.connections,
+                ),
+                (
+                    "xlb_proxy_bytes_to_backends_total",
+                    "Bytes the userspace proxy relayed from clients to backends",
+                    |s| s.bytes_to_backends,
+                ),
+                (
+                    "xlb_proxy_bytes_to_clients_total",
+                    "Bytes the userspace proxy relayed from backends to clients",
+                    |s| s.bytes_to_clients,
+                ),
+                (
+                    "xlb_proxy_backend_failures_total",
+                    "Backend connects that failed or timed out, and upstream errors, in the userspace proxy",
+                    |s| s.backend_failures,
+                ),
+                (
+                    "xlb_proxy_dropped_total",
+                    "Connections and datagrams the userspace proxy closed or dropped for want of a backend",
+                    |s| s.dropped,
+                ),
+            ];
+            for (name, help, value) in families {
+                out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n"));
+                for (frontend, stats) in frontends.iter() {
+                    out.push_str(&format!(
+                        "{name}{{frontend=\"{}:{}/{}\"}} {}\n",
+                        frontend.vip,
+                        frontend.port,
+                        frontend.protocol,
+                        value(stats)
+                    ));
+                }
+            }
+            out.push_str("# HELP xlb_proxy_active Connections and UDP flows open in the userspace proxy\n# TYPE xlb_proxy_active gauge\n");
+            for (frontend, stats) in frontends.iter() {
+                out.push_str(&format!(
+                    "xlb_proxy_active{{frontend=\"{}:{}/{}\"}} {}\n",
+                    frontend.vip, frontend.port, frontend.protocol, stats.active
+                ));
+            }
+        }
         out
     }
 }
@@ -130,11 +186,26 @@ mod tests {
         metrics.ready.store(true, Ordering::Relaxed);
         metrics.vips.store(3, Ordering::Relaxed);
         *metrics.dataplane.lock().expect("lock") = vec![("tx".into(), 42)];
+        *metrics.proxy.lock().expect("lock") = vec![(
+            Frontend {
+                vip: "198.51.100.10".parse().expect("literal"),
+                port: 80,
+                protocol: crate::model::Protocol::Tcp,
+            },
+            ProxyStats {
+                connections: 7,
+                ..ProxyStats::default()
+            },
+        )];
         let text = metrics.render();
         assert!(text.contains("\nxlb_ready 1\n"), "{text}");
         assert!(text.contains("\nxlb_vips 3\n"), "{text}");
         assert!(
             text.contains("xlb_dataplane_packets_total{counter=\"tx\"} 42\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("xlb_proxy_connections_total{frontend=\"198.51.100.10:80/TCP\"} 7\n"),
             "{text}"
         );
     }

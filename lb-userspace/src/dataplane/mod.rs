@@ -2,9 +2,12 @@
 //!
 //! [`Dataplane::apply`] takes the whole desired set of virtual services and changes only what
 //! differs. [`xdp::XdpDataplane`] programs the XDP program's pinned maps; see `xdp.rs` for the
-//! system settings it makes and how it survives restarts.
+//! system settings it makes and how it survives restarts. [`proxy::ProxyDataplane`] is the
+//! userspace TCP/UDP proxy listening on the same `VIP:port`s: it serves whatever the XDP
+//! program passes to the kernel, and everything when XDP is not in use. [`Layered`] runs both.
 
 pub mod devices;
+pub mod proxy;
 pub mod spec;
 pub mod sync;
 pub mod xdp;
@@ -19,6 +22,33 @@ pub trait Dataplane {
     /// removed frontends stop taking new flows at once, removed backends get no new flows but
     /// keep their established ones until they end. Applying the same set twice changes nothing.
     fn apply(&mut self, services: &[VirtualService]) -> Result<(), DataplaneError>;
+}
+
+/// No data plane of this kind: applying does nothing. Lets [`Layered`] hold an optional one.
+impl<D: Dataplane> Dataplane for Option<D> {
+    fn apply(&mut self, services: &[VirtualService]) -> Result<(), DataplaneError> {
+        match self {
+            Some(dataplane) => dataplane.apply(services),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Two data planes serving the same services: xlb runs the XDP program (`first`) for the fast
+/// path and the proxy (`second`) on the same `VIP:port`s for the flows XDP passes to the
+/// kernel. `apply` applies to both, even when the first fails, and returns the first error.
+#[derive(Debug, Default)]
+pub struct Layered<A, B> {
+    pub first: A,
+    pub second: B,
+}
+
+impl<A: Dataplane, B: Dataplane> Dataplane for Layered<A, B> {
+    fn apply(&mut self, services: &[VirtualService]) -> Result<(), DataplaneError> {
+        let first = self.first.apply(services);
+        let second = self.second.apply(services);
+        first.and(second)
+    }
 }
 
 /// Errors of the data plane, each saying what to do about it.
@@ -81,6 +111,16 @@ pub enum DataplaneError {
         "device {0} does not exist in this network namespace; check --link-device and the routes to backends"
     )]
     NoSuchDevice(String),
+    #[error(
+        "the proxy cannot listen on {frontend}: {source}; check that no other program listens there (`ss -lntup`)"
+    )]
+    ProxyListen {
+        frontend: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the proxy data plane must be created inside a tokio runtime")]
+    NoRuntime,
     #[error("{0}")]
     Plan(#[from] sync::PlanError),
     #[error("running {command} failed: {source}; is iproute2 installed?")]

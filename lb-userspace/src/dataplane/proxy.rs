@@ -1,0 +1,642 @@
+//! The userspace TCP/UDP proxy: the fallback path for whatever the BPF path cannot take.
+//!
+//! For every virtual service the proxy listens on `VIP:port` itself. The XDP program passes to
+//! the kernel every TCP segment that misses conntrack and is not a SYN, and every flow it
+//! cannot take (SNAT ports exhausted, conntrack insert failed, no FIB result); those packets
+//! reach the kernel addressed to `VIP:port`, where this proxy's socket serves them. With XDP
+//! detached or unloadable (`--dataplane proxy`, or XDP failing under `--dataplane both`) the
+//! proxy carries all the traffic.
+//!
+//! - TCP: a listener per frontend (`SO_REUSEADDR`, `IP_FREEBIND` so it can bind before the VIP
+//!   is on the device). Each accepted connection goes to the next backend in round-robin
+//!   order; a backend that does not answer within [`CONNECT_TIMEOUT`] is skipped for the next
+//!   one, up to the number of backends. Data is relayed with
+//!   [`tokio::io::copy_bidirectional`], which carries half-closes: when one side shuts down
+//!   its write half, the proxy shuts down its write half toward the other side and keeps
+//!   relaying the other direction until it ends too.
+//! - UDP: a socket per frontend; each client address gets its own connected upstream socket to
+//!   a round-robin backend, and answers from it go back from `VIP:port`. A flow ends after
+//!   [`UDP_IDLE_TIMEOUT`] without a datagram either way (the XDP UDP timeout).
+//!
+//! [`Dataplane::apply`] diffs: new frontends start listening, removed frontends stop taking
+//! new connections at once (the TCP listener is shut down before `apply` returns) while
+//! established TCP connections keep running until they end, and a changed backend list applies
+//! to new connections and flows only. UDP has no connection to drain: a removed UDP
+//! frontend's flows end with it.
+//!
+//! # Runtime
+//!
+//! The proxy runs on a tokio runtime; `apply` is synchronous (it is the [`Dataplane`] trait),
+//! binds the sockets on the calling thread and spawns the relaying tasks on the runtime whose
+//! handle it holds ([`ProxyDataplane::new`] takes the current one). Sockets belong to the
+//! network namespace of the thread that creates them: listeners are created by the thread that
+//! calls `apply`, upstream sockets by the runtime's worker threads, so both must be in the
+//! namespace the VIPs live in (they are in xlb; tests build the runtime inside the namespace).
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::net::{Shutdown, SocketAddr, SocketAddrV4};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Socket, Type};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::runtime::Handle;
+use tokio::task::AbortHandle;
+
+use super::{Dataplane, DataplaneError};
+use crate::model::{Backend, Frontend, Protocol, VirtualService};
+
+/// How long a TCP connect to one backend may take before the next backend is tried.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A UDP flow without a datagram either way for this long ends (the XDP UDP timeout).
+pub const UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// At most this many UDP flows per frontend; datagrams of further new clients are dropped
+/// (and counted), so a flood of source addresses cannot exhaust file descriptors.
+pub const MAX_UDP_FLOWS: usize = 16_384;
+
+/// Listen backlog of each TCP frontend.
+const BACKLOG: i32 = 1024;
+
+/// Largest UDP datagram.
+const DATAGRAM: usize = 65_535;
+
+/// Counters of one frontend since it started listening.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProxyStats {
+    /// TCP connections accepted, UDP flows started.
+    pub connections: u64,
+    /// TCP connections and UDP flows open now.
+    pub active: u64,
+    /// Payload bytes relayed from clients to backends.
+    pub bytes_to_backends: u64,
+    /// Payload bytes relayed from backends to clients.
+    pub bytes_to_clients: u64,
+    /// Backend connect attempts that failed or timed out, and upstream send/receive errors.
+    pub backend_failures: u64,
+    /// Connections closed and datagrams dropped because no backend took them (none listed,
+    /// all failed, or the UDP flow table full).
+    pub dropped: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    connections: AtomicU64,
+    active: AtomicU64,
+    bytes_to_backends: AtomicU64,
+    bytes_to_clients: AtomicU64,
+    backend_failures: AtomicU64,
+    dropped: AtomicU64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> ProxyStats {
+        ProxyStats {
+            connections: self.connections.load(Ordering::Relaxed),
+            active: self.active.load(Ordering::Relaxed),
+            bytes_to_backends: self.bytes_to_backends.load(Ordering::Relaxed),
+            bytes_to_clients: self.bytes_to_clients.load(Ordering::Relaxed),
+            backend_failures: self.backend_failures.load(Ordering::Relaxed),
+            dropped: self.dropped.load(Ordering::Relaxed),
+        }
+    }
+
+    fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts one open connection or flow while it lives.
+struct ActiveGuard(Arc<Shared>);
+
+impl ActiveGuard {
+    fn new(shared: &Arc<Shared>) -> Self {
+        Counters::bump(&shared.counters.connections);
+        Counters::bump(&shared.counters.active);
+        ActiveGuard(shared.clone())
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.counters.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What the tasks of one frontend share with [`ProxyDataplane`].
+#[derive(Debug)]
+struct Shared {
+    frontend: Frontend,
+    /// The backends new connections go to; replaced whole by `apply`.
+    backends: Mutex<Arc<[Backend]>>,
+    /// Round-robin position.
+    next: AtomicUsize,
+    counters: Counters,
+}
+
+impl Shared {
+    /// The backends in the order a new connection tries them: round robin, then the rest.
+    fn pick(&self) -> Vec<SocketAddr> {
+        let backends = lock(&self.backends).clone();
+        if backends.is_empty() {
+            return Vec::new();
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % backends.len();
+        (0..backends.len())
+            .map(|i| {
+                let backend = backends[(start + i) % backends.len()];
+                SocketAddr::V4(SocketAddrV4::new(backend.ip, backend.port))
+            })
+            .collect()
+    }
+}
+
+/// Locks `mutex`, taking the data even if a task panicked while holding it (the data is a
+/// plain list or map that every writer leaves consistent).
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The UDP flows of one frontend, by client address.
+type Flows = Arc<Mutex<HashMap<SocketAddr, UdpFlow>>>;
+
+/// One UDP client and its upstream socket.
+struct UdpFlow {
+    upstream: Arc<UdpSocket>,
+    activity: Arc<Activity>,
+    replies: AbortHandle,
+}
+
+/// When a UDP flow last carried a datagram.
+#[derive(Debug)]
+struct Activity {
+    start: Instant,
+    /// Milliseconds since `start`.
+    last: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            start: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let now = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(now, Ordering::Relaxed);
+    }
+
+    fn idle(&self) -> Duration {
+        self.start
+            .elapsed()
+            .saturating_sub(Duration::from_millis(self.last.load(Ordering::Relaxed)))
+    }
+}
+
+/// A listening frontend and how to stop it.
+struct Running {
+    shared: Arc<Shared>,
+    stop: Stop,
+}
+
+enum Stop {
+    Tcp {
+        /// A duplicate of the listener's descriptor, to shut it down synchronously.
+        listener: Socket,
+        accept: AbortHandle,
+    },
+    Udp {
+        receive: AbortHandle,
+        flows: Flows,
+    },
+}
+
+impl Running {
+    /// Stops taking new connections. TCP connections already accepted keep running.
+    fn stop(self) {
+        match self.stop {
+            Stop::Tcp { listener, accept } => {
+                // shutdown(2) on a listening socket stops listening at once (new SYNs are
+                // answered with RST) and wakes the accept with EINVAL; the descriptor closes
+                // when the aborted task is dropped.
+                if let Err(error) = listener.shutdown(Shutdown::Both) {
+                    tracing::debug!(%error, "shutting down a proxy listener");
+                }
+                accept.abort();
+            }
+            Stop::Udp { receive, flows } => {
+                receive.abort();
+                for (_, flow) in lock(&flows).drain() {
+                    flow.replies.abort();
+                }
+            }
+        }
+    }
+}
+
+/// The userspace proxy data plane. See the module docs; create it inside a tokio runtime.
+pub struct ProxyDataplane {
+    handle: Handle,
+    running: BTreeMap<Frontend, Running>,
+}
+
+impl std::fmt::Debug for ProxyDataplane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyDataplane")
+            .field("frontends", &self.running.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// `VIP:port/PROTO`, for logs and errors.
+fn describe(frontend: &Frontend) -> String {
+    format!("{}:{}/{}", frontend.vip, frontend.port, frontend.protocol)
+}
+
+impl ProxyDataplane {
+    /// A proxy that spawns its tasks on the current tokio runtime. Fails outside one.
+    pub fn new() -> Result<Self, DataplaneError> {
+        let handle = Handle::try_current().map_err(|_| DataplaneError::NoRuntime)?;
+        Ok(Self::with_handle(handle))
+    }
+
+    /// A proxy that spawns its tasks on the runtime of `handle`; `apply` may then be called
+    /// from any thread.
+    pub fn with_handle(handle: Handle) -> Self {
+        ProxyDataplane {
+            handle,
+            running: BTreeMap::new(),
+        }
+    }
+
+    /// The frontends listening now.
+    pub fn frontends(&self) -> impl Iterator<Item = &Frontend> {
+        self.running.keys()
+    }
+
+    /// Counters of every listening frontend.
+    pub fn stats(&self) -> BTreeMap<Frontend, ProxyStats> {
+        self.running
+            .iter()
+            .map(|(frontend, running)| (*frontend, running.shared.counters.snapshot()))
+            .collect()
+    }
+
+    /// Binds `service`'s frontend and spawns its tasks.
+    fn start(&self, service: &VirtualService) -> io::Result<Running> {
+        let frontend = service.frontend;
+        let shared = Arc::new(Shared {
+            frontend,
+            backends: Mutex::new(service.backends.clone().into()),
+            next: AtomicUsize::new(0),
+            counters: Counters::default(),
+        });
+        let addr = SocketAddr::V4(SocketAddrV4::new(frontend.vip, frontend.port));
+        let (kind, protocol) = match frontend.protocol {
+            Protocol::Tcp => (Type::STREAM, socket2::Protocol::TCP),
+            Protocol::Udp => (Type::DGRAM, socket2::Protocol::UDP),
+        };
+        let socket = Socket::new(Domain::IPV4, kind, Some(protocol))?;
+        socket.set_reuse_address(true)?;
+        // Bind even before the VIP is on the device (the address manager may add it later).
+        socket.set_freebind_v4(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        let _runtime = self.handle.enter();
+        let stop = match frontend.protocol {
+            Protocol::Tcp => {
+                socket.listen(BACKLOG)?;
+                let control = socket.try_clone()?;
+                let listener = TcpListener::from_std(socket.into())?;
+                let accept = self
+                    .handle
+                    .spawn(accept_loop(listener, shared.clone()))
+                    .abort_handle();
+                Stop::Tcp {
+                    listener: control,
+                    accept,
+                }
+            }
+            Protocol::Udp => {
+                let socket = Arc::new(UdpSocket::from_std(socket.into())?);
+                let flows = Flows::default();
+                let receive = self
+                    .handle
+                    .spawn(udp_loop(socket, shared.clone(), flows.clone()))
+                    .abort_handle();
+                Stop::Udp { receive, flows }
+            }
+        };
+        Ok(Running { shared, stop })
+    }
+}
+
+impl Dataplane for ProxyDataplane {
+    /// Listens on every frontend of `services` and stops listening on the others. A frontend
+    /// that cannot be bound is reported (the first such error is returned) and retried on
+    /// the next `apply`; the other frontends are applied regardless.
+    fn apply(&mut self, services: &[VirtualService]) -> Result<(), DataplaneError> {
+        let desired: BTreeMap<Frontend, &VirtualService> = services
+            .iter()
+            .map(|service| (service.frontend, service))
+            .collect();
+        let removed: Vec<Frontend> = self
+            .running
+            .keys()
+            .filter(|frontend| !desired.contains_key(frontend))
+            .copied()
+            .collect();
+        for frontend in removed {
+            if let Some(running) = self.running.remove(&frontend) {
+                running.stop();
+                tracing::info!(frontend = %describe(&frontend), "proxy stopped listening");
+            }
+        }
+        let mut first_error = None;
+        for (frontend, service) in desired {
+            if let Some(running) = self.running.get(&frontend) {
+                let mut backends = lock(&running.shared.backends);
+                if **backends != *service.backends {
+                    *backends = service.backends.clone().into();
+                    tracing::info!(frontend = %describe(&frontend), backends = service.backends.len(), "proxy backends changed");
+                }
+                continue;
+            }
+            match self.start(service) {
+                Ok(running) => {
+                    tracing::info!(frontend = %describe(&frontend), service = %service.owner, "proxy listening");
+                    self.running.insert(frontend, running);
+                }
+                Err(source) => {
+                    tracing::error!(frontend = %describe(&frontend), %source, "proxy cannot listen");
+                    first_error.get_or_insert(DataplaneError::ProxyListen {
+                        frontend: describe(&frontend),
+                        source,
+                    });
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for ProxyDataplane {
+    fn drop(&mut self) {
+        for (_, running) in std::mem::take(&mut self.running) {
+            running.stop();
+        }
+    }
+}
+
+/// Accepts connections on a TCP frontend until it is stopped.
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        match listener.accept().await {
+            Ok((client, peer)) => {
+                tokio::spawn(relay(client, peer, shared.clone()));
+            }
+            // The listener was shut down by `Running::stop`.
+            Err(error) if error.raw_os_error() == Some(libc::EINVAL) => return,
+            Err(error) => {
+                // EMFILE, ENOBUFS and the like: back off instead of spinning.
+                tracing::warn!(frontend = %describe(&shared.frontend), %error, "proxy accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Connects to a backend (round robin, trying the next on failure) and relays until both
+/// directions have ended.
+async fn relay(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let _active = ActiveGuard::new(&shared);
+    let Some(upstream) = connect(&shared, peer).await else {
+        Counters::bump(&shared.counters.dropped);
+        return;
+    };
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    let mut client = Counted {
+        stream: client,
+        bytes: &shared.counters.bytes_to_backends,
+    };
+    let mut upstream = Counted {
+        stream: upstream,
+        bytes: &shared.counters.bytes_to_clients,
+    };
+    if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(frontend = %describe(&shared.frontend), %peer, %error, "proxied connection ended with an error");
+    }
+}
+
+/// The first backend, in round-robin order, that accepts a connection within
+/// [`CONNECT_TIMEOUT`].
+async fn connect(shared: &Shared, peer: SocketAddr) -> Option<TcpStream> {
+    let candidates = shared.pick();
+    if candidates.is_empty() {
+        tracing::debug!(frontend = %describe(&shared.frontend), %peer, "no backends; connection closed");
+    }
+    for backend in candidates {
+        let error = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(backend)).await {
+            Ok(Ok(stream)) => return Some(stream),
+            Ok(Err(error)) => error.to_string(),
+            Err(_) => format!("no answer within {CONNECT_TIMEOUT:?}"),
+        };
+        Counters::bump(&shared.counters.backend_failures);
+        tracing::warn!(frontend = %describe(&shared.frontend), %backend, %error, "proxy could not connect to a backend; trying the next");
+    }
+    None
+}
+
+/// A stream that counts the bytes read from it.
+struct Counted<'a> {
+    stream: TcpStream,
+    bytes: &'a AtomicU64,
+}
+
+impl AsyncRead for Counted<'_> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let result = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = result {
+            let read = buf.filled().len().saturating_sub(before);
+            this.bytes.fetch_add(read as u64, Ordering::Relaxed);
+        }
+        result
+    }
+}
+
+impl AsyncWrite for Counted<'_> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+/// Receives the datagrams of a UDP frontend and forwards each to its flow's upstream socket,
+/// starting a flow for a new client.
+async fn udp_loop(socket: Arc<UdpSocket>, shared: Arc<Shared>, flows: Flows) {
+    let mut buf = vec![0u8; DATAGRAM];
+    loop {
+        let (len, client) = match socket.recv_from(&mut buf).await {
+            Ok(received) => received,
+            Err(error) => {
+                tracing::debug!(frontend = %describe(&shared.frontend), %error, "proxy UDP receive failed");
+                tokio::task::yield_now().await;
+                continue;
+            }
+        };
+        let existing = lock(&flows)
+            .get(&client)
+            .map(|flow| (flow.upstream.clone(), flow.activity.clone()));
+        let flow = match existing {
+            Some(flow) => Some(flow),
+            None => start_flow(&socket, &shared, &flows, client).await,
+        };
+        let Some((upstream, activity)) = flow else {
+            Counters::bump(&shared.counters.dropped);
+            continue;
+        };
+        activity.touch();
+        let Some(datagram) = buf.get(..len) else {
+            continue;
+        };
+        // Counted before sending, so the counter is up to date by the time an answer can
+        // come back.
+        shared
+            .counters
+            .bytes_to_backends
+            .fetch_add(datagram.len() as u64, Ordering::Relaxed);
+        if let Err(error) = upstream.send(datagram).await {
+            Counters::bump(&shared.counters.backend_failures);
+            tracing::debug!(frontend = %describe(&shared.frontend), %client, %error, "proxy UDP send to backend failed");
+        }
+    }
+}
+
+/// Opens an upstream socket for `client` toward the next backend that can be routed to, and
+/// spawns the task relaying its answers.
+async fn start_flow(
+    frontend: &Arc<UdpSocket>,
+    shared: &Arc<Shared>,
+    flows: &Flows,
+    client: SocketAddr,
+) -> Option<(Arc<UdpSocket>, Arc<Activity>)> {
+    if lock(flows).len() >= MAX_UDP_FLOWS {
+        tracing::debug!(frontend = %describe(&shared.frontend), %client, "proxy UDP flow table full");
+        return None;
+    }
+    for backend in shared.pick() {
+        let upstream = match UdpSocket::bind("0.0.0.0:0").await {
+            Ok(upstream) => upstream,
+            Err(error) => {
+                tracing::warn!(frontend = %describe(&shared.frontend), %error, "proxy cannot open a UDP socket");
+                return None;
+            }
+        };
+        if let Err(error) = upstream.connect(backend).await {
+            Counters::bump(&shared.counters.backend_failures);
+            tracing::warn!(frontend = %describe(&shared.frontend), %backend, %error, "proxy cannot reach a UDP backend; trying the next");
+            continue;
+        }
+        let upstream = Arc::new(upstream);
+        let activity = Arc::new(Activity::new());
+        let active = ActiveGuard::new(shared);
+        let replies = tokio::spawn(udp_replies(
+            frontend.clone(),
+            upstream.clone(),
+            activity.clone(),
+            client,
+            shared.clone(),
+            flows.clone(),
+            active,
+        ))
+        .abort_handle();
+        lock(flows).insert(
+            client,
+            UdpFlow {
+                upstream: upstream.clone(),
+                activity: activity.clone(),
+                replies,
+            },
+        );
+        return Some((upstream, activity));
+    }
+    None
+}
+
+/// Relays a UDP flow's answers back to its client from `VIP:port` until the flow has been
+/// idle for [`UDP_IDLE_TIMEOUT`], then removes it.
+async fn udp_replies(
+    frontend: Arc<UdpSocket>,
+    upstream: Arc<UdpSocket>,
+    activity: Arc<Activity>,
+    client: SocketAddr,
+    shared: Arc<Shared>,
+    flows: Flows,
+    _active: ActiveGuard,
+) {
+    let mut buf = vec![0u8; DATAGRAM];
+    loop {
+        let idle = activity.idle();
+        if idle >= UDP_IDLE_TIMEOUT {
+            let mut flows = lock(&flows);
+            if flows
+                .get(&client)
+                .is_some_and(|flow| Arc::ptr_eq(&flow.upstream, &upstream))
+            {
+                flows.remove(&client);
+            }
+            return;
+        }
+        let received =
+            match tokio::time::timeout(UDP_IDLE_TIMEOUT - idle, upstream.recv(&mut buf)).await {
+                Err(_) => continue,
+                Ok(received) => received,
+            };
+        let len = match received {
+            Ok(len) => len,
+            Err(error) => {
+                // ECONNREFUSED after an ICMP port unreachable: the backend is not listening.
+                Counters::bump(&shared.counters.backend_failures);
+                tracing::debug!(frontend = %describe(&shared.frontend), %client, %error, "proxy UDP receive from backend failed");
+                continue;
+            }
+        };
+        activity.touch();
+        let Some(datagram) = buf.get(..len) else {
+            continue;
+        };
+        shared
+            .counters
+            .bytes_to_clients
+            .fetch_add(datagram.len() as u64, Ordering::Relaxed);
+        if let Err(error) = frontend.send_to(datagram, client).await {
+            tracing::debug!(frontend = %describe(&shared.frontend), %client, %error, "proxy UDP send to client failed");
+        }
+    }
+}

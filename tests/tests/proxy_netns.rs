@@ -1,0 +1,391 @@
+//! The userspace proxy data plane through network namespaces with real sockets:
+//! client ns — lb ns — 3 backend ns (each backend behind its own veth `lb1..lb3`).
+//!
+//! The proxy runs on a tokio runtime built on a thread inside the lb namespace, so its worker
+//! threads (which open the upstream sockets) live there; `apply` is called inside it too, so
+//! the listeners do. The XDP tests open [`XdpDataplane`] in the same namespace and process,
+//! on a private pin directory.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::time::{Duration, Instant};
+
+use xlb::dataplane::Dataplane as _;
+use xlb::dataplane::proxy::{ProxyDataplane, ProxyStats};
+use xlb::dataplane::xdp::{ModeChoice, XdpConfig, XdpDataplane};
+use xlb::model::{Backend as Upstream, Frontend, Protocol, VirtualService};
+use xlb_tests::bpf::PinDir;
+use xlb_tests::netns::{Netns, require_root, veth};
+use xlb_tests::servers::{Backend, LongLived, tcp_name, udp_name};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+const PORT: u16 = 80;
+const BACKEND_PORT: u16 = 8080;
+
+fn vip() -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(VIP, PORT))
+}
+
+/// Namespaces, backends and the proxy's runtime of one test; removed on drop.
+struct Topology {
+    client: Netns,
+    lb: Netns,
+    /// Backend namespaces and their addresses; backend `i` answers with the name `b<i+1>`.
+    backends: Vec<(Netns, Ipv4Addr)>,
+    _servers: Vec<Backend>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Topology {
+    /// Client behind `l0` (VIP on `l0`), backend i behind its own device `lb<i>`, a backend
+    /// server in each, and a tokio runtime whose threads live in the lb namespace.
+    fn new(tag: &str) -> Topology {
+        require_root("the proxy namespace tests");
+        let client = Netns::new(&format!("{tag}c"));
+        let lb = Netns::new(&format!("{tag}l"));
+        veth(&client, "c0", &lb, "l0");
+        client.run(&["ip", "addr", "add", "192.0.2.1/24", "dev", "c0"]);
+        client.run(&["ip", "route", "add", "default", "via", "192.0.2.254"]);
+        lb.run(&["ip", "addr", "add", "192.0.2.254/24", "dev", "l0"]);
+        lb.run(&["ip", "addr", "add", "198.51.100.1/24", "dev", "l0"]);
+        lb.run(&["ip", "addr", "add", &format!("{VIP}/32"), "dev", "l0"]);
+        let mut backends = Vec::new();
+        let mut servers = Vec::new();
+        for i in 1..=3u8 {
+            let ns = Netns::new(&format!("{tag}b{i}"));
+            let dev = format!("lb{i}");
+            veth(&ns, "b0", &lb, &dev);
+            let (lb_ip, b_ip) = (
+                Ipv4Addr::new(203, 0, 113, 4 * i + 1),
+                Ipv4Addr::new(203, 0, 113, 4 * i + 2),
+            );
+            lb.run(&["ip", "addr", "add", &format!("{lb_ip}/30"), "dev", &dev]);
+            ns.run(&["ip", "addr", "add", &format!("{b_ip}/30"), "dev", "b0"]);
+            ns.run(&["ip", "route", "add", "default", "via", &lb_ip.to_string()]);
+            servers.push(Backend::start(
+                &ns,
+                SocketAddr::V4(SocketAddrV4::new(b_ip, BACKEND_PORT)),
+                &format!("b{i}"),
+            ));
+            backends.push((ns, b_ip));
+        }
+        let runtime = lb.enter(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("build a tokio runtime in the lb namespace")
+        });
+        Topology {
+            client,
+            lb,
+            backends,
+            _servers: servers,
+            runtime: Some(runtime),
+        }
+    }
+
+    /// A proxy spawning on the lb namespace's runtime.
+    fn proxy(&self) -> ProxyDataplane {
+        let runtime = self.runtime.as_ref().expect("runtime runs until drop");
+        ProxyDataplane::with_handle(runtime.handle().clone())
+    }
+
+    /// Backend `i` (0-based) on the backend port.
+    fn backend(&self, i: usize) -> Upstream {
+        Upstream {
+            ip: self.backends[i].1,
+            port: BACKEND_PORT,
+        }
+    }
+
+    /// `VIP:80` for `protocol` over the backends `which` (indices into `backends`).
+    fn service(&self, protocol: Protocol, which: &[usize]) -> VirtualService {
+        VirtualService {
+            frontend: frontend(protocol),
+            backends: which.iter().map(|&i| self.backend(i)).collect(),
+            owner: "default/web".to_owned(),
+        }
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_timeout(Duration::from_secs(2));
+        }
+    }
+}
+
+fn frontend(protocol: Protocol) -> Frontend {
+    Frontend {
+        vip: VIP,
+        port: PORT,
+        protocol,
+    }
+}
+
+/// Applies `services` to the proxy from inside the lb namespace, so listeners are bound there.
+fn apply_proxy(lb: &Netns, proxy: &mut ProxyDataplane, services: &[VirtualService]) {
+    lb.enter(|| proxy.apply(services))
+        .unwrap_or_else(|error| panic!("proxy apply: {error}"));
+}
+
+fn stats(proxy: &ProxyDataplane, protocol: Protocol) -> ProxyStats {
+    proxy
+        .stats()
+        .get(&frontend(protocol))
+        .copied()
+        .unwrap_or_else(|| panic!("the proxy has no {protocol} frontend"))
+}
+
+/// Opens `n` TCP connections one after the other; counts answers by backend name.
+fn tcp_spread(client: &Netns, n: usize) -> BTreeMap<String, usize> {
+    client.enter(|| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut counts = BTreeMap::new();
+        for i in 0..n {
+            assert!(
+                Instant::now() < deadline,
+                "{n} connections took more than 60 s"
+            );
+            let name =
+                tcp_name(vip()).unwrap_or_else(|e| panic!("connection {i} through the VIP: {e}"));
+            *counts.entry(name).or_insert(0) += 1;
+        }
+        counts
+    })
+}
+
+/// Sends `n` datagrams, each from a new socket (a new flow); counts answers by backend name.
+fn udp_spread(client: &Netns, n: usize) -> BTreeMap<String, usize> {
+    client.enter(|| {
+        let mut counts = BTreeMap::new();
+        for i in 0..n {
+            let name =
+                udp_name(vip()).unwrap_or_else(|e| panic!("UDP query {i} through the VIP: {e}"));
+            *counts.entry(name).or_insert(0) += 1;
+        }
+        counts
+    })
+}
+
+fn counts(pairs: &[(&str, usize)]) -> BTreeMap<String, usize> {
+    pairs.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
+}
+
+/// Pings `connection` `n` times, panicking with `what` on failure.
+fn ping(client: &Netns, connection: &mut LongLived, n: u32, what: &str) {
+    client.enter(|| {
+        for i in 0..n {
+            connection
+                .ping(i)
+                .unwrap_or_else(|e| panic!("{what}: ping {i}: {e}"));
+        }
+    });
+}
+
+#[test]
+fn proxy_spreads_tcp_and_udp_round_robin_over_all_backends() {
+    let topology = Topology::new("pxrr");
+    let mut proxy = topology.proxy();
+    apply_proxy(
+        &topology.lb,
+        &mut proxy,
+        &[
+            topology.service(Protocol::Tcp, &[0, 1, 2]),
+            topology.service(Protocol::Udp, &[0, 1, 2]),
+        ],
+    );
+    assert_eq!(
+        tcp_spread(&topology.client, 30),
+        counts(&[("b1", 10), ("b2", 10), ("b3", 10)]),
+        "30 TCP connections through the proxy must go 10/10/10"
+    );
+    assert_eq!(
+        udp_spread(&topology.client, 30),
+        counts(&[("b1", 10), ("b2", 10), ("b3", 10)]),
+        "30 UDP flows through the proxy must go 10/10/10"
+    );
+    // Counters are updated as the relaying tasks finish; give them a bounded moment.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stats(&proxy, Protocol::Tcp).active > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let tcp = stats(&proxy, Protocol::Tcp);
+    assert_eq!(tcp.connections, 30, "{tcp:?}");
+    assert_eq!(tcp.active, 0, "every connection has ended: {tcp:?}");
+    assert_eq!((tcp.backend_failures, tcp.dropped), (0, 0), "{tcp:?}");
+    assert_eq!(
+        tcp.bytes_to_clients,
+        30 * 3,
+        "each backend sent its name line (3 bytes): {tcp:?}"
+    );
+    let udp = stats(&proxy, Protocol::Udp);
+    assert_eq!(udp.connections, 30, "{udp:?}");
+    assert_eq!(udp.bytes_to_backends, 30 * 3, "30 × `who`: {udp:?}");
+    assert_eq!(udp.bytes_to_clients, 30 * 2, "30 × `bN`: {udp:?}");
+}
+
+#[test]
+fn removed_frontend_refuses_new_connections_while_established_ones_keep_working() {
+    let topology = Topology::new("pxrm");
+    let mut proxy = topology.proxy();
+    let services = [topology.service(Protocol::Tcp, &[0, 1, 2])];
+    apply_proxy(&topology.lb, &mut proxy, &services);
+    let mut established = topology
+        .client
+        .enter(|| LongLived::connect(vip()))
+        .unwrap_or_else(|e| panic!("connecting through the proxy: {e}"));
+    ping(&topology.client, &mut established, 3, "before removal");
+
+    apply_proxy(&topology.lb, &mut proxy, &[]);
+    assert_eq!(proxy.frontends().count(), 0);
+    let refused = topology.client.enter(|| tcp_name(vip()));
+    match refused {
+        Err(error) => assert!(
+            error.contains("refused"),
+            "a removed frontend must refuse at once, got {error}"
+        ),
+        Ok(name) => panic!("a removed frontend accepted a new connection (answered by {name})"),
+    }
+    ping(
+        &topology.client,
+        &mut established,
+        20,
+        "an established connection after its frontend was removed",
+    );
+
+    // Adding it back binds again while the drained connection still holds the port.
+    apply_proxy(&topology.lb, &mut proxy, &services);
+    let name = topology
+        .client
+        .enter(|| tcp_name(vip()))
+        .unwrap_or_else(|e| panic!("a re-added frontend must accept: {e}"));
+    assert!(name.starts_with('b'), "unexpected answer {name:?}");
+    ping(&topology.client, &mut established, 3, "after re-adding");
+}
+
+#[test]
+fn changed_backends_apply_to_new_connections_only_and_dead_backends_are_skipped() {
+    let topology = Topology::new("pxch");
+    let mut proxy = topology.proxy();
+    apply_proxy(
+        &topology.lb,
+        &mut proxy,
+        &[topology.service(Protocol::Tcp, &[0])],
+    );
+    let mut established = topology
+        .client
+        .enter(|| LongLived::connect(vip()))
+        .unwrap_or_else(|e| panic!("connecting through the proxy: {e}"));
+    assert_eq!(established.backend, "b1");
+
+    // b1 removed; a backend where nothing listens (b1's address, port 9) comes first.
+    let dead = Upstream {
+        ip: topology.backends[0].1,
+        port: 9,
+    };
+    let mut service = topology.service(Protocol::Tcp, &[1, 2]);
+    service.backends.insert(0, dead);
+    apply_proxy(&topology.lb, &mut proxy, &[service]);
+    // Round robin starts at dead, b2, b3 in turn; a connection starting at dead goes on to b2.
+    assert_eq!(
+        tcp_spread(&topology.client, 9),
+        counts(&[("b2", 6), ("b3", 3)]),
+        "new connections must go only to the new backends, skipping the dead one"
+    );
+    let tcp = stats(&proxy, Protocol::Tcp);
+    assert_eq!(
+        tcp.backend_failures, 3,
+        "three connects to the dead backend: {tcp:?}"
+    );
+    assert_eq!(tcp.dropped, 0, "{tcp:?}");
+    ping(
+        &topology.client,
+        &mut established,
+        10,
+        "the connection to the removed backend b1",
+    );
+    assert_eq!(established.backend, "b1");
+}
+
+#[test]
+fn proxied_connection_survives_xdp_attach_and_new_connections_take_xdp() {
+    let topology = Topology::new("pxxdp");
+    let mut proxy = topology.proxy();
+    let services = [topology.service(Protocol::Tcp, &[0, 1, 2])];
+    apply_proxy(&topology.lb, &mut proxy, &services);
+    let mut established = topology
+        .client
+        .enter(|| LongLived::connect(vip()))
+        .unwrap_or_else(|e| panic!("connecting through the proxy before XDP: {e}"));
+    ping(&topology.client, &mut established, 3, "before XDP");
+
+    let pins = PinDir::new();
+    let xdp = topology.lb.enter(|| {
+        let mut xdp = XdpDataplane::open(XdpConfig {
+            pin_dir: pins.path().to_owned(),
+            mode: ModeChoice::Generic,
+            set_sysctls: true,
+            ..XdpConfig::new("l0")
+        })
+        .unwrap_or_else(|e| panic!("opening the XDP data plane: {e}"));
+        xdp.apply(&services)
+            .unwrap_or_else(|e| panic!("XDP apply: {e}"));
+        xdp
+    });
+    assert!(
+        xdp.devices().contains_key("l0"),
+        "XDP must be attached to l0: {:?}",
+        xdp.devices()
+    );
+    let before = xdp.stats().expect("XDP stats");
+
+    // The proxied connection's segments miss conntrack and are not SYNs: XDP passes them to
+    // the kernel, where the proxy's socket owns the connection.
+    ping(
+        &topology.client,
+        &mut established,
+        20,
+        "a connection proxied before XDP was attached",
+    );
+    topology.client.enter(|| {
+        established
+            .bulk()
+            .unwrap_or_else(|e| panic!("1 MiB over the proxied connection after attach: {e}"));
+    });
+    let after_pings = xdp.stats().expect("XDP stats");
+    let delta = |a: &[u64], b: &[u64], i: u32| b[i as usize] - a[i as usize];
+    assert!(
+        delta(&before, &after_pings, lb_common::STAT_CT_MISS_NON_SYN) > 0,
+        "the proxied connection's segments must reach XDP as non-SYN misses"
+    );
+    assert_eq!(
+        delta(&before, &after_pings, lb_common::STAT_NEW_FLOW),
+        0,
+        "segments of an established connection must not make XDP flows"
+    );
+
+    let proxied = stats(&proxy, Protocol::Tcp).connections;
+    let spread = tcp_spread(&topology.client, 9);
+    assert_eq!(
+        spread.values().sum::<usize>(),
+        9,
+        "9 new connections answered: {spread:?}"
+    );
+    let after = xdp.stats().expect("XDP stats");
+    assert_eq!(
+        delta(&after_pings, &after, lb_common::STAT_NEW_FLOW),
+        9,
+        "each new connection after attach must be an XDP flow"
+    );
+    assert_eq!(
+        stats(&proxy, Protocol::Tcp).connections,
+        proxied,
+        "no new connection may reach the proxy while XDP takes them"
+    );
+    ping(&topology.client, &mut established, 3, "at the end");
+    drop(xdp);
+    drop(pins);
+}
