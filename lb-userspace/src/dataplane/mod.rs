@@ -138,3 +138,59 @@ pub enum DataplaneError {
         source: std::io::Error,
     },
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records how many times it was applied; fails if told to.
+    #[derive(Default)]
+    struct Fake {
+        applied: usize,
+        fail: Option<&'static str>,
+    }
+
+    impl Dataplane for Fake {
+        fn apply(&mut self, _services: &[VirtualService]) -> Result<(), DataplaneError> {
+            self.applied += 1;
+            match self.fail {
+                Some(name) => Err(DataplaneError::MissingMap { name }),
+                None => Ok(()),
+            }
+        }
+    }
+
+    #[test]
+    fn layered_applies_to_both_and_reports_the_first_error() {
+        let mut both = Layered {
+            first: Fake {
+                fail: Some("first"),
+                ..Fake::default()
+            },
+            second: Fake {
+                fail: Some("second"),
+                ..Fake::default()
+            },
+        };
+        match both.apply(&[]) {
+            Err(DataplaneError::MissingMap { name }) => assert_eq!(name, "first"),
+            other => panic!("expected the first error, got {other:?}"),
+        }
+        assert_eq!((both.first.applied, both.second.applied), (1, 1));
+        both.first.fail = None;
+        match both.apply(&[]) {
+            Err(DataplaneError::MissingMap { name }) => assert_eq!(name, "second"),
+            other => panic!("expected the second error, got {other:?}"),
+        }
+        both.second.fail = None;
+        both.apply(&[]).expect("both succeed");
+        let mut absent: Layered<Option<Fake>, Option<Fake>> = Layered {
+            first: None,
+            second: Some(Fake::default()),
+        };
+        absent
+            .apply(&[])
+            .expect("an absent data plane applies nothing");
+        assert_eq!(absent.second.map(|fake| fake.applied), Some(1));
+    }
+}

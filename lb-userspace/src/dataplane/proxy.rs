@@ -10,7 +10,7 @@
 //! - TCP: a listener per frontend (`SO_REUSEADDR`, `IP_FREEBIND` so it can bind before the VIP
 //!   is on the device). Each accepted connection goes to the next backend in round-robin
 //!   order; a backend that does not answer within [`CONNECT_TIMEOUT`] is skipped for the next
-//!   one, up to the number of backends. Data is relayed with
+//!   one, up to the number of backends ([`Timeouts`] changes both timeouts). Data is relayed with
 //!   [`tokio::io::copy_bidirectional`], which carries half-closes: when one side shuts down
 //!   its write half, the proxy shuts down its write half toward the other side and keeps
 //!   relaying the other direction until it ends too.
@@ -66,6 +66,25 @@ const BACKLOG: i32 = 1024;
 
 /// Largest UDP datagram.
 const DATAGRAM: usize = 65_535;
+
+/// The proxy's timeouts; [`Timeouts::default`] is [`CONNECT_TIMEOUT`] and
+/// [`UDP_IDLE_TIMEOUT`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// How long a TCP connect to one backend may take before the next is tried.
+    pub connect: Duration,
+    /// A UDP flow without a datagram either way for this long ends.
+    pub udp_idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: CONNECT_TIMEOUT,
+            udp_idle: UDP_IDLE_TIMEOUT,
+        }
+    }
+}
 
 /// Counters of one frontend since it started listening.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -138,6 +157,7 @@ struct Shared {
     /// Round-robin position.
     next: AtomicUsize,
     counters: Counters,
+    timeouts: Timeouts,
 }
 
 impl Shared {
@@ -245,6 +265,7 @@ impl Running {
 /// The userspace proxy data plane. See the module docs; create it inside a tokio runtime.
 pub struct ProxyDataplane {
     handle: Handle,
+    timeouts: Timeouts,
     running: BTreeMap<Frontend, Running>,
 }
 
@@ -273,8 +294,15 @@ impl ProxyDataplane {
     pub fn with_handle(handle: Handle) -> Self {
         ProxyDataplane {
             handle,
+            timeouts: Timeouts::default(),
             running: BTreeMap::new(),
         }
+    }
+
+    /// The same proxy with other timeouts, for frontends started from now on.
+    pub fn with_timeouts(mut self, timeouts: Timeouts) -> Self {
+        self.timeouts = timeouts;
+        self
     }
 
     /// The frontends listening now.
@@ -298,6 +326,7 @@ impl ProxyDataplane {
             backends: Mutex::new(service.backends.clone().into()),
             next: AtomicUsize::new(0),
             counters: Counters::default(),
+            timeouts: self.timeouts,
         });
         let addr = SocketAddr::V4(SocketAddrV4::new(frontend.vip, frontend.port));
         let (kind, protocol) = match frontend.protocol {
@@ -437,18 +466,19 @@ async fn relay(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     }
 }
 
-/// The first backend, in round-robin order, that accepts a connection within
-/// [`CONNECT_TIMEOUT`].
+/// The first backend, in round-robin order, that accepts a connection within the connect
+/// timeout.
 async fn connect(shared: &Shared, peer: SocketAddr) -> Option<TcpStream> {
     let candidates = shared.pick();
     if candidates.is_empty() {
         tracing::debug!(frontend = %describe(&shared.frontend), %peer, "no backends; connection closed");
     }
     for backend in candidates {
-        let error = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(backend)).await {
+        let limit = shared.timeouts.connect;
+        let error = match tokio::time::timeout(limit, TcpStream::connect(backend)).await {
             Ok(Ok(stream)) => return Some(stream),
             Ok(Err(error)) => error.to_string(),
-            Err(_) => format!("no answer within {CONNECT_TIMEOUT:?}"),
+            Err(_) => format!("no answer within {limit:?}"),
         };
         Counters::bump(&shared.counters.backend_failures);
         tracing::warn!(frontend = %describe(&shared.frontend), %backend, %error, "proxy could not connect to a backend; trying the next");
@@ -590,7 +620,7 @@ async fn start_flow(
 }
 
 /// Relays a UDP flow's answers back to its client from `VIP:port` until the flow has been
-/// idle for [`UDP_IDLE_TIMEOUT`], then removes it.
+/// idle for the UDP idle timeout, then removes it.
 async fn udp_replies(
     frontend: Arc<UdpSocket>,
     upstream: Arc<UdpSocket>,
@@ -603,7 +633,8 @@ async fn udp_replies(
     let mut buf = vec![0u8; DATAGRAM];
     loop {
         let idle = activity.idle();
-        if idle >= UDP_IDLE_TIMEOUT {
+        let limit = shared.timeouts.udp_idle;
+        if idle >= limit {
             let mut flows = lock(&flows);
             if flows
                 .get(&client)
@@ -613,11 +644,10 @@ async fn udp_replies(
             }
             return;
         }
-        let received =
-            match tokio::time::timeout(UDP_IDLE_TIMEOUT - idle, upstream.recv(&mut buf)).await {
-                Err(_) => continue,
-                Ok(received) => received,
-            };
+        let received = match tokio::time::timeout(limit - idle, upstream.recv(&mut buf)).await {
+            Err(_) => continue,
+            Ok(received) => received,
+        };
         let len = match received {
             Ok(len) => len,
             Err(error) => {
@@ -638,5 +668,222 @@ async fn udp_replies(
         if let Err(error) = frontend.send_to(datagram, client).await {
             tracing::debug!(frontend = %describe(&shared.frontend), %client, %error, "proxy UDP send to client failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! On loopback, without privileges: 127.0.0.1 is the VIP, 127.0.0.2 and 127.0.0.3 the
+    //! backends. The namespace tests (`tests/tests/proxy_netns.rs`) cover real topologies.
+
+    use std::net::Ipv4Addr;
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    const VIP: Ipv4Addr = Ipv4Addr::LOCALHOST;
+
+    /// A port free on 127.0.0.1 for `protocol` right now.
+    fn free_port(protocol: Protocol) -> u16 {
+        match protocol {
+            Protocol::Tcp => std::net::TcpListener::bind((VIP, 0))
+                .and_then(|listener| listener.local_addr())
+                .expect("an ephemeral TCP port")
+                .port(),
+            Protocol::Udp => std::net::UdpSocket::bind((VIP, 0))
+                .and_then(|socket| socket.local_addr())
+                .expect("an ephemeral UDP port")
+                .port(),
+        }
+    }
+
+    fn service(protocol: Protocol, port: u16, backends: &[Backend]) -> VirtualService {
+        VirtualService {
+            frontend: Frontend {
+                vip: VIP,
+                port,
+                protocol,
+            },
+            backends: backends.to_vec(),
+            owner: "default/test".to_owned(),
+        }
+    }
+
+    /// A TCP backend on `ip` that reads until the client half-closes, then answers
+    /// `<name>:<bytes read>` and closes.
+    async fn half_close_backend(ip: Ipv4Addr, name: &'static str) -> Backend {
+        let listener = TcpListener::bind((ip, 0)).await.expect("bind a backend");
+        let port = listener.local_addr().expect("backend address").port();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut request = Vec::new();
+                    if stream.read_to_end(&mut request).await.is_ok() {
+                        let answer = format!("{name}:{}", request.len());
+                        let _ = stream.write_all(answer.as_bytes()).await;
+                    }
+                });
+            }
+        });
+        Backend { ip, port }
+    }
+
+    /// A UDP backend on `ip` answering every datagram with `name`.
+    async fn udp_backend(ip: Ipv4Addr, name: &'static str) -> Backend {
+        let socket = UdpSocket::bind((ip, 0)).await.expect("bind a UDP backend");
+        let port = socket.local_addr().expect("backend address").port();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1500];
+            while let Ok((_, peer)) = socket.recv_from(&mut buf).await {
+                let _ = socket.send_to(name.as_bytes(), peer).await;
+            }
+        });
+        Backend { ip, port }
+    }
+
+    /// Sends `request`, half-closes, and reads the answer to its end.
+    async fn exchange(port: u16, request: &[u8]) -> io::Result<String> {
+        let mut stream = TcpStream::connect((VIP, port)).await?;
+        stream.write_all(request).await?;
+        stream.shutdown().await?;
+        let mut answer = String::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut answer))
+            .await
+            .map_err(|_| io::Error::other("no answer within 5 s"))??;
+        Ok(answer)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tcp_relays_half_close_round_robin() {
+        let backends = [
+            half_close_backend(Ipv4Addr::new(127, 0, 0, 2), "b1").await,
+            half_close_backend(Ipv4Addr::new(127, 0, 0, 3), "b2").await,
+        ];
+        let port = free_port(Protocol::Tcp);
+        let mut proxy = ProxyDataplane::new().expect("inside a runtime");
+        proxy
+            .apply(&[service(Protocol::Tcp, port, &backends)])
+            .expect("apply");
+        let mut answers = Vec::new();
+        for _ in 0..4 {
+            // The backend answers only after the client's half-close has reached it.
+            answers.push(exchange(port, b"hello").await.expect("exchange"));
+        }
+        assert_eq!(answers, ["b1:5", "b2:5", "b1:5", "b2:5"]);
+        let stats = proxy.stats()[&service(Protocol::Tcp, port, &[]).frontend];
+        assert_eq!(stats.connections, 4, "{stats:?}");
+        assert_eq!(stats.bytes_to_backends, 20, "{stats:?}");
+        assert_eq!(stats.bytes_to_clients, 16, "{stats:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn apply_diffs_frontends_and_backends() {
+        let b1 = half_close_backend(Ipv4Addr::new(127, 0, 0, 2), "b1").await;
+        let b2 = half_close_backend(Ipv4Addr::new(127, 0, 0, 3), "b2").await;
+        let port = free_port(Protocol::Tcp);
+        let mut proxy = ProxyDataplane::new().expect("inside a runtime");
+        proxy
+            .apply(&[service(Protocol::Tcp, port, &[b1])])
+            .expect("apply");
+        // Applying the same set again changes nothing (no rebind, which would fail).
+        proxy
+            .apply(&[service(Protocol::Tcp, port, &[b1])])
+            .expect("apply again");
+        assert_eq!(exchange(port, b"x").await.expect("exchange"), "b1:1");
+        proxy
+            .apply(&[service(Protocol::Tcp, port, &[b2])])
+            .expect("change backends");
+        assert_eq!(exchange(port, b"x").await.expect("exchange"), "b2:1");
+        proxy.apply(&[]).expect("remove");
+        assert_eq!(proxy.frontends().count(), 0);
+        let error = exchange(port, b"x")
+            .await
+            .expect_err("a removed frontend must refuse");
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused, "{error}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_frontend_that_cannot_bind_is_reported_and_the_others_still_apply() {
+        let b1 = half_close_backend(Ipv4Addr::new(127, 0, 0, 2), "b1").await;
+        let taken = std::net::TcpListener::bind((VIP, 0)).expect("bind a listener");
+        let taken_port = taken.local_addr().expect("address").port();
+        let free = free_port(Protocol::Tcp);
+        let mut proxy = ProxyDataplane::new().expect("inside a runtime");
+        let error = proxy
+            .apply(&[
+                service(Protocol::Tcp, taken_port, &[b1]),
+                service(Protocol::Tcp, free, &[b1]),
+            ])
+            .expect_err("a port another program listens on cannot be taken");
+        let message = error.to_string();
+        assert!(
+            message.contains(&format!("127.0.0.1:{taken_port}/TCP")) && message.contains("ss -"),
+            "{message}"
+        );
+        assert_eq!(exchange(free, b"ok").await.expect("exchange"), "b1:2");
+        drop(taken);
+        proxy
+            .apply(&[
+                service(Protocol::Tcp, taken_port, &[b1]),
+                service(Protocol::Tcp, free, &[b1]),
+            ])
+            .expect("the next apply retries the frontend");
+        assert_eq!(proxy.frontends().count(), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn udp_flows_round_robin_and_end_when_idle() {
+        let backends = [
+            udp_backend(Ipv4Addr::new(127, 0, 0, 2), "b1").await,
+            udp_backend(Ipv4Addr::new(127, 0, 0, 3), "b2").await,
+        ];
+        let port = free_port(Protocol::Udp);
+        let mut proxy = ProxyDataplane::new()
+            .expect("inside a runtime")
+            .with_timeouts(Timeouts {
+                udp_idle: Duration::from_millis(300),
+                ..Timeouts::default()
+            });
+        let service = service(Protocol::Udp, port, &backends);
+        proxy.apply(std::slice::from_ref(&service)).expect("apply");
+        let ask = |socket: Arc<UdpSocket>| async move {
+            socket.send_to(b"who", (VIP, port)).await.expect("send");
+            let mut buf = [0u8; 64];
+            let (len, from) =
+                tokio::time::timeout(Duration::from_secs(5), socket.recv_from(&mut buf))
+                    .await
+                    .expect("an answer within 5 s")
+                    .expect("receive");
+            assert_eq!(
+                from,
+                SocketAddr::from((VIP, port)),
+                "answers come from VIP:port"
+            );
+            String::from_utf8_lossy(&buf[..len]).into_owned()
+        };
+        let one = Arc::new(UdpSocket::bind((VIP, 0)).await.expect("client"));
+        let two = Arc::new(UdpSocket::bind((VIP, 0)).await.expect("client"));
+        assert_eq!(ask(one.clone()).await, "b1");
+        assert_eq!(ask(two.clone()).await, "b2");
+        assert_eq!(ask(one.clone()).await, "b1", "a flow keeps its backend");
+        assert_eq!(proxy.stats()[&service.frontend].active, 2);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while proxy.stats()[&service.frontend].active > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let stats = proxy.stats()[&service.frontend];
+        assert_eq!(stats.active, 0, "idle flows must end: {stats:?}");
+        // The same client starts a new flow, on the next backend in turn.
+        assert_eq!(ask(one).await, "b1");
+        assert_eq!(proxy.stats()[&service.frontend].connections, 3);
+    }
+
+    #[test]
+    fn new_outside_a_runtime_is_an_error() {
+        assert!(matches!(
+            ProxyDataplane::new(),
+            Err(DataplaneError::NoRuntime)
+        ));
     }
 }
