@@ -347,3 +347,45 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A configuration whose XDP data plane cannot open: the pin directory is not on bpffs
+    /// (and without root the BPF load fails anyway).
+    fn unloadable_xdp(dataplane: DataplaneKind) -> (Config, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let config = Config {
+            dataplane,
+            pin_dir: dir.path().join("pins"),
+            ..Config::default()
+        };
+        (config, dir)
+    }
+
+    #[tokio::test]
+    async fn both_continues_with_the_proxy_when_xdp_cannot_load() {
+        let (config, _dir) = unloadable_xdp(DataplaneKind::Both);
+        let dataplanes = open_dataplane(&config, "lo").expect("both falls back to the proxy");
+        assert!(dataplanes.first.is_none(), "XDP cannot have loaded");
+        assert!(dataplanes.second.is_some(), "the proxy must run");
+    }
+
+    #[tokio::test]
+    async fn xdp_alone_fails_when_xdp_cannot_load() {
+        let (config, _dir) = unloadable_xdp(DataplaneKind::Xdp);
+        assert!(open_dataplane(&config, "lo").is_err());
+    }
+
+    #[tokio::test]
+    async fn proxy_alone_loads_no_bpf() {
+        let (config, dir) = unloadable_xdp(DataplaneKind::Proxy);
+        let dataplanes = open_dataplane(&config, "lo").expect("the proxy needs no BPF");
+        assert!(dataplanes.first.is_none() && dataplanes.second.is_some());
+        assert!(
+            !dir.path().join("pins").exists(),
+            "--dataplane proxy must not touch the pin directory"
+        );
+    }
+}
