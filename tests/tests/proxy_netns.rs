@@ -11,7 +11,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use xlb::dataplane::Dataplane as _;
-use xlb::dataplane::proxy::{ProxyDataplane, ProxyStats};
+use xlb::dataplane::proxy::{ProxyDataplane, ProxyStats, Timeouts};
 use xlb::dataplane::xdp::{ModeChoice, XdpConfig, XdpDataplane};
 use xlb::model::{Backend as Upstream, Frontend, Protocol, VirtualService};
 use xlb_tests::bpf::PinDir;
@@ -308,6 +308,91 @@ fn changed_backends_apply_to_new_connections_only_and_dead_backends_are_skipped(
         "the connection to the removed backend b1",
     );
     assert_eq!(established.backend, "b1");
+}
+
+#[test]
+fn proxy_listens_before_the_vip_is_on_the_device() {
+    let topology = Topology::new("pxfb");
+    topology
+        .lb
+        .run(&["ip", "addr", "del", &format!("{VIP}/32"), "dev", "l0"]);
+    let mut proxy = topology.proxy();
+    // IP_FREEBIND: binding VIP:80 works although no device has the VIP yet.
+    apply_proxy(
+        &topology.lb,
+        &mut proxy,
+        &[
+            topology.service(Protocol::Tcp, &[0, 1, 2]),
+            topology.service(Protocol::Udp, &[0, 1, 2]),
+        ],
+    );
+    topology
+        .lb
+        .run(&["ip", "addr", "add", &format!("{VIP}/32"), "dev", "l0"]);
+    assert_eq!(
+        tcp_spread(&topology.client, 3).len(),
+        3,
+        "TCP through a listener bound before the VIP existed"
+    );
+    assert_eq!(
+        udp_spread(&topology.client, 3).len(),
+        3,
+        "UDP through a socket bound before the VIP existed"
+    );
+}
+
+#[test]
+fn a_backend_that_does_not_answer_is_skipped_after_the_connect_timeout() {
+    let topology = Topology::new("pxto");
+    // 203.0.113.130 is on a veth pair whose other end has no address: ARP for it goes
+    // unanswered, so SYNs to it get no answer (the neighbour fails only after ~3 s).
+    topology.lb.run(&[
+        "ip", "link", "add", "void0", "type", "veth", "peer", "name", "void1",
+    ]);
+    topology
+        .lb
+        .run(&["ip", "addr", "add", "203.0.113.129/25", "dev", "void0"]);
+    topology.lb.run(&["ip", "link", "set", "void0", "up"]);
+    topology.lb.run(&["ip", "link", "set", "void1", "up"]);
+    let void = Upstream {
+        ip: Ipv4Addr::new(203, 0, 113, 130),
+        port: BACKEND_PORT,
+    };
+    let connect = Duration::from_millis(500);
+    let mut proxy = topology.proxy().with_timeouts(Timeouts {
+        connect,
+        ..Timeouts::default()
+    });
+    let mut service = topology.service(Protocol::Tcp, &[0]);
+    service.backends.insert(0, void);
+    apply_proxy(&topology.lb, &mut proxy, &[service]);
+    // Round robin starts at void, b1, void, b1: every connection is answered by b1, and
+    // those that started at void only after the connect timeout.
+    let timings: Vec<(String, Duration)> = topology.client.enter(|| {
+        (0..4)
+            .map(|i| {
+                let started = Instant::now();
+                let name = tcp_name(vip())
+                    .unwrap_or_else(|e| panic!("connection {i} with a silent backend: {e}"));
+                (name, started.elapsed())
+            })
+            .collect()
+    });
+    for (i, (name, took)) in timings.iter().enumerate() {
+        assert_eq!(name, "b1", "connection {i}");
+        if i % 2 == 0 {
+            assert!(
+                *took >= connect,
+                "connection {i} tried the silent backend first, yet took only {took:?}"
+            );
+        }
+    }
+    let tcp = stats(&proxy, Protocol::Tcp);
+    assert_eq!(
+        (tcp.backend_failures, tcp.dropped),
+        (2, 0),
+        "two connects timed out, no connection was lost: {tcp:?}"
+    );
 }
 
 #[test]
