@@ -82,7 +82,7 @@ fn main() -> anyhow::Result<()> {
                 "--no-fail-fast",
             ];
             test_args.extend(args.iter().map(String::as_str));
-            cargo(&test_args)
+            cargo_test(&test_args)
         }
         Task::Bench => {
             bootstrap::ensure(Needs::BuildAndTestTools)?;
@@ -133,6 +133,68 @@ fn cargo(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `cargo test`, echoing its output, and closes with one line that sums every test
+/// binary's result (`N passed, N failed, N skipped`), so a reader (or CI) sees the whole run
+/// at a glance instead of the last binary's line.
+fn cargo_test(args: &[&str]) -> anyhow::Result<()> {
+    use std::io::BufRead as _;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let mut child = Command::new(cargo)
+        .args(args)
+        .current_dir(workspace_root())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    let stdout = child.stdout.take().context("cargo test's stdout")?;
+    let mut totals = TestTotals::default();
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo test's output")?;
+        println!("{line}");
+        totals.add(&line);
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    println!(
+        "summary: {} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.ignored
+    );
+    if !status.success() {
+        bail!("cargo test failed ({status})");
+    }
+    Ok(())
+}
+
+/// Sums of the `test result:` lines cargo test prints, one per test binary.
+#[derive(Default)]
+struct TestTotals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl TestTotals {
+    /// Adds a line like `test result: ok. 12 passed; 0 failed; 1 ignored; 0 measured; …`.
+    fn add(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(what), Some(count)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(count) = count.parse::<u64>() else {
+                continue;
+            };
+            match what {
+                "passed" => self.passed += count,
+                "failed" => self.failed += count,
+                "ignored" => self.ignored += count,
+                _ => {}
+            }
+        }
+    }
+}
+
 fn exit_like(status: std::process::ExitStatus) -> anyhow::Result<()> {
     std::process::exit(status.code().unwrap_or(1))
 }
@@ -142,4 +204,18 @@ fn workspace_root() -> std::path::PathBuf {
         .parent()
         .map(std::path::Path::to_path_buf)
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TestTotals;
+
+    #[test]
+    fn test_result_lines_are_summed() {
+        let mut totals = TestTotals::default();
+        totals.add("test result: ok. 12 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.1s");
+        totals.add("test result: FAILED. 3 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1s");
+        totals.add("running 5 tests");
+        assert_eq!((totals.passed, totals.failed, totals.ignored), (15, 2, 1));
+    }
 }
