@@ -10,13 +10,16 @@
 //! - TCP: a listener per frontend (`SO_REUSEADDR`, `IP_FREEBIND` so it can bind before the VIP
 //!   is on the device). Each accepted connection goes to the next backend in round-robin
 //!   order; a backend that does not answer within [`CONNECT_TIMEOUT`] is skipped for the next
-//!   one, up to the number of backends ([`Timeouts`] changes both timeouts). Data is relayed with
-//!   [`tokio::io::copy_bidirectional`], which carries half-closes: when one side shuts down
-//!   its write half, the proxy shuts down its write half toward the other side and keeps
-//!   relaying the other direction until it ends too.
+//!   one, each at most once per connection ([`Timeouts`] changes both timeouts). Data is
+//!   relayed with [`tokio::io::copy_bidirectional`], which carries half-closes: when one side
+//!   shuts down its write half, the proxy shuts down its write half toward the other side and
+//!   keeps relaying the other direction until it ends too.
 //! - UDP: a socket per frontend; each client address gets its own connected upstream socket to
 //!   a round-robin backend, and answers from it go back from `VIP:port`. A flow ends after
 //!   [`UDP_IDLE_TIMEOUT`] without a datagram either way (the XDP UDP timeout).
+//!
+//! Backends see connections from the LB's own address, as with the XDP path's full NAT; the
+//! client's address is not passed on.
 //!
 //! [`Dataplane::apply`] diffs: new frontends start listening, removed frontends stop taking
 //! new connections at once (the TCP listener is shut down before `apply` returns) while
