@@ -35,9 +35,24 @@ pub enum KubeSourceError {
     Client(#[from] kube::Error),
 }
 
-/// Builds a client: `kubeconfig` when given (KUBECONFIG), else the in-cluster service account,
-/// else `~/.kube/config`.
+/// Builds two clients: `kubeconfig` when given (KUBECONFIG), else the in-cluster service
+/// account, else `~/.kube/config`. The first, for writes, retries 429/503/504 answers itself
+/// (kube's default). The second, for the watches, does not: the client's retries back off up to
+/// 15 times over minutes without surfacing an error, which would hide an API outage from
+/// `/readyz`; the watchers have their own backoff.
+pub async fn clients(kubeconfig: Option<PathBuf>) -> Result<(Client, Client), KubeSourceError> {
+    let config = config(kubeconfig).await?;
+    let mut watch_config = config.clone();
+    watch_config.default_retry = false;
+    Ok((Client::try_from(config)?, Client::try_from(watch_config)?))
+}
+
+/// Builds a client as [`clients`] does, for writes (with kube's default retries).
 pub async fn client(kubeconfig: Option<PathBuf>) -> Result<Client, KubeSourceError> {
+    Ok(Client::try_from(config(kubeconfig).await?)?)
+}
+
+async fn config(kubeconfig: Option<PathBuf>) -> Result<kube::Config, KubeSourceError> {
     use kube::config::{Config, KubeConfigOptions, Kubeconfig};
     let config = match kubeconfig {
         Some(path) => {
@@ -60,7 +75,7 @@ pub async fn client(kubeconfig: Option<PathBuf>) -> Result<Client, KubeSourceErr
                 })?,
         },
     };
-    Ok(Client::try_from(config)?)
+    Ok(config)
 }
 
 /// Watches the cluster until the channel's receivers are gone. `connected` is true while the
