@@ -477,14 +477,25 @@ fn file_source_matches_kube_source() {
         }
     }
     let _remove = RemoveDir(dir.clone());
-    for file in ["nodes.yaml", "services.yaml"] {
-        std::fs::copy(manifests.join(file), dir.join(file)).expect("copy manifest");
-    }
+    std::fs::copy(manifests.join("nodes.yaml"), dir.join("nodes.yaml")).expect("copy nodes");
+    // The demo's Services without their creationTimestamps, which the API server would
+    // overwrite (allocation order follows creation time).
+    let services = std::fs::read_to_string(manifests.join("services.yaml")).expect("services");
+    let services: String = services
+        .lines()
+        .map(|line| match line.find(", creationTimestamp") {
+            Some(at) => format!("{}}}\n", &line[..at]),
+            None if line.contains("creationTimestamp:") => String::new(),
+            None => format!("{line}\n"),
+        })
+        .collect();
+    std::fs::write(dir.join("services.yaml"), services).expect("write services");
     std::fs::write(
         dir.join("zz-dup.yaml"),
-        "apiVersion: v1\nkind: Service\nmetadata: {name: dup, namespace: default}\nspec:\n  \
-         type: LoadBalancer\n  ports:\n  - {name: a, port: 80, targetPort: 8080, nodePort: 30080}\n  \
-         - {name: b, port: 80, targetPort: 8080, nodePort: 30081}\n",
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: dup\n  namespace: default\n  \
+         annotations: {xlb.io/loadBalancerIPs: 198.51.100.30}\nspec:\n  \
+         type: LoadBalancer\n  ports:\n  - {name: a, port: 80, targetPort: 8080, nodePort: 30081}\n  \
+         - {name: b, port: 80, targetPort: 8080, nodePort: 30082}\n",
     )
     .expect("write dup");
     // A field the API server would have filled in (the NodePort) missing.
@@ -500,15 +511,18 @@ fn file_source_matches_kube_source() {
         let pins = PinDir::new();
         let dir = dir.display().to_string();
         let mut xlb = cluster.start_xlb(&xlb_binary(), &pins, &["--manifests", &dir]);
-        let table = wait_for("file source programs web and dns", REACT, || {
+        // dup is served on its first port 80 only (with a Warning); its IP is fixed so that
+        // it does not change what the others get.
+        let table = wait_for("file source programs web, dns and dup", REACT, || {
             let table = frontends(&pins)?;
-            if table.len() == 2 {
+            if table.len() == 3 {
                 Ok(table)
             } else {
                 Err(format!("{table:?}"))
             }
         });
-        let web = sock(Ipv4Addr::new(198, 51, 100, 10), 80);
+        // Visited by name, dns takes its 198.51.100.20 first and web shares it.
+        let web = sock(Ipv4Addr::new(198, 51, 100, 20), 80);
         assert_eq!(
             cluster
                 .tcp_names(web, 9)
@@ -527,6 +541,16 @@ fn file_source_matches_kube_source() {
             });
         }
         xlb.terminate();
+        let mut table = table;
+        assert_eq!(
+            table.remove("198.51.100.30:80/TCP"),
+            Some(vec![
+                "203.0.113.11:30081".to_owned(),
+                "203.0.113.12:30081".to_owned(),
+                "203.0.113.13:30081".to_owned()
+            ]),
+            "dup's first port 80 is served"
+        );
         table
     };
 
@@ -554,7 +578,7 @@ fn file_source_matches_kube_source() {
         }
     });
     assert_eq!(kube_table.len(), 2);
-    assert_eq!(api.ingress_ip("web"), Some(Ipv4Addr::new(198, 51, 100, 10)));
+    assert_eq!(api.ingress_ip("web"), Some(Ipv4Addr::new(198, 51, 100, 20)));
     assert_eq!(api.ingress_ip("dns"), Some(Ipv4Addr::new(198, 51, 100, 20)));
 }
 

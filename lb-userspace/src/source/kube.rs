@@ -78,10 +78,19 @@ async fn config(kubeconfig: Option<PathBuf>) -> Result<kube::Config, KubeSourceE
     Ok(config)
 }
 
+/// While disconnected, how often the API server is asked for its version to see whether it is
+/// back.
+const PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Watches the cluster until the channel's receivers are gone. `connected` is true while the
-/// watches are healthy and false after an error until the next successful event (for /readyz);
-/// the watchers retry with backoff and the last snapshot stays in force meanwhile.
+/// API is reachable (for /readyz): false after a watch error, true again at the next event or
+/// as soon as a probe of the API server's version succeeds (a watch that resumes without a
+/// change yields no event, so without the probe a quiet cluster would stay "not ready" until
+/// its next change). The watchers retry with backoff and the last snapshot stays in force
+/// meanwhile.
 pub async fn run(client: Client, tx: watch::Sender<ClusterState>, connected: Arc<AtomicBool>) {
+    let prober = client.clone();
+    let mut probe = tokio::time::interval(PROBE_INTERVAL);
     let (services, services_writer) = reflector::store::<Service>();
     let (slices, slices_writer) = reflector::store::<EndpointSlice>();
     let (nodes, nodes_writer) = reflector::store::<Node>();
@@ -94,7 +103,18 @@ pub async fn run(client: Client, tx: watch::Sender<ClusterState>, connected: Arc
     // Nothing is published until each kind has finished its first list, so a partial view
     // never withdraws a Service.
     let mut listed = [false; 3];
-    while let Some(outcome) = streams.next().await {
+    loop {
+        let outcome = tokio::select! {
+            outcome = streams.next() => outcome,
+            _ = probe.tick(), if !connected.load(Ordering::Relaxed) => {
+                if prober.apiserver_version().await.is_ok() {
+                    tracing::info!("the Kubernetes API answers again");
+                    connected.store(true, Ordering::Relaxed);
+                }
+                continue;
+            }
+        };
+        let Some(outcome) = outcome else { return };
         match outcome {
             Ok(Change { source, list_done }) => {
                 connected.store(true, Ordering::Relaxed);
