@@ -617,3 +617,41 @@ fn tag_worker_nodes_labels_plain_nodes() {
     });
     wait_for("node1 serves web", REACT, || cluster.tcp_name(sock(ip, 80)));
 }
+
+/// An EndpointSlice manifest for Service `web`: `ready` says, per node address, whether the
+/// endpoint is ready. Port `p80` maps to 30080, where the nodes' backends listen.
+fn slice_yaml(ready: &[(usize, bool)]) -> String {
+    let endpoints: String = ready
+        .iter()
+        .map(|(n, ready)| {
+            format!(
+                "- addresses: [\"{}\"]\n  conditions: {{ready: {ready}}}\n",
+                xlb_tests::cluster::node_ip(*n)
+            )
+        })
+        .collect();
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  \
+         namespace: default\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\n\
+         ports: [{{name: p80, port: 30080, protocol: TCP}}]\nendpoints:\n{endpoints}"
+    )
+}
+
+/// In cluster (`--kubernetes`), the backends are the Service's ready endpoints: scaling the
+/// EndpointSlice up and down, or an endpoint turning not ready, is followed.
+#[test]
+fn backends_follow_endpoint_slices_in_cluster() {
+    let env = Env::new("ce-slices", 3, &["--kubernetes"]);
+    env.api.apply(&slice_yaml(&[(1, true)]));
+    env.api.apply(&service_yaml("web", 80, 30080));
+    let vip = sock(env.ingress("web"), 80);
+    env.wait_backends(vip, &["node1"]);
+    env.api
+        .apply(&slice_yaml(&[(1, true), (2, true), (3, true)]));
+    env.wait_backends(vip, &["node1", "node2", "node3"]);
+    env.api
+        .apply(&slice_yaml(&[(1, true), (2, false), (3, true)]));
+    env.wait_backends(vip, &["node1", "node3"]);
+    env.api.apply(&slice_yaml(&[(3, true)]));
+    env.wait_backends(vip, &["node3"]);
+}
