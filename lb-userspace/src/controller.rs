@@ -17,12 +17,18 @@ use crate::dataplane::xdp::{ModeChoice, XdpConfig, XdpDataplane};
 use crate::dataplane::{Dataplane as _, Layered};
 use crate::metrics::Metrics;
 use crate::model::{Allocations, ClusterState, ServiceKey};
+use crate::nodes::NodeTagger;
 use crate::reconcile::{EventKind, Plan, StatusChange, reconcile};
 use crate::source::{file::FileSource, kube as kube_source};
 use crate::status::StatusWriter;
 
 /// How often addresses are re-checked even without a change (someone may have removed one).
 const RESYNC: Duration = Duration::from_secs(30);
+
+/// How often `/readyz` follows the source's connection state between reconciles: a watch
+/// failure publishes no new state, so without this an API outage would show only at the next
+/// resync.
+const READINESS_POLL: Duration = Duration::from_millis(500);
 
 /// Runs xlb until SIGINT/SIGTERM, then cleans up as the lifecycle rules say.
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -44,8 +50,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut dataplane = open_dataplane(&config, addrs.device())?;
 
     let connected = Arc::new(AtomicBool::new(true));
+    let mut tagger = None;
     let (mut states, writer) = match &config.manifests {
         Some(dir) => {
+            if config.tag_worker_nodes {
+                tracing::warn!("--tag-worker-nodes does nothing with --manifests");
+            }
             tracing::info!(dir = %dir.display(), "reading Services, EndpointSlices and Nodes from manifests");
             let mut states = FileSource::new(dir.clone()).spawn()?;
             states.mark_changed();
@@ -56,11 +66,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 KubeconfigSource::Infer => None,
                 KubeconfigSource::File(path) => Some(path.clone()),
             };
-            let client = kube_source::client(kubeconfig).await?;
+            let (client, watch_client) = kube_source::clients(kubeconfig).await?;
             // The first value is a placeholder marked as seen: nothing is reconciled until the
             // watches have listed everything once.
             let (tx, states) = watch::channel(ClusterState::default());
-            tokio::spawn(kube_source::run(client.clone(), tx, connected.clone()));
+            tokio::spawn(kube_source::run(watch_client, tx, connected.clone()));
+            if config.tag_worker_nodes {
+                match &config.worker_label {
+                    Some(label) => tagger = Some(NodeTagger::new(client.clone(), label.clone())),
+                    None => tracing::warn!(
+                        "--tag-worker-nodes does nothing with an empty --worker-label"
+                    ),
+                }
+            }
             let writer =
                 StatusWriter::new(client, config.node_name.clone(), config.update_external_ips);
             (states, Some(writer))
@@ -76,6 +94,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         seen_state: false,
     };
     let mut resync = tokio::time::interval(RESYNC);
+    let mut readiness = tokio::time::interval(READINESS_POLL);
+    let mut applied = false;
     let mut shutdown = std::pin::pin!(shutdown_signal());
     loop {
         tokio::select! {
@@ -86,16 +106,26 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 controller.seen_state = true;
             }
             _ = resync.tick() => {}
+            _ = readiness.tick() => {
+                metrics
+                    .ready
+                    .store(applied && connected.load(Ordering::Relaxed), Ordering::Relaxed);
+                continue;
+            }
             _ = &mut shutdown => break,
         }
         if !controller.seen_state {
             continue;
         }
         let state = states.borrow_and_update().clone();
-        let ok = controller.step(&state, &mut addrs, &mut dataplane).await;
-        metrics
-            .ready
-            .store(ok && connected.load(Ordering::Relaxed), Ordering::Relaxed);
+        applied = controller.step(&state, &mut addrs, &mut dataplane).await;
+        metrics.ready.store(
+            applied && connected.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+        if let Some(tagger) = &mut tagger {
+            tagger.tag(&state).await;
+        }
     }
 
     tracing::info!("shutting down; a second signal exits at once");

@@ -9,6 +9,7 @@ pub mod inspect;
 pub mod ipam;
 pub mod metrics;
 pub mod model;
+pub mod nodes;
 pub mod reconcile;
 pub mod source;
 pub mod status;

@@ -54,7 +54,14 @@ impl StatusWriter {
                 {"ip": ip.to_string(), "ipMode": mode.as_api_str()}
             ]}}),
         };
-        let patch = json!({"apiVersion": "v1", "kind": "Service", "status": status});
+        // The API server refuses an apply whose body does not name the object (400 "the name
+        // of the object () does not match the name on the URL").
+        let patch = json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": name, "namespace": namespace},
+            "status": status,
+        });
         let params = PatchParams::apply(FIELD_MANAGER).force();
         ignore_not_found(api.patch_status(name, &params, &Patch::Apply(patch)).await)?;
         if self.update_external_ips {

@@ -2,6 +2,7 @@
 //! crafted packets.
 
 pub mod bpf;
+pub mod cluster;
 pub mod fixture;
 pub mod netns;
 pub mod pkt;

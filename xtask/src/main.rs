@@ -93,10 +93,14 @@ fn main() -> anyhow::Result<()> {
                 "bench_xdp",
                 "--bin",
                 "bench_reconcile",
+                "--bin",
+                "bench_apply",
+                "--bin",
+                "xlb",
             ])?;
             require_root("the data plane benchmark")?;
             let root = workspace_root();
-            for bench in ["bench_xdp", "bench_reconcile"] {
+            for bench in ["bench_xdp", "bench_reconcile", "bench_apply"] {
                 eprintln!("[xtask] {bench}");
                 let status = Command::new(root.join("target/release").join(bench))
                     .status()

@@ -35,9 +35,24 @@ pub enum KubeSourceError {
     Client(#[from] kube::Error),
 }
 
-/// Builds a client: `kubeconfig` when given (KUBECONFIG), else the in-cluster service account,
-/// else `~/.kube/config`.
+/// Builds two clients: `kubeconfig` when given (KUBECONFIG), else the in-cluster service
+/// account, else `~/.kube/config`. The first, for writes, retries 429/503/504 answers itself
+/// (kube's default). The second, for the watches, does not: the client's retries back off up to
+/// 15 times over minutes without surfacing an error, which would hide an API outage from
+/// `/readyz`; the watchers have their own backoff.
+pub async fn clients(kubeconfig: Option<PathBuf>) -> Result<(Client, Client), KubeSourceError> {
+    let config = config(kubeconfig).await?;
+    let mut watch_config = config.clone();
+    watch_config.default_retry = false;
+    Ok((Client::try_from(config)?, Client::try_from(watch_config)?))
+}
+
+/// Builds a client as [`clients`] does, for writes (with kube's default retries).
 pub async fn client(kubeconfig: Option<PathBuf>) -> Result<Client, KubeSourceError> {
+    Ok(Client::try_from(config(kubeconfig).await?)?)
+}
+
+async fn config(kubeconfig: Option<PathBuf>) -> Result<kube::Config, KubeSourceError> {
     use kube::config::{Config, KubeConfigOptions, Kubeconfig};
     let config = match kubeconfig {
         Some(path) => {
@@ -60,13 +75,22 @@ pub async fn client(kubeconfig: Option<PathBuf>) -> Result<Client, KubeSourceErr
                 })?,
         },
     };
-    Ok(Client::try_from(config)?)
+    Ok(config)
 }
 
+/// While disconnected, how often the API server is asked for its version to see whether it is
+/// back.
+const PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Watches the cluster until the channel's receivers are gone. `connected` is true while the
-/// watches are healthy and false after an error until the next successful event (for /readyz);
-/// the watchers retry with backoff and the last snapshot stays in force meanwhile.
+/// API is reachable (for /readyz): false after a watch error, true again at the next event or
+/// as soon as a probe of the API server's version succeeds (a watch that resumes without a
+/// change yields no event, so without the probe a quiet cluster would stay "not ready" until
+/// its next change). The watchers retry with backoff and the last snapshot stays in force
+/// meanwhile.
 pub async fn run(client: Client, tx: watch::Sender<ClusterState>, connected: Arc<AtomicBool>) {
+    let prober = client.clone();
+    let mut probe = tokio::time::interval(PROBE_INTERVAL);
     let (services, services_writer) = reflector::store::<Service>();
     let (slices, slices_writer) = reflector::store::<EndpointSlice>();
     let (nodes, nodes_writer) = reflector::store::<Node>();
@@ -79,7 +103,18 @@ pub async fn run(client: Client, tx: watch::Sender<ClusterState>, connected: Arc
     // Nothing is published until each kind has finished its first list, so a partial view
     // never withdraws a Service.
     let mut listed = [false; 3];
-    while let Some(outcome) = streams.next().await {
+    loop {
+        let outcome = tokio::select! {
+            outcome = streams.next() => outcome,
+            _ = probe.tick(), if !connected.load(Ordering::Relaxed) => {
+                if prober.apiserver_version().await.is_ok() {
+                    tracing::info!("the Kubernetes API answers again");
+                    connected.store(true, Ordering::Relaxed);
+                }
+                continue;
+            }
+        };
+        let Some(outcome) = outcome else { return };
         match outcome {
             Ok(Change { source, list_done }) => {
                 connected.store(true, Ordering::Relaxed);

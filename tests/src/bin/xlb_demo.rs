@@ -1,18 +1,19 @@
 //! `cargo xtask demo`: builds a small cluster of network namespaces from the manifests in
 //! `demo/manifests`, runs the real `xlb` on them and sends real traffic through it.
 //!
-//! `xlb_demo XLB_BINARY MANIFEST_DIR`. Topology:
+//! `xlb_demo XLB_BINARY MANIFEST_DIR`. Topology (`xlb_tests::cluster`):
 //! client ns (192.0.2.1) — lb ns (eth0: 192.0.2.254/24 and 198.51.100.1/24; br0: 203.0.113.1/24)
 //! — node1..3 ns (203.0.113.11-13), each serving TCP 30080 and UDP 30053 with its name.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use xlb_tests::bpf::PinDir;
-use xlb_tests::netns::{ChildGuard, Netns, run, veth};
-use xlb_tests::servers::{Backend, spawn_in, tcp_name, udp_name};
+use xlb_tests::cluster::Cluster;
+use xlb_tests::netns::run;
 
 const WEB_VIP: &str = "198.51.100.10:80";
 const DNS_VIP: &str = "198.51.100.20:53";
@@ -32,82 +33,22 @@ fn main() {
 /// Runs the demo; whether the traffic reached all three backends.
 fn demo(xlb: &str, manifests: &str) -> bool {
     println!("== building the cluster: client, lb and three node namespaces");
-    let client = Netns::new("demo-client");
-    let lb = Netns::new("demo-lb");
-    veth(&client, "eth0", &lb, "eth0");
-    client.run(&["ip", "addr", "add", "192.0.2.1/24", "dev", "eth0"]);
-    client.run(&[
-        "ip",
-        "route",
-        "add",
-        "198.51.100.0/24",
-        "via",
-        "192.0.2.254",
-    ]);
-    lb.run(&["ip", "addr", "add", "192.0.2.254/24", "dev", "eth0"]);
-    lb.run(&["ip", "addr", "add", "198.51.100.1/24", "dev", "eth0"]);
-    lb.run(&["ip", "link", "add", "br0", "type", "bridge"]);
-    lb.run(&["ip", "addr", "add", "203.0.113.1/24", "dev", "br0"]);
-    lb.run(&["ip", "link", "set", "br0", "up"]);
-    let mut nodes = Vec::new();
-    let mut backends = Vec::new();
-    for n in 1..=3 {
-        let node = Netns::new(&format!("demo-node{n}"));
-        let port = format!("n{n}");
-        veth(&node, "eth0", &lb, &port);
-        lb.run(&["ip", "link", "set", &port, "master", "br0"]);
-        node.run(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("203.0.113.1{n}/24"),
-            "dev",
-            "eth0",
-        ]);
-        node.run(&["ip", "route", "add", "default", "via", "203.0.113.1"]);
-        for port in [30080, 30053] {
-            let addr: SocketAddr = format!("0.0.0.0:{port}").parse().expect("address");
-            backends.push(Backend::start(&node, addr, &format!("node{n}")));
-        }
-        nodes.push(node);
-    }
+    let cluster = Cluster::new("demo", 3, &[30080, 30053]);
 
     println!("== starting xlb on the lb namespace, reading {manifests}");
     let pins = PinDir::new();
     let pin_dir = pins.path().display().to_string();
-    // nsenter, not `ip netns exec`: the latter remounts /sys, hiding bpffs from xlb.
-    let xlb_process = ChildGuard(
-        Command::new("nsenter")
-            .arg(format!("--net=/var/run/netns/{}", lb.name()))
-            .args([
-                xlb,
-                "--manifests",
-                manifests,
-                "--linkdevice",
-                "eth0",
-                "--restricted-cidr",
-                "198.51.100.10-198.51.100.20",
-                "--pin-dir",
-                &pin_dir,
-                "--metrics-addr",
-                "127.0.0.1:9464",
-            ])
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start xlb"),
-    );
+    let mut xlb_process = cluster.start_xlb(Path::new(xlb), &pins, &["--manifests", manifests]);
 
     let web: SocketAddr = WEB_VIP.parse().expect("address");
     let dns: SocketAddr = DNS_VIP.parse().expect("address");
     let started = Instant::now();
     let first = loop {
-        let answer = spawn_in(&client, move || tcp_name(web))
-            .join()
-            .expect("client");
-        match answer {
+        match cluster.tcp_name(web) {
             Ok(name) => break name,
             Err(error) if started.elapsed() > Duration::from_secs(20) => {
                 eprintln!("xlb did not serve {WEB_VIP} within 20 s: {error}");
+                eprintln!("{}", xlb_process.log());
                 return false;
             }
             Err(_) => std::thread::sleep(Duration::from_millis(200)),
@@ -118,16 +59,8 @@ fn demo(xlb: &str, manifests: &str) -> bool {
         started.elapsed().as_secs_f64()
     );
 
-    let tcp = spawn_in(&client, move || {
-        (0..CONNECTIONS).map(|_| tcp_name(web)).collect::<Vec<_>>()
-    })
-    .join()
-    .expect("client");
-    let udp = spawn_in(&client, move || {
-        (0..6).map(|_| udp_name(dns)).collect::<Vec<_>>()
-    })
-    .join()
-    .expect("client");
+    let tcp = cluster.tcp_names(web, CONNECTIONS);
+    let udp = (0..6).map(|_| cluster.udp_name(dns)).collect::<Vec<_>>();
     let spread = |answers: Vec<Result<String, String>>| {
         let mut by_backend = BTreeMap::<String, usize>::new();
         for answer in answers {
@@ -154,16 +87,18 @@ fn demo(xlb: &str, manifests: &str) -> bool {
         print!("{}", run(&mut inspect));
     }
     println!("== VIPs on the lb's eth0");
-    print!("{}", lb.run(&["ip", "-br", "addr", "show", "dev", "eth0"]));
+    print!(
+        "{}",
+        cluster
+            .lb
+            .run(&["ip", "-br", "addr", "show", "dev", "eth0"])
+    );
 
     let ok = tcp.keys().all(|name| name.starts_with("node"))
         && tcp.len() == 3
         && udp.keys().all(|name| name.starts_with("node"));
     // Stop xlb with SIGTERM so it removes its addresses, then everything else is dropped.
-    let _ = Command::new("kill")
-        .args(["-TERM", &xlb_process.0.id().to_string()])
-        .status();
-    std::thread::sleep(Duration::from_millis(500));
+    xlb_process.terminate();
     if ok {
         println!("== done: traffic spread over node1, node2 and node3 through xlb");
     } else {
