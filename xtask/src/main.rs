@@ -74,6 +74,9 @@ fn main() -> anyhow::Result<()> {
                     "[xtask] warning: not root: tests that need network namespaces or BPF will fail saying so; run `sudo -E cargo xtask test`"
                 );
             }
+            // The end-to-end tests run the real `xlb` binary, which `cargo test` does not build
+            // for another package's tests: build every binary first.
+            cargo(&["build", "--workspace", "--exclude", "lb-ebpf", "--bins"])?;
             let mut test_args = vec![
                 "test",
                 "--workspace",
