@@ -6,3 +6,4 @@ pub mod fixture;
 pub mod netns;
 pub mod pkt;
 pub mod servers;
+pub mod topology;

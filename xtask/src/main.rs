@@ -93,10 +93,14 @@ fn main() -> anyhow::Result<()> {
                 "bench_xdp",
                 "--bin",
                 "bench_reconcile",
+                "--bin",
+                "bench_e2e",
+                "--bin",
+                "xlb_loader",
             ])?;
             require_root("the data plane benchmark")?;
             let root = workspace_root();
-            for bench in ["bench_xdp", "bench_reconcile"] {
+            for bench in ["bench_xdp", "bench_e2e", "bench_reconcile"] {
                 eprintln!("[xtask] {bench}");
                 let status = Command::new(root.join("target/release").join(bench))
                     .status()
