@@ -60,7 +60,8 @@ pub const STAT_FIB_FAILED: u32 = 21;
 /// already-translated packet and resolves it.
 pub const STAT_FIB_NO_NEIGH: u32 = 22;
 /// Pass: translated packet whose egress device cannot take XDP frames (not in the xmit
-/// devmap, e.g. a veth); the kernel forwards it.
+/// devmap, e.g. a veth), or, in generic mode, a GSO super-packet longer than an Ethernet
+/// frame; the kernel forwards it.
 pub const STAT_XMIT_PASS: u32 = 23;
 /// A TCP FIN or RST moved a flow to the closing state.
 pub const STAT_TCP_CLOSE: u32 = 24;

@@ -4,12 +4,12 @@
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     btf_maps::LruHashMap,
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
 };
 use lb_common::*;
 
 use crate::{
-    maps::{XLB_BACKENDS, XLB_CT_FWD, XLB_CT_REV, count},
+    maps::{XLB_BACKENDS, XLB_CLOCK, XLB_CT_FWD, XLB_CT_REV, count},
     packet::Flow,
 };
 
@@ -18,32 +18,67 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
-type CtMap = LruHashMap<FlowKey, CtEntry, { MAX_FLOWS as usize }>;
+/// Either conntrack map.
+pub type CtMap = LruHashMap<FlowKey, CtEntry, { MAX_FLOWS as usize }>;
 
-/// Monotonic time in ns (CLOCK_MONOTONIC, like `clock_gettime` in userspace).
+/// Monotonic time in ns at tick resolution: CLOCK_MONOTONIC_COARSE, the CLOCK_MONOTONIC time
+/// base as of the last tick (Linux 5.11+). Timeouts and the refresh interval are seconds, so
+/// a tick (at most 10 ms) of resolution is plenty; a userspace `CLOCK_MONOTONIC` stamp may be
+/// up to a tick ahead of it, which [`alive`] allows.
+///
+/// The coarse clock only moves when the tick advances jiffies, so it is read once per jiffy
+/// per CPU and cached in `XLB_CLOCK`: `bpf_jiffies64` is inlined by the verifier (x86-64
+/// JIT), so a packet costs no helper call for the time. The cached value lags the coarse
+/// clock by at most the time between the jiffies update and the timekeeping update of the
+/// same tick.
 #[inline(always)]
 pub fn now_ns() -> u64 {
     // SAFETY: plain helper call without arguments.
-    unsafe { bpf_ktime_get_ns() }
+    let jiffies = unsafe { bpf_jiffies64() };
+    let Some(cache) = XLB_CLOCK.get_ptr_mut(0) else {
+        // SAFETY: as above.
+        return unsafe { bpf_ktime_get_coarse_ns() };
+    };
+    // SAFETY: per-CPU slot, only this CPU touches it while the program runs.
+    unsafe {
+        let [seen, ns] = *cache;
+        if seen == jiffies && ns != 0 {
+            return ns;
+        }
+        let ns = bpf_ktime_get_coarse_ns();
+        *cache = [jiffies, ns];
+        ns
+    }
 }
 
 /// The conntrack key of a packet as it arrives.
 #[inline(always)]
 pub fn key_of(flow: &Flow) -> FlowKey {
-    FlowKey {
-        src_ip: flow.src,
-        dst_ip: flow.dst,
-        src_port: flow.src_port,
-        dst_port: flow.dst_port,
-        proto: flow.proto,
-        _pad: [0; 3],
-    }
+    flow_key(flow.src, flow.dst, flow.src_port, flow.dst_port, flow.proto)
 }
 
-/// Whether `entry` is still live at `now`.
+/// A conntrack key, built as four 32-bit words: a struct literal with the 3-byte zero
+/// padding compiles to a call of the BPF object's byte-loop `memset`, on every packet.
+#[inline(always)]
+pub fn flow_key(src: [u8; 4], dst: [u8; 4], src_port: u16, dst_port: u16, proto: u8) -> FlowKey {
+    let [s0, s1] = src_port.to_ne_bytes();
+    let [d0, d1] = dst_port.to_ne_bytes();
+    let words: [u32; 4] = [
+        u32::from_ne_bytes(src),
+        u32::from_ne_bytes(dst),
+        u32::from_ne_bytes([s0, s1, d0, d1]),
+        u32::from_ne_bytes([proto, 0, 0, 0]),
+    ];
+    // SAFETY: FlowKey is #[repr(C)], 16 bytes of integers and byte arrays without implicit
+    // padding (asserted in lb-common), so any 16 bytes are a valid value; the words are laid
+    // out field by field in FlowKey's order (src_ip, dst_ip, src_port, dst_port, proto, _pad).
+    unsafe { core::mem::transmute::<[u32; 4], FlowKey>(words) }
+}
+
+/// Whether `entry` is still live at `now` (a stamp later than `now` counts as just seen).
 #[inline(always)]
 pub fn alive(entry: &CtEntry, proto: u8, now: u64) -> bool {
-    now.wrapping_sub(entry.last_seen_ns) < ct_timeout_ns(proto, entry.state)
+    now.saturating_sub(entry.last_seen_ns) < ct_timeout_ns(proto, entry.state)
 }
 
 /// Moves the flow of `entry` (found in `map`, peer in `peer_map`) to the closing state on
@@ -124,14 +159,7 @@ pub fn create(
     let mut chosen = 0u16;
     for attempt in 0..SNAT_PROBES {
         let port = snat_port(hash, attempt);
-        let key = FlowKey {
-            src_ip: backend.ip,
-            dst_ip: snat_ip,
-            src_port: backend.port,
-            dst_port: port,
-            proto: flow.proto,
-            _pad: [0; 3],
-        };
+        let key = flow_key(backend.ip, snat_ip, backend.port, port, flow.proto);
         let flags = match XLB_CT_REV.get_ptr(&key) {
             None => BPF_NOEXIST,
             // SAFETY: points into a map value, read once.

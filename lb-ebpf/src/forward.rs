@@ -19,6 +19,12 @@ use crate::{
 
 /// `AF_INET`.
 const AF_INET: u8 = 2;
+/// Longest frame generic mode transmits from XDP: a standard Ethernet frame (1500-byte MTU).
+/// Longer ones are TCP segmentation super-packets the generic redirect would drop.
+const GENERIC_MAX_XMIT_FRAME: usize = EthHdr::LEN + 1500;
+/// Size of `bpf_fib_lookup` in 32-bit words.
+const FIB_PARAMS_WORDS: usize = core::mem::size_of::<bpf_fib_lookup>() / 4;
+const _: () = assert!(core::mem::size_of::<bpf_fib_lookup>() == 64);
 
 /// Result of a FIB lookup toward a destination.
 pub struct Route {
@@ -43,8 +49,16 @@ pub fn route(
     tot_len: u16,
     want_src: bool,
 ) -> Option<Route> {
-    // SAFETY: bpf_fib_lookup is a plain-old-data C struct; all-zero is a valid value.
-    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    // Zeroed word by word with volatile stores: `mem::zeroed()` (or any zero-fill LLVM
+    // recognises) compiles to a call of the BPF object's byte-loop `memset`, 64 iterations.
+    let mut params = core::mem::MaybeUninit::<bpf_fib_lookup>::uninit();
+    let words = params.as_mut_ptr().cast::<u32>();
+    for i in 0..FIB_PARAMS_WORDS {
+        // SAFETY: i < 16 words of 4 bytes inside the 64-byte, 4-aligned struct.
+        unsafe { words.add(i).write_volatile(0) };
+    }
+    // SAFETY: every byte was written; all-zero is a valid bpf_fib_lookup (plain C data).
+    let mut params = unsafe { params.assume_init() };
     params.family = AF_INET;
     params.l4_protocol = proto;
     params.__bindgen_anon_1.tot_len = tot_len;
@@ -77,7 +91,8 @@ pub fn route(
 /// Sends the (already translated) packet out of `ifindex` with the given MACs.
 ///
 /// Generic XDP (`GENERIC`): the frame is an skb, so `XDP_TX` / redirect work into any device,
-/// veth included. Native XDP: only devices in the xmit devmap (drivers that take XDP frames)
+/// veth included; frames longer than [`GENERIC_MAX_XMIT_FRAME`] (GSO super-packets) are
+/// passed to the kernel translated. Native XDP: only devices in the xmit devmap (drivers that take XDP frames)
 /// are used; for others (a veth whose peer runs no XDP program loses redirected frames) the
 /// translated packet is passed to the kernel with its Ethernet header untouched, and the
 /// kernel forwards it.
@@ -89,6 +104,13 @@ pub fn xmit<const GENERIC: bool>(
     dmac: [u8; 6],
 ) -> Result<u32, u32> {
     let same_device = ifindex == ctx.ingress_ifindex() as u32;
+    if GENERIC && ctx.data_end() - ctx.data() > GENERIC_MAX_XMIT_FRAME {
+        // Pass: a GSO/GRO super-packet (generic XDP sees the whole skb); the generic
+        // redirect drops any skb longer than the egress MTU, so the kernel forwards the
+        // translated packet and segments it (ip_forward=1, accept_local=1, as below).
+        count(STAT_XMIT_PASS);
+        return Ok(xdp_action::XDP_PASS);
+    }
     if !GENERIC && XLB_XMIT.get_ifindex(ifindex).is_none() {
         // Pass: the kernel forwards the translated packet (ip_forward=1, accept_local=1).
         count(STAT_XMIT_PASS);

@@ -1,10 +1,12 @@
 //! xlb's XDP data plane: connection-tracked full-NAT load balancing of IPv4 TCP/UDP.
 //!
-//! Per packet: parse (packet.rs) → `VIP:port/proto` in `XLB_SERVICES`? → forward conntrack
-//! (conntrack.rs), or a new flow for a TCP SYN / UDP datagram → rewrite source to the LB's
-//! address and an allocated port and destination to the backend (nat.rs) → FIB lookup and
-//! transmit (forward.rs). Otherwise the reverse conntrack translates backend replies back to
-//! `VIP → client`. Everything else passes to the kernel untouched.
+//! Per packet: parse (packet.rs) → conntrack (conntrack.rs): the reverse map when the
+//! destination port is a SNAT port (a backend reply, translated back to `VIP → client`), then
+//! the forward map (client → VIP, translated to `SNAT → backend`, nat.rs) → cached route or
+//! FIB lookup, and transmit (forward.rs). Only on a conntrack miss is `VIP:port/proto` looked
+//! up in `XLB_SERVICES`: a TCP SYN / UDP datagram to a service starts a new flow (backend,
+//! SNAT port, both entries). Everything else passes to the kernel untouched. A tracked packet
+//! thus costs one hash lookup.
 //!
 //! Two entry points share the code: `xlb` for native (driver) XDP and `xlb_skb` for generic
 //! (skb) XDP; they differ only in how a translated packet is transmitted (see
@@ -22,7 +24,7 @@ use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::*;
 
 use crate::{
-    conntrack::{TCP_ACK, TCP_SYN},
+    conntrack::{CtMap, TCP_ACK, TCP_SYN},
     maps::{XLB_CT_FWD, XLB_CT_REV, XLB_SERVICES, XLB_VIPS, count, count_service},
     packet::{Flow, Parsed, parse},
 };
@@ -88,29 +90,28 @@ fn try_xlb<const GENERIC: bool>(ctx: &XdpContext) -> Result<u32, u32> {
             return pass(STAT_NOT_L4);
         }
     };
-    let service_key = ServiceKey {
-        vip: flow.dst,
-        port: flow.dst_port,
-        proto: flow.proto,
-        _pad: 0,
-    };
-    match XLB_SERVICES.get_ptr_mut(&service_key) {
-        Some(service) => forward_path::<GENERIC>(ctx, &flow, service),
-        None => reply_path::<GENERIC>(ctx, &flow),
+    // Conntrack first, so a packet of a tracked flow costs one hash lookup. The service map is
+    // consulted only on a conntrack miss: removing a service stops its new flows at once while
+    // its established flows drain (as removing a backend does).
+    let key = conntrack::key_of(&flow);
+    if in_snat_range(flow.dst_port)
+        && let Some(entry) = XLB_CT_REV.get_ptr_mut(&key)
+    {
+        // Backend → SNAT address. Reverse keys always end in a SNAT port, so a packet to any
+        // other port skips this lookup.
+        let now = conntrack::now_ns();
+        // SAFETY: entry points into a map value, valid for this program run.
+        if conntrack::alive(unsafe { &*entry }, flow.proto, now) {
+            count(STAT_CT_REPLY);
+            return translate::<GENERIC>(ctx, &flow, entry, &XLB_CT_FWD, now);
+        }
+        // Expired: treated as a miss; the packet is looked at as a client packet below.
+        count(STAT_CT_EXPIRED);
     }
-}
-
-/// Client → VIP.
-#[inline(always)]
-fn forward_path<const GENERIC: bool>(
-    ctx: &XdpContext,
-    flow: &Flow,
-    service: *mut ServiceValue,
-) -> Result<u32, u32> {
-    let now = conntrack::now_ns();
-    let key = conntrack::key_of(flow);
     let is_new = flow.proto == IPPROTO_UDP || flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     if let Some(entry) = XLB_CT_FWD.get_ptr_mut(&key) {
+        // Client → VIP of a tracked flow.
+        let now = conntrack::now_ns();
         // SAFETY: entry points into a map value, valid for this program run.
         let state = unsafe { (*entry).state };
         // SAFETY: as above.
@@ -118,17 +119,47 @@ fn forward_path<const GENERIC: bool>(
             // A SYN on a closing flow is a new connection reusing the tuple.
             if !(is_new && flow.proto == IPPROTO_TCP && state == CT_STATE_CLOSING) {
                 count(STAT_CT_HIT);
-                return translate::<GENERIC>(ctx, flow, entry, &XLB_CT_REV, now);
+                return translate::<GENERIC>(ctx, &flow, entry, &XLB_CT_REV, now);
             }
         } else {
             count(STAT_CT_EXPIRED);
         }
     }
+    let service_key = ServiceKey {
+        vip: flow.dst,
+        port: flow.dst_port,
+        proto: flow.proto,
+        _pad: 0,
+    };
+    let Some(service) = XLB_SERVICES.get_ptr_mut(&service_key) else {
+        // Pass: neither a tracked flow nor a service.
+        return pass(STAT_NOT_OURS);
+    };
     if !is_new {
         // Pass: a TCP segment of a flow we do not track; the proxy fallback owns it.
         return pass(STAT_CT_MISS_NON_SYN);
     }
+    new_flow::<GENERIC>(ctx, &flow, &key, service)
+}
+
+/// Whether `port` (host order) is in the SNAT port range, where every reverse key's
+/// destination port lies.
+#[inline(always)]
+fn in_snat_range(port: u16) -> bool {
+    port.wrapping_sub(SNAT_PORT_MIN) < SNAT_PORT_COUNT as u16
+}
+
+/// A TCP SYN or UDP datagram to `service` without a live conntrack entry: picks a backend,
+/// creates both entries and sends the translated packet on.
+#[inline(always)]
+fn new_flow<const GENERIC: bool>(
+    ctx: &XdpContext,
+    flow: &Flow,
+    key: &FlowKey,
+    service: *mut ServiceValue,
+) -> Result<u32, u32> {
     count(STAT_CT_MISS_SYN);
+    let now = conntrack::now_ns();
     let Some(backend) = conntrack::pick_backend(service) else {
         // Pass: no backend; the kernel (proxy or RST) answers.
         return pass(STAT_NO_BACKEND);
@@ -153,7 +184,7 @@ fn forward_path<const GENERIC: bool>(
         return pass(STAT_FIB_NO_NEIGH);
     }
     // Cache the route in the forward entry for the flow's next packets.
-    if let Some(stored) = XLB_CT_FWD.get_ptr_mut(&key) {
+    if let Some(stored) = XLB_CT_FWD.get_ptr_mut(key) {
         // SAFETY: points into a map value.
         unsafe {
             (*stored).ifindex = route.ifindex;
@@ -164,25 +195,6 @@ fn forward_path<const GENERIC: bool>(
     forward::xmit::<GENERIC>(ctx, route.ifindex, route.smac, route.dmac)
 }
 
-/// Backend → SNAT address: a reply of a tracked flow, or not ours.
-#[inline(always)]
-fn reply_path<const GENERIC: bool>(ctx: &XdpContext, flow: &Flow) -> Result<u32, u32> {
-    let key = conntrack::key_of(flow);
-    let Some(entry) = XLB_CT_REV.get_ptr_mut(&key) else {
-        // Pass: not ours.
-        return pass(STAT_NOT_OURS);
-    };
-    let now = conntrack::now_ns();
-    // SAFETY: entry points into a map value, valid for this program run.
-    if !conntrack::alive(unsafe { &*entry }, flow.proto, now) {
-        // Pass: the flow expired; whatever this is, the kernel deals with it.
-        count(STAT_CT_EXPIRED);
-        return pass(STAT_NOT_OURS);
-    }
-    count(STAT_CT_REPLY);
-    translate::<GENERIC>(ctx, flow, entry, &XLB_CT_FWD, now)
-}
-
 /// Translates a packet of a tracked flow per `entry` and sends it on, refreshing the entry
 /// (timestamp and cached route) at most once per `CT_REFRESH_NS`.
 #[inline(always)]
@@ -190,7 +202,7 @@ fn translate<const GENERIC: bool>(
     ctx: &XdpContext,
     flow: &Flow,
     entry: *mut CtEntry,
-    peer_map: &aya_ebpf::btf_maps::LruHashMap<FlowKey, CtEntry, { MAX_FLOWS as usize }>,
+    peer_map: &CtMap,
     now: u64,
 ) -> Result<u32, u32> {
     if flow.proto == IPPROTO_TCP {
@@ -200,7 +212,7 @@ fn translate<const GENERIC: bool>(
     let mut e = unsafe { *entry };
     count_service(e.service_id, (ctx.data_end() - ctx.data()) as u64, 0);
     nat::rewrite(ctx, flow, &e)?;
-    if now.wrapping_sub(e.last_seen_ns) > CT_REFRESH_NS || e.ifindex == 0 {
+    if now.saturating_sub(e.last_seen_ns) > CT_REFRESH_NS || e.ifindex == 0 {
         let tot_len = flow.l4_len + (flow.l4_offset - network_types::eth::EthHdr::LEN) as u16;
         let route = forward::route(ctx, flow.proto, e.nat_dst_ip, tot_len, false);
         // SAFETY: as above; plain stores to the value.

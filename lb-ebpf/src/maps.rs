@@ -41,6 +41,11 @@ pub static XLB_STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::n
 #[btf_map]
 pub static XLB_SVC_STATS: PerCpuArray<ServiceStats, { MAX_SERVICES as usize }> = PerCpuArray::new();
 
+/// Per-CPU clock cache, private to the program (not pinned, userspace never reads it):
+/// `[jiffies, CLOCK_MONOTONIC_COARSE ns read at that jiffy]`, see `conntrack::now_ns`.
+#[btf_map]
+pub static XLB_CLOCK: PerCpuArray<[u64; 2], 1> = PerCpuArray::new();
+
 /// Adds one to global counter `index`.
 #[inline(always)]
 pub fn count(index: u32) {

@@ -7,3 +7,4 @@ pub mod fixture;
 pub mod netns;
 pub mod pkt;
 pub mod servers;
+pub mod topology;

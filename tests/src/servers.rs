@@ -66,7 +66,7 @@ impl Backend {
                                 let name = name.clone();
                                 std::thread::spawn(move || serve(conn, &name));
                             }
-                            Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                            Err(_) => wait_readable(&listener, 50),
                         }
                     }
                 }
@@ -79,6 +79,18 @@ impl Backend {
         }
         Backend { stop }
     }
+}
+
+/// Waits until `listener` has a connection to accept, at most `ms` milliseconds (so the accept
+/// loop notices `stop` while staying prompt: no fixed sleep between connections).
+fn wait_readable(listener: &TcpListener, ms: i32) {
+    let mut fd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for a socket this thread owns.
+    unsafe { libc::poll(&mut fd, 1, ms) };
 }
 
 fn serve(conn: TcpStream, name: &str) {

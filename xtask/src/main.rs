@@ -97,13 +97,17 @@ fn main() -> anyhow::Result<()> {
                 "--bin",
                 "bench_reconcile",
                 "--bin",
+                "bench_e2e",
+                "--bin",
+                "xlb_loader",
+                "--bin",
                 "bench_apply",
                 "--bin",
                 "xlb",
             ])?;
             require_root("the data plane benchmark")?;
             let root = workspace_root();
-            for bench in ["bench_xdp", "bench_reconcile", "bench_apply"] {
+            for bench in ["bench_xdp", "bench_e2e", "bench_reconcile", "bench_apply"] {
                 eprintln!("[xtask] {bench}");
                 let status = Command::new(root.join("target/release").join(bench))
                     .status()
