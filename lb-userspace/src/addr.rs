@@ -557,7 +557,8 @@ impl AddrManager {
         }
     }
 
-    /// Announces `vips` on the link device with gratuitous ARP, [`GARP_COUNT`] times each.
+    /// Announces `vips` on the link device with gratuitous ARP, [`GARP_COUNT`] times each: the
+    /// first round before returning, the others from a background task.
     async fn gratuitous_arp(&self, vips: &[Ipv4Addr]) -> Result<(), AddrError> {
         let Some(mac) = self.link.mac else {
             tracing::debug!(device = %self.link.name, "device has no Ethernet address: no gratuitous ARP");
@@ -572,15 +573,25 @@ impl AddrManager {
             source,
         };
         let socket = ArpSocket::open(self.link.index).map_err(arp_error)?;
-        for round in 0..GARP_COUNT {
-            if round > 0 {
-                tokio::time::sleep(GARP_GAP).await;
-            }
-            for &vip in vips {
-                socket.send(&garp_frame(mac, vip)).map_err(arp_error)?;
-                tracing::debug!(vip = %vip, device = %self.link.name, round, "gratuitous ARP sent");
-            }
+        for &vip in vips {
+            socket.send(&garp_frame(mac, vip)).map_err(arp_error)?;
+            tracing::debug!(vip = %vip, device = %self.link.name, round = 0, "gratuitous ARP sent");
         }
+        // The repeats go out in the background: waiting for them held the whole control loop
+        // (data plane, status) for (GARP_COUNT - 1) * GARP_GAP = 200 ms on every new VIP.
+        let (vips, device) = (vips.to_vec(), self.link.name.clone());
+        tokio::spawn(async move {
+            for round in 1..GARP_COUNT {
+                tokio::time::sleep(GARP_GAP).await;
+                for &vip in &vips {
+                    if let Err(error) = socket.send(&garp_frame(mac, vip)) {
+                        tracing::warn!(%error, vip = %vip, %device, round, "repeating gratuitous ARP failed");
+                        return;
+                    }
+                    tracing::debug!(vip = %vip, %device, round, "gratuitous ARP sent");
+                }
+            }
+        });
         Ok(())
     }
 }

@@ -197,7 +197,8 @@ pub struct Args {
     #[arg(long, env = "RESTRICTED_CIDR", value_name = "CIDRS")]
     pub restricted_cidr: Option<String>,
 
-    /// Label worker nodes with the worker label.
+    /// Label nodes that lack the worker label and are not control-plane nodes
+    /// (node-role.kubernetes.io/control-plane or /master) with it, so they become backends.
     #[arg(long, env = "TAG_WORKER_NODES", value_parser = clap::builder::BoolishValueParser::new())]
     pub tag_worker_nodes: bool,
 

@@ -325,6 +325,11 @@ impl Api {
         &self.kubeconfig
     }
 
+    /// The server's address (on the namespace's loopback).
+    pub fn addr(&self) -> SocketAddr {
+        self.server.as_ref().expect("server").addr()
+    }
+
     /// The server's fault hooks.
     pub fn faults(&self) -> kube_fake::Faults {
         self.server.as_ref().expect("server").faults()
