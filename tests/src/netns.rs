@@ -71,22 +71,31 @@ impl Netns {
         ChildGuard(child)
     }
 
+    /// Opens the namespace now; the returned closure, called on another thread, moves that
+    /// thread into it (sockets and netlink calls made afterwards act inside it).
+    pub fn joiner(&self) -> impl FnOnce() + Send + 'static {
+        let path = format!("/var/run/netns/{}", self.name);
+        let file = std::fs::File::open(&path).unwrap_or_else(|err| panic!("open {path}: {err}"));
+        move || {
+            // SAFETY: setns on a valid namespace fd affects only the calling thread.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(
+                rc,
+                0,
+                "setns into {path}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+
     /// Runs `f` on a thread that has entered this namespace, so sockets and netlink calls made
     /// by `f` act inside it.
     pub fn enter<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        let path = format!("/var/run/netns/{}", self.name);
-        let file = std::fs::File::open(&path).unwrap_or_else(|err| panic!("open {path}: {err}"));
+        let join = self.joiner();
         std::thread::scope(|scope| {
             scope
                 .spawn(|| {
-                    // SAFETY: setns on a valid namespace fd affects only this thread.
-                    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                    assert_eq!(
-                        rc,
-                        0,
-                        "setns into {path}: {}",
-                        std::io::Error::last_os_error()
-                    );
+                    join();
                     f()
                 })
                 .join()

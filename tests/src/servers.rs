@@ -15,17 +15,9 @@ pub fn spawn_in<R: Send + 'static>(
     ns: &Netns,
     f: impl FnOnce() -> R + Send + 'static,
 ) -> JoinHandle<R> {
-    let path = format!("/var/run/netns/{}", ns.name());
-    let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+    let join = ns.joiner();
     std::thread::spawn(move || {
-        // SAFETY: setns on a valid namespace fd affects only this thread.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(
-            rc,
-            0,
-            "setns into {path}: {}",
-            std::io::Error::last_os_error()
-        );
+        join();
         f()
     })
 }
