@@ -53,6 +53,26 @@ mod tests {
         }
     }
 
+    /// A burst of connections from one client to one VIP, spread round robin over three
+    /// backends, the client's ports stepping by two (Linux's connect()) through its whole
+    /// ephemeral range: about 29% of each backend's SNAT ports end up taken, and every flow
+    /// must still find a free one within its probes. (With a fixed probe distance, one or two
+    /// flows in such a burst ran out.)
+    #[test]
+    fn a_connection_burst_never_exhausts_the_probes() {
+        let mut taken = [[false; SNAT_PORT_COUNT as usize]; 3];
+        for i in 0..14_000u32 {
+            let client_port = 32768 + (2 * i % 28_232) as u16;
+            let h = flow_hash([192, 0, 2, 1], [198, 51, 100, 10], client_port, 80, 6);
+            let backend = &mut taken[i as usize % 3];
+            let free = (0..SNAT_PROBES)
+                .map(|attempt| (snat_port(h, attempt) - SNAT_PORT_MIN) as usize)
+                .find(|&port| !backend[port]);
+            let port = free.unwrap_or_else(|| panic!("flow {i}: all {SNAT_PROBES} probes taken"));
+            backend[port] = true;
+        }
+    }
+
     #[test]
     fn same_client_port_through_two_vips_hashes_differently() {
         let a = flow_hash([192, 0, 2, 1], [198, 51, 100, 10], 5000, 80, 6);

@@ -207,15 +207,20 @@ pub const SNAT_PORT_MIN: u16 = 16384;
 /// Number of SNAT ports (a power of two): ports `16384..=32767`.
 pub const SNAT_PORT_COUNT: u32 = 16384;
 /// How many candidate SNAT ports a new flow probes before giving up (and passing the packet).
-pub const SNAT_PROBES: u32 = 8;
-/// Distance between consecutive probes (odd, so probes never repeat within the range).
-pub const SNAT_PROBE_STEP: u32 = 4099;
+/// With probes spread as by [`snat_port`], all of them are taken with probability about
+/// `occupancy^16`: one new flow in 10^5 at half the range in use toward one backend.
+pub const SNAT_PROBES: u32 = 16;
 
 /// The `attempt`-th SNAT port candidate for a flow whose hash is `hash`
-/// (see [`crate::flow_hash`]).
+/// (see [`crate::flow_hash`]). Double hashing: the first candidate and the (odd, so no
+/// candidate repeats within the range) distance between candidates come from different bits
+/// of the hash. A fixed distance would be linear probing in disguise: flows whose sequences
+/// overlap pile up into runs, and a burst of a few thousand connections to one backend
+/// exhausts the probes of some new flow long before the range is full.
 #[inline(always)]
 pub const fn snat_port(hash: u32, attempt: u32) -> u16 {
-    let offset = hash.wrapping_add(attempt.wrapping_mul(SNAT_PROBE_STEP)) & (SNAT_PORT_COUNT - 1);
+    let step = (hash >> 16) | 1;
+    let offset = hash.wrapping_add(attempt.wrapping_mul(step)) & (SNAT_PORT_COUNT - 1);
     SNAT_PORT_MIN + offset as u16
 }
 
