@@ -9,6 +9,7 @@ use aya_ebpf::{
 use lb_common::*;
 
 use crate::{
+    forward::Route,
     maps::{XLB_BACKENDS, XLB_CLOCK, XLB_CT_FWD, XLB_CT_REV, count},
     packet::Flow,
 };
@@ -133,8 +134,9 @@ pub fn pick_backend(service: *mut ServiceValue) -> Option<BackendValue> {
     XLB_BACKENDS.get_ptr(&key).map(|b| unsafe { *b })
 }
 
-/// Creates the forward and reverse entries of a new flow to `backend`, translated from
-/// `snat_ip`. The SNAT port is the first of [`SNAT_PROBES`] candidates (derived from the
+/// Creates the forward and reverse entries of a new flow to `backend` over `route`, translated
+/// from the route's source address; the forward entry caches the route when its neighbour is
+/// resolved. The SNAT port is the first of [`SNAT_PROBES`] candidates (derived from the
 /// client tuple's hash) whose reverse key `(backend, snat_ip, backend port, port)` is free or
 /// expired, so two flows to the same backend never share a port. Returns the forward entry.
 #[inline(always)]
@@ -142,9 +144,10 @@ pub fn create(
     flow: &Flow,
     service_id: u32,
     backend: &BackendValue,
-    snat_ip: [u8; 4],
+    route: &Route,
     now: u64,
 ) -> Result<CtEntry, u32> {
+    let snat_ip = route.src;
     let hash = flow_hash(flow.src, flow.dst, flow.src_port, flow.dst_port, flow.proto);
     let reverse = CtEntry {
         nat_src_ip: flow.dst,
@@ -160,16 +163,24 @@ pub fn create(
     for attempt in 0..SNAT_PROBES {
         let port = snat_port(hash, attempt);
         let key = flow_key(backend.ip, snat_ip, backend.port, port, flow.proto);
-        let flags = match XLB_CT_REV.get_ptr(&key) {
-            None => BPF_NOEXIST,
-            // SAFETY: points into a map value, read once.
-            Some(old) if !alive(unsafe { &*old }, flow.proto, now) => BPF_ANY,
-            Some(_) => continue,
-        };
-        if XLB_CT_REV.insert(&key, &reverse, flags as u64).is_ok() {
-            chosen = port;
-            break;
+        // Most candidates are free: insert first, and look at the entry holding a taken one
+        // only to see whether it has expired (then it is replaced).
+        if XLB_CT_REV
+            .insert(&key, &reverse, BPF_NOEXIST as u64)
+            .is_err()
+        {
+            match XLB_CT_REV.get_ptr(&key) {
+                // SAFETY: points into a map value, read once.
+                Some(old) if alive(unsafe { &*old }, flow.proto, now) => continue,
+                _ => {
+                    if XLB_CT_REV.insert(&key, &reverse, BPF_ANY as u64).is_err() {
+                        continue;
+                    }
+                }
+            }
         }
+        chosen = port;
+        break;
     }
     if chosen == 0 {
         count(STAT_SNAT_EXHAUSTED);
@@ -183,6 +194,10 @@ pub fn create(
         service_id,
         state: CT_STATE_OPEN,
         last_seen_ns: now,
+        // 0 (no cached route): the flow's next packet looks the route up again.
+        ifindex: if route.resolved { route.ifindex } else { 0 },
+        smac: route.smac,
+        dmac: route.dmac,
         ..CtEntry::default()
     };
     if XLB_CT_FWD

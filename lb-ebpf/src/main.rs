@@ -139,7 +139,7 @@ fn try_xlb<const GENERIC: bool>(ctx: &XdpContext) -> Result<u32, u32> {
         // Pass: a TCP segment of a flow we do not track; the proxy fallback owns it.
         return pass(STAT_CT_MISS_NON_SYN);
     }
-    new_flow::<GENERIC>(ctx, &flow, &key, service)
+    new_flow::<GENERIC>(ctx, &flow, service)
 }
 
 /// Whether `port` (host order) is in the SNAT port range, where every reverse key's
@@ -155,7 +155,6 @@ fn in_snat_range(port: u16) -> bool {
 fn new_flow<const GENERIC: bool>(
     ctx: &XdpContext,
     flow: &Flow,
-    key: &FlowKey,
     service: *mut ServiceValue,
 ) -> Result<u32, u32> {
     count(STAT_CT_MISS_SYN);
@@ -171,7 +170,7 @@ fn new_flow<const GENERIC: bool>(
     };
     // SAFETY: service points into a map value, valid for this program run.
     let service_id = unsafe { (*service).id };
-    let entry = match conntrack::create(flow, service_id, &backend, route.src, now) {
+    let entry = match conntrack::create(flow, service_id, &backend, &route, now) {
         Ok(entry) => entry,
         // Pass: no conntrack entry (counted in create); the proxy may take it.
         Err(_) => return Ok(xdp_action::XDP_PASS),
@@ -182,15 +181,6 @@ fn new_flow<const GENERIC: bool>(
     if !route.resolved {
         // Pass: the kernel forwards the translated packet and resolves the neighbour.
         return pass(STAT_FIB_NO_NEIGH);
-    }
-    // Cache the route in the forward entry for the flow's next packets.
-    if let Some(stored) = XLB_CT_FWD.get_ptr_mut(key) {
-        // SAFETY: points into a map value.
-        unsafe {
-            (*stored).ifindex = route.ifindex;
-            (*stored).smac = route.smac;
-            (*stored).dmac = route.dmac;
-        }
     }
     forward::xmit::<GENERIC>(ctx, route.ifindex, route.smac, route.dmac)
 }

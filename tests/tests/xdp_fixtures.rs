@@ -340,29 +340,7 @@ fn same_client_port_through_two_vips_to_one_backend_gets_distinct_snat_ports() {
     // flow to the same backend held it.
     let second_hash = flow_hash(CLIENT, VIP2, 45000, 80, IPPROTO_TCP);
     let taken = snat_port(second_hash, 0);
-    let mut rev = fx.ct_map(CT_REV_MAP);
-    let key = FlowKey {
-        src_ip: BACKEND,
-        dst_ip: LB_BACKEND_IP.octets(),
-        src_port: 8080,
-        dst_port: taken,
-        proto: IPPROTO_TCP,
-        _pad: [0; 3],
-    };
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the valid timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    let now = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
-    let entry = CtEntry {
-        nat_src_ip: [192, 0, 2, 9],
-        nat_dst_ip: VIP,
-        last_seen_ns: now,
-        ..CtEntry::default()
-    };
-    rev.insert(key, entry, 0).expect("insert reverse entry");
+    hold_snat_port(&fx, taken, CT_STATE_OPEN, monotonic_ns());
 
     let (_, out1) = fx.run(
         PROGRAM_GENERIC,
@@ -397,6 +375,68 @@ fn same_client_port_through_two_vips_to_one_backend_gets_distinct_snat_ports() {
     );
     assert_eq!(pkt::endpoints(&back1), (sa(VIP, 80), sa(CLIENT, 45000)));
     assert_eq!(pkt::endpoints(&back2), (sa(VIP2, 80), sa(CLIENT, 45000)));
+}
+
+#[test]
+fn an_expired_reverse_entry_gives_up_its_snat_port() {
+    let fx = fixture("fx-expired");
+    let hash = flow_hash(CLIENT, VIP, 45100, 80, IPPROTO_TCP);
+    let first_choice = snat_port(hash, 0);
+    // A flow that closed long ago (the closing timeout is 10 s) still holds the port.
+    let long_ago = monotonic_ns().saturating_sub(CT_TIMEOUT_TCP_CLOSING_NS + 1_000_000_000);
+    hold_snat_port(&fx, first_choice, CT_STATE_CLOSING, long_ago);
+    let (_, out) = fx.run(
+        PROGRAM_GENERIC,
+        &pkt::tcp(sa(CLIENT, 45100), sa(VIP, 80), SYN, &[]),
+    );
+    assert_eq!(
+        snat_port_of(&out),
+        first_choice,
+        "the expired entry is replaced"
+    );
+    let (_, back) = fx.run(
+        PROGRAM_GENERIC,
+        &pkt::tcp(
+            sa(BACKEND, 8080),
+            sa(LB_BACKEND_IP.octets(), first_choice),
+            SYN | ACK,
+            &[],
+        ),
+    );
+    assert_eq!(pkt::endpoints(&back), (sa(VIP, 80), sa(CLIENT, 45100)));
+}
+
+/// CLOCK_MONOTONIC now, the clock of `CtEntry::last_seen_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Makes SNAT `port` toward `BACKEND:8080` held by another client's reverse entry.
+fn hold_snat_port(fx: &Fixture, port: u16, state: u32, last_seen_ns: u64) {
+    let key = FlowKey {
+        src_ip: BACKEND,
+        dst_ip: LB_BACKEND_IP.octets(),
+        src_port: 8080,
+        dst_port: port,
+        proto: IPPROTO_TCP,
+        _pad: [0; 3],
+    };
+    let entry = CtEntry {
+        nat_src_ip: [192, 0, 2, 9],
+        nat_dst_ip: VIP,
+        state,
+        last_seen_ns,
+        ..CtEntry::default()
+    };
+    fx.ct_map(CT_REV_MAP)
+        .insert(key, entry, 0)
+        .expect("insert reverse entry");
 }
 
 #[test]

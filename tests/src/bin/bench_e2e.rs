@@ -142,7 +142,11 @@ fn xlb(name: &'static str, t: &Topology, loader: &Path, mode: &str) -> Row {
     let result = measure(name, t, vip(PORT).into(), vip(IPERF_PORT));
     if result.conns.is_none() || result.gbps.is_none() {
         // The data plane's counters say where the failed flow went.
-        let _ = xlb::inspect::print(pins.path(), xlb::inspect::Table::Stats, &mut std::io::stderr());
+        let _ = xlb::inspect::print(
+            pins.path(),
+            xlb::inspect::Table::Stats,
+            &mut std::io::stderr(),
+        );
     }
     ld.kill();
     drop(pins);
