@@ -28,6 +28,7 @@ use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, ValueEnum};
 
+use crate::dataplane::xdp::XdpMode;
 use crate::ipam::Pool;
 
 /// Environment variable naming the config file.
@@ -129,17 +130,6 @@ pub enum Announce {
     /// On the loopback device as /32, for a routing daemon (FRR, BIRD) to advertise over BGP or
     /// OSPF on a routed fabric. No ARP.
     Lo,
-}
-
-/// How the XDP program is attached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum XdpMode {
-    /// Native (driver) mode, falling back to generic (skb) mode.
-    Auto,
-    /// Native (driver) mode only.
-    Native,
-    /// Generic (skb) mode only.
-    Skb,
 }
 
 /// Which data planes carry the traffic (`--dataplane`).

@@ -11,9 +11,9 @@ use kube::Resource as _;
 use tokio::sync::watch;
 
 use crate::addr::{AddrConfig, AddrManager, DesiredVips};
-use crate::config::{self, Config, DataplaneKind, KubeconfigSource};
+use crate::config::{Config, DataplaneKind, KubeconfigSource};
 use crate::dataplane::proxy::ProxyDataplane;
-use crate::dataplane::xdp::{ModeChoice, XdpConfig, XdpDataplane};
+use crate::dataplane::xdp::{XdpConfig, XdpDataplane};
 use crate::dataplane::{Dataplane as _, Layered};
 use crate::metrics::Metrics;
 use crate::model::{Allocations, ClusterState, ServiceKey};
@@ -166,11 +166,7 @@ fn open_dataplane(config: &Config, device: &str) -> anyhow::Result<Dataplanes> {
         DataplaneKind::Xdp | DataplaneKind::Both => {
             let opened = XdpDataplane::open(XdpConfig {
                 pin_dir: config.pin_dir.clone(),
-                mode: match config.xdp_mode {
-                    config::XdpMode::Auto => ModeChoice::Auto,
-                    config::XdpMode::Native => ModeChoice::Native,
-                    config::XdpMode::Skb => ModeChoice::Generic,
-                },
+                mode: config.xdp_mode,
                 ..XdpConfig::new(device)
             });
             match opened {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use xlb::dataplane::Dataplane as _;
 use xlb::dataplane::proxy::{ProxyDataplane, ProxyStats, Timeouts};
-use xlb::dataplane::xdp::{ModeChoice, XdpConfig, XdpDataplane};
+use xlb::dataplane::xdp::{XdpConfig, XdpDataplane, XdpMode};
 use xlb::model::{Backend as Upstream, Frontend, Protocol, VirtualService};
 use xlb_tests::bpf::PinDir;
 use xlb_tests::netns::{Netns, require_root, veth};
@@ -411,7 +411,7 @@ fn proxied_connection_survives_xdp_attach_and_new_connections_take_xdp() {
     let xdp = topology.lb.enter(|| {
         let mut xdp = XdpDataplane::open(XdpConfig {
             pin_dir: pins.path().to_owned(),
-            mode: ModeChoice::Generic,
+            mode: XdpMode::Skb,
             set_sysctls: true,
             ..XdpConfig::new("l0")
         })

@@ -2,7 +2,7 @@
 //! traffic through, in both generic and native mode.
 
 use lb_common::*;
-use xlb::dataplane::xdp::{AttachMode, ModeChoice, XdpConfig, XdpDataplane};
+use xlb::dataplane::xdp::{AttachMode, XdpConfig, XdpDataplane, XdpMode};
 use xlb_tests::bpf::PinDir;
 use xlb_tests::fixture::Fixture;
 use xlb_tests::netns::{Netns, veth};
@@ -99,7 +99,7 @@ fn test_run_counts_frames_by_kind_and_passes_what_is_not_ours() {
 
 /// Pings across a veth pair with the program on the receiving end; the IPv4 counter moves by
 /// exactly the number of echo requests.
-fn ping_through(choice: ModeChoice, expected_mode: AttachMode) {
+fn ping_through(choice: XdpMode, expected_mode: AttachMode) {
     const PINGS: u64 = 10;
     let client = Netns::new("fnd-c");
     let server = Netns::new("fnd-s");
@@ -151,10 +151,10 @@ fn ping_through(choice: ModeChoice, expected_mode: AttachMode) {
 
 #[test]
 fn traffic_crosses_generic_xdp_on_veth() {
-    ping_through(ModeChoice::Generic, AttachMode::Generic);
+    ping_through(XdpMode::Skb, AttachMode::Generic);
 }
 
 #[test]
 fn traffic_crosses_native_xdp_on_veth() {
-    ping_through(ModeChoice::Native, AttachMode::Native);
+    ping_through(XdpMode::Native, AttachMode::Native);
 }

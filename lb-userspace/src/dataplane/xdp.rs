@@ -44,7 +44,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{DevMapHash, HashMap, MapData, MapInfo, PerCpuArray, PerCpuValues},
     programs::{
-        Xdp, XdpMode,
+        Xdp, XdpMode as XdpAttachFlags,
         links::{FdLink, PinnedLink},
         xdp::{XdpLink, XdpLinkId},
     },
@@ -82,16 +82,16 @@ impl AttachMode {
     }
 }
 
-/// Which mode to try when attaching.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum ModeChoice {
-    /// Native, falling back to generic with a log line, per device.
+/// Which XDP mode to attach in (`--xdp-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum XdpMode {
+    /// Native (driver) mode, falling back to generic (skb) mode with a log line, per device.
     #[default]
     Auto,
-    /// Native only.
+    /// Native (driver) mode only.
     Native,
-    /// Generic only.
-    Generic,
+    /// Generic (skb) mode only.
+    Skb,
 }
 
 /// How [`XdpDataplane`] is set up.
@@ -106,7 +106,7 @@ pub struct XdpConfig {
     /// Also attach to every device through which a backend is routed.
     pub follow_backend_routes: bool,
     /// XDP mode per device.
-    pub mode: ModeChoice,
+    pub mode: XdpMode,
     /// Set the sysctls listed in the module docs.
     pub set_sysctls: bool,
 }
@@ -117,7 +117,7 @@ impl Default for XdpConfig {
             pin_dir: PathBuf::from(PIN_DIR),
             devices: Vec::new(),
             follow_backend_routes: true,
-            mode: ModeChoice::Auto,
+            mode: XdpMode::Auto,
             set_sysctls: true,
         }
     }
@@ -467,28 +467,28 @@ impl XdpDataplane {
             let program = xdp_mut(&mut self.ebpf, mode.program())
                 .map_err(|_| aya::programs::ProgramError::NotLoaded)?;
             let flags = if mode == AttachMode::Native {
-                XdpMode::Driver
+                XdpAttachFlags::Driver
             } else {
-                XdpMode::Skb
+                XdpAttachFlags::Skb
             };
             program.attach_to_if_index(ifindex, flags)
         };
         match self.config.mode {
-            ModeChoice::Native => try_mode(AttachMode::Native)
+            XdpMode::Native => try_mode(AttachMode::Native)
                 .map(|id| (AttachMode::Native, id))
                 .map_err(|source| DataplaneError::AttachMode {
                     iface: device.into(),
                     mode: "native",
                     source,
                 }),
-            ModeChoice::Generic => try_mode(AttachMode::Generic)
+            XdpMode::Skb => try_mode(AttachMode::Generic)
                 .map(|id| (AttachMode::Generic, id))
                 .map_err(|source| DataplaneError::AttachMode {
                     iface: device.into(),
                     mode: "generic",
                     source,
                 }),
-            ModeChoice::Auto => match try_mode(AttachMode::Native) {
+            XdpMode::Auto => match try_mode(AttachMode::Native) {
                 Ok(id) => Ok((AttachMode::Native, id)),
                 Err(native) => {
                     tracing::warn!(device, error = %native, "native XDP attach failed (driver lacks XDP?); falling back to generic mode");

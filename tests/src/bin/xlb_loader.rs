@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use xlb::dataplane::Dataplane as _;
 use xlb::dataplane::spec::parse_services;
-use xlb::dataplane::xdp::{ModeChoice, XdpConfig, XdpDataplane};
+use xlb::dataplane::xdp::{XdpConfig, XdpDataplane, XdpMode};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -18,9 +18,9 @@ fn main() {
         std::process::exit(2);
     };
     let mode = match mode.as_str() {
-        "native" => ModeChoice::Native,
-        "generic" => ModeChoice::Generic,
-        _ => ModeChoice::Auto,
+        "native" => XdpMode::Native,
+        "generic" => XdpMode::Skb,
+        _ => XdpMode::Auto,
     };
     let config = XdpConfig {
         pin_dir: PathBuf::from(pin_dir),
