@@ -64,7 +64,8 @@ fn proto_name(proto: u8) -> &'static str {
     }
 }
 
-fn monotonic_ns() -> u64 {
+/// `CLOCK_MONOTONIC` now, in ns: the clock of conntrack `last_seen_ns` stamps.
+pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

@@ -7,6 +7,7 @@
 //! - same device: client, LB and backends on one bridge (in a `sw` namespace); the LB has a
 //!   single device `l0` carrying both subnets.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::Path;
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use crate::bpf::PinDir;
 use crate::netns::{ChildGuard, Netns, veth};
-use crate::servers::Backend;
+use crate::servers::{Backend, tcp_name, udp_name};
 
 /// The service address the topology's services use.
 pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
@@ -28,6 +29,39 @@ pub const BACKEND_PORT: u16 = 8080;
 /// `VIP:PORT`.
 pub fn vip() -> SocketAddr {
     SocketAddr::V4(SocketAddrV4::new(VIP, PORT))
+}
+
+/// Opens `n` TCP connections to [`vip`] from `client`, one after the other (60 s at most);
+/// counts the answers by backend name.
+pub fn tcp_spread(client: &Netns, n: usize) -> BTreeMap<String, usize> {
+    client.enter(|| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut counts = BTreeMap::new();
+        for i in 0..n {
+            assert!(
+                Instant::now() < deadline,
+                "{n} connections took more than 60 s"
+            );
+            let name =
+                tcp_name(vip()).unwrap_or_else(|e| panic!("connection {i} through the VIP: {e}"));
+            *counts.entry(name).or_insert(0) += 1;
+        }
+        counts
+    })
+}
+
+/// Sends `n` datagrams to [`vip`] from `client`, each from a new socket (a new flow); counts
+/// the answers by backend name.
+pub fn udp_spread(client: &Netns, n: usize) -> BTreeMap<String, usize> {
+    client.enter(|| {
+        let mut counts = BTreeMap::new();
+        for i in 0..n {
+            let name =
+                udp_name(vip()).unwrap_or_else(|e| panic!("UDP query {i} through the VIP: {e}"));
+            *counts.entry(name).or_insert(0) += 1;
+        }
+        counts
+    })
 }
 
 /// A fresh temporary directory (for services files and configs).

@@ -7,7 +7,8 @@
 //! on a private pin directory.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::Ipv4Addr;
+use std::ops::Deref;
 use std::time::{Duration, Instant};
 
 use xlb::dataplane::Dataplane as _;
@@ -15,61 +16,32 @@ use xlb::dataplane::proxy::{ProxyDataplane, ProxyStats, Timeouts};
 use xlb::dataplane::xdp::{XdpConfig, XdpDataplane, XdpMode};
 use xlb::model::{Backend as Upstream, Frontend, Protocol, VirtualService};
 use xlb_tests::bpf::PinDir;
-use xlb_tests::netns::{Netns, require_root, veth};
-use xlb_tests::servers::{Backend, LongLived, tcp_name, udp_name};
+use xlb_tests::netns::{Netns, require_root};
+use xlb_tests::servers::{Backend, LongLived, tcp_name};
+use xlb_tests::topology::{self, BACKEND_PORT, PORT, VIP, tcp_spread, udp_spread, vip};
 
-const VIP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
-const PORT: u16 = 80;
-const BACKEND_PORT: u16 = 8080;
-
-fn vip() -> SocketAddr {
-    SocketAddr::V4(SocketAddrV4::new(VIP, PORT))
-}
-
-/// Namespaces, backends and the proxy's runtime of one test; removed on drop.
+/// The shared separate-devices topology with a backend server in each backend namespace and
+/// a tokio runtime whose threads live in the lb namespace; removed on drop.
 struct Topology {
-    client: Netns,
-    lb: Netns,
-    /// Backend namespaces and their addresses; backend `i` answers with the name `b<i+1>`.
-    backends: Vec<(Netns, Ipv4Addr)>,
+    net: topology::Topology,
     _servers: Vec<Backend>,
     runtime: Option<tokio::runtime::Runtime>,
 }
 
+impl Deref for Topology {
+    type Target = topology::Topology;
+
+    fn deref(&self) -> &topology::Topology {
+        &self.net
+    }
+}
+
 impl Topology {
-    /// Client behind `l0` (VIP on `l0`), backend i behind its own device `lb<i>`, a backend
-    /// server in each, and a tokio runtime whose threads live in the lb namespace.
     fn new(tag: &str) -> Topology {
         require_root("the proxy namespace tests");
-        let client = Netns::new(&format!("{tag}c"));
-        let lb = Netns::new(&format!("{tag}l"));
-        veth(&client, "c0", &lb, "l0");
-        client.run(&["ip", "addr", "add", "192.0.2.1/24", "dev", "c0"]);
-        client.run(&["ip", "route", "add", "default", "via", "192.0.2.254"]);
-        lb.run(&["ip", "addr", "add", "192.0.2.254/24", "dev", "l0"]);
-        lb.run(&["ip", "addr", "add", "198.51.100.1/24", "dev", "l0"]);
-        lb.run(&["ip", "addr", "add", &format!("{VIP}/32"), "dev", "l0"]);
-        let mut backends = Vec::new();
-        let mut servers = Vec::new();
-        for i in 1..=3u8 {
-            let ns = Netns::new(&format!("{tag}b{i}"));
-            let dev = format!("lb{i}");
-            veth(&ns, "b0", &lb, &dev);
-            let (lb_ip, b_ip) = (
-                Ipv4Addr::new(203, 0, 113, 4 * i + 1),
-                Ipv4Addr::new(203, 0, 113, 4 * i + 2),
-            );
-            lb.run(&["ip", "addr", "add", &format!("{lb_ip}/30"), "dev", &dev]);
-            ns.run(&["ip", "addr", "add", &format!("{b_ip}/30"), "dev", "b0"]);
-            ns.run(&["ip", "route", "add", "default", "via", &lb_ip.to_string()]);
-            servers.push(Backend::start(
-                &ns,
-                SocketAddr::V4(SocketAddrV4::new(b_ip, BACKEND_PORT)),
-                &format!("b{i}"),
-            ));
-            backends.push((ns, b_ip));
-        }
-        let runtime = lb.enter(|| {
+        let net = topology::Topology::separate(tag);
+        let servers = net.start_backends();
+        let runtime = net.lb.enter(|| {
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -77,9 +49,7 @@ impl Topology {
                 .expect("build a tokio runtime in the lb namespace")
         });
         Topology {
-            client,
-            lb,
-            backends,
+            net,
             _servers: servers,
             runtime: Some(runtime),
         }
@@ -137,37 +107,6 @@ fn stats(proxy: &ProxyDataplane, protocol: Protocol) -> ProxyStats {
         .get(&frontend(protocol))
         .copied()
         .unwrap_or_else(|| panic!("the proxy has no {protocol} frontend"))
-}
-
-/// Opens `n` TCP connections one after the other; counts answers by backend name.
-fn tcp_spread(client: &Netns, n: usize) -> BTreeMap<String, usize> {
-    client.enter(|| {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut counts = BTreeMap::new();
-        for i in 0..n {
-            assert!(
-                Instant::now() < deadline,
-                "{n} connections took more than 60 s"
-            );
-            let name =
-                tcp_name(vip()).unwrap_or_else(|e| panic!("connection {i} through the VIP: {e}"));
-            *counts.entry(name).or_insert(0) += 1;
-        }
-        counts
-    })
-}
-
-/// Sends `n` datagrams, each from a new socket (a new flow); counts answers by backend name.
-fn udp_spread(client: &Netns, n: usize) -> BTreeMap<String, usize> {
-    client.enter(|| {
-        let mut counts = BTreeMap::new();
-        for i in 0..n {
-            let name =
-                udp_name(vip()).unwrap_or_else(|e| panic!("UDP query {i} through the VIP: {e}"));
-            *counts.entry(name).or_insert(0) += 1;
-        }
-        counts
-    })
 }
 
 fn counts(pairs: &[(&str, usize)]) -> BTreeMap<String, usize> {

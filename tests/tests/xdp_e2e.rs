@@ -11,46 +11,15 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::mpsc::channel;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use xlb_tests::bpf::PinDir;
-use xlb_tests::netns::Netns;
-use xlb_tests::servers::{LongLived, tcp_name, udp_name};
-use xlb_tests::topology::{Topology, tempdir, vip};
+use xlb_tests::servers::LongLived;
+use xlb_tests::topology::{Topology, tcp_spread, tempdir, udp_spread, vip};
 
 /// The test loader binary.
 fn loader_exe() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_xlb_loader"))
-}
-
-/// Opens `n` TCP connections one after the other; counts answers by backend name.
-fn spread(client: &Netns, n: usize) -> BTreeMap<String, usize> {
-    client.enter(|| {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut counts = BTreeMap::new();
-        for i in 0..n {
-            assert!(
-                Instant::now() < deadline,
-                "{n} connections took more than 60 s"
-            );
-            let name =
-                tcp_name(vip()).unwrap_or_else(|e| panic!("connection {i} through the VIP: {e}"));
-            *counts.entry(name).or_insert(0) += 1;
-        }
-        counts
-    })
-}
-
-fn udp_spread(client: &Netns, n: usize) -> BTreeMap<String, usize> {
-    client.enter(|| {
-        let mut counts = BTreeMap::new();
-        for i in 0..n {
-            let name =
-                udp_name(vip()).unwrap_or_else(|e| panic!("UDP query {i} through the VIP: {e}"));
-            *counts.entry(name).or_insert(0) += 1;
-        }
-        counts
-    })
 }
 
 fn assert_even(counts: &BTreeMap<String, usize>, n: usize, backends: usize) {
@@ -95,7 +64,7 @@ fn even_spread(topology: Topology, mode: &str, tcp: usize, udp: usize) {
     std::fs::write(&file, topology.services(&[0, 1, 2])).expect("services file");
     let loader =
         xlb_tests::topology::Loader::start(loader_exe(), &topology.lb, &pins, "l0", mode, &file);
-    assert_even(&spread(&topology.client, tcp), tcp, 3);
+    assert_even(&tcp_spread(&topology.client, tcp), tcp, 3);
     assert_even(&udp_spread(&topology.client, udp), udp, 3);
     let text = stats(&pins);
     eprintln!("{text}");
@@ -183,7 +152,7 @@ fn long_lived(mode: &str, tag: &str) {
     std::fs::write(&file, topology.services(&[1, 2])).expect("services file");
     loader.wait_for("applied");
     step("after-backend-removed");
-    let counts = spread(&topology.client, 10);
+    let counts = tcp_spread(&topology.client, 10);
     assert!(
         !counts.contains_key("b1"),
         "removed backend got new flows: {counts:?}"
@@ -192,7 +161,7 @@ fn long_lived(mode: &str, tag: &str) {
     // SIGKILL the loader: pinned program, links and maps keep forwarding.
     loader.kill();
     step("loader-killed");
-    assert_eq!(spread(&topology.client, 4).values().sum::<usize>(), 4);
+    assert_eq!(tcp_spread(&topology.client, 4).values().sum::<usize>(), 4);
 
     // A new loader adopts the pinned data plane; b1 comes back.
     std::fs::write(&file, topology.services(&[0, 1, 2])).expect("services file");
@@ -200,7 +169,7 @@ fn long_lived(mode: &str, tag: &str) {
         xlb_tests::topology::Loader::start(loader_exe(), &topology.lb, &pins, "l0", mode, &file);
     step("loader-restarted");
     step("bulk");
-    assert_eq!(spread(&topology.client, 6).len(), 3);
+    assert_eq!(tcp_spread(&topology.client, 6).len(), 3);
     tx.send("stop").expect("client alive");
     let backend = client
         .join()

@@ -340,7 +340,7 @@ fn same_client_port_through_two_vips_to_one_backend_gets_distinct_snat_ports() {
     // flow to the same backend held it.
     let second_hash = flow_hash(CLIENT, VIP2, 45000, 80, IPPROTO_TCP);
     let taken = snat_port(second_hash, 0);
-    hold_snat_port(&fx, taken, CT_STATE_OPEN, monotonic_ns());
+    hold_snat_port(&fx, taken, CT_STATE_OPEN, xlb::inspect::monotonic_ns());
 
     let (_, out1) = fx.run(
         PROGRAM_GENERIC,
@@ -383,7 +383,8 @@ fn an_expired_reverse_entry_gives_up_its_snat_port() {
     let hash = flow_hash(CLIENT, VIP, 45100, 80, IPPROTO_TCP);
     let first_choice = snat_port(hash, 0);
     // A flow that closed long ago (the closing timeout is 10 s) still holds the port.
-    let long_ago = monotonic_ns().saturating_sub(CT_TIMEOUT_TCP_CLOSING_NS + 1_000_000_000);
+    let long_ago =
+        xlb::inspect::monotonic_ns().saturating_sub(CT_TIMEOUT_TCP_CLOSING_NS + 1_000_000_000);
     hold_snat_port(&fx, first_choice, CT_STATE_CLOSING, long_ago);
     let (_, out) = fx.run(
         PROGRAM_GENERIC,
@@ -404,17 +405,6 @@ fn an_expired_reverse_entry_gives_up_its_snat_port() {
         ),
     );
     assert_eq!(pkt::endpoints(&back), (sa(VIP, 80), sa(CLIENT, 45100)));
-}
-
-/// CLOCK_MONOTONIC now, the clock of `CtEntry::last_seen_ns`.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the valid timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Makes SNAT `port` toward `BACKEND:8080` held by another client's reverse entry.

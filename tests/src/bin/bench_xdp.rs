@@ -39,16 +39,6 @@ const SELF_VIP: [u8; 4] = [203, 0, 113, 4];
 /// A client port in the SNAT range, for the reverse entry.
 const REPLY_PORT: u16 = 20000;
 
-fn now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the valid timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// A conntrack entry translating `key` to itself.
 fn identity(key: &FlowKey) -> CtEntry {
     CtEntry {
@@ -58,7 +48,7 @@ fn identity(key: &FlowKey) -> CtEntry {
         nat_dst_port: key.dst_port,
         service_id: 0,
         state: CT_STATE_OPEN,
-        last_seen_ns: now_ns(),
+        last_seen_ns: xlb::inspect::monotonic_ns(),
         ..CtEntry::default()
     }
 }
