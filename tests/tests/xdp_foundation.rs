@@ -158,3 +158,8 @@ fn traffic_crosses_generic_xdp_on_veth() {
 fn traffic_crosses_native_xdp_on_veth() {
     ping_through(XdpMode::Native, AttachMode::Native);
 }
+
+#[test]
+fn auto_mode_attaches_generically_to_a_veth() {
+    ping_through(XdpMode::Auto, AttachMode::Generic);
+}

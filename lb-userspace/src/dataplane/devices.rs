@@ -82,16 +82,29 @@ pub fn ifindex(device: &str) -> Result<u32, DataplaneError> {
     Ok(index)
 }
 
+/// The kernel driver of `device` (`ethtool -i`), `None` when it cannot be told.
+fn driver(device: &str) -> Option<String> {
+    let output = Command::new("ethtool").args(["-i", device]).output().ok()?;
+    if !output.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("driver: "))
+        .map(str::to_owned)
+}
+
+/// Whether `device` is a veth.
+pub fn is_veth(device: &str) -> bool {
+    driver(device).as_deref() == Some("veth")
+}
+
 /// Whether frames sent from native XDP (`XDP_TX`, `XDP_REDIRECT`) into `device` reach the
 /// wire. A veth only delivers them when its peer runs an XDP program (or has GRO on), which xlb
 /// cannot see or control (the peer sits in a container), so veths say no; other drivers that
 /// took a native attach are assumed to implement `ndo_xdp_xmit`.
 pub fn native_xmit_ok(device: &str) -> bool {
-    let Ok(output) = Command::new("ethtool").args(["-i", device]).output() else {
-        return false;
-    };
-    let text = String::from_utf8_lossy(&output.stdout);
-    output.status.success() && !text.lines().any(|l| l.trim() == "driver: veth")
+    driver(device).is_some_and(|driver| driver != "veth")
 }
 
 /// Sets an IPv4 sysctl under `/proc/sys/net/ipv4/` (e.g. `ip_forward`, `conf/eth0/rp_filter`).
