@@ -1471,10 +1471,9 @@ mod tests {
         assert_eq!(plan.vips.len(), 1_000);
     }
 
-    /// The size the issue asks to be fast: run with
-    /// `cargo test --release -p lb-userspace --lib -- --ignored full_size`.
+    /// The size `bench_reconcile` times (under a second in a debug build): every Service gets
+    /// an address.
     #[test]
-    #[ignore = "large: run in release mode when measuring"]
     fn full_size_synthetic_cluster() {
         let (state, config, host) = crate::synthetic::cluster(10_000, 10);
         let plan = reconcile(&state, &config, &host, &Allocations::default());
