@@ -175,6 +175,51 @@ fn create_serves_and_delete_withdraws() {
     });
 }
 
+/// `--update-external-ips` writes the address into `spec.externalIPs` as the original balancer
+/// did, `--ip-mode proxy` sets the ingress `ipMode`; both go when the Service stops being
+/// xlb's.
+#[test]
+fn external_ips_and_ip_mode_follow_the_flags() {
+    let env = Env::new(
+        "ce-extip",
+        1,
+        &["--update-external-ips", "--ip-mode", "proxy"],
+    );
+    env.api.apply(&service_yaml("web", 80, 30080));
+    let ip = env.ingress("web");
+    let fields = || {
+        env.api.kubectl(&[
+            "get",
+            "svc",
+            "web",
+            "-o",
+            "jsonpath={.spec.externalIPs} {.status.loadBalancer.ingress[0].ipMode}",
+        ])
+    };
+    wait_for("externalIPs and ipMode written", REACT, || {
+        let got = fields();
+        if got.trim() == format!("[\"{ip}\"] Proxy") {
+            Ok(())
+        } else {
+            Err(got)
+        }
+    });
+    env.wait_backends(sock(ip, 80), &["node1"]);
+
+    env.api.apply(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  \
+         type: ClusterIP\n  ports: [{name: p80, port: 80, protocol: TCP, targetPort: 8080}]\n",
+    );
+    wait_for("externalIPs and ingress withdrawn", REACT, || {
+        let got = fields();
+        if got.trim().is_empty() {
+            Ok(())
+        } else {
+            Err(got)
+        }
+    });
+}
+
 /// A node that turns NotReady or loses the worker label stops getting new connections, and
 /// comes back when it is fixed.
 #[test]
