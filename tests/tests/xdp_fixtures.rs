@@ -355,24 +355,8 @@ fn same_client_port_through_two_vips_to_one_backend_gets_distinct_snat_ports() {
     assert_ne!(p2, taken, "the occupied port must be skipped");
     assert_eq!(p2, snat_port(second_hash, 1));
     // Both replies find their own client.
-    let (_, back1) = fx.run(
-        PROGRAM_GENERIC,
-        &pkt::tcp(
-            sa(BACKEND, 8080),
-            sa(LB_BACKEND_IP.octets(), p1),
-            SYN | ACK,
-            &[],
-        ),
-    );
-    let (_, back2) = fx.run(
-        PROGRAM_GENERIC,
-        &pkt::tcp(
-            sa(BACKEND, 8080),
-            sa(LB_BACKEND_IP.octets(), p2),
-            SYN | ACK,
-            &[],
-        ),
-    );
+    let back1 = backend_answer(&fx, p1);
+    let back2 = backend_answer(&fx, p2);
     assert_eq!(pkt::endpoints(&back1), (sa(VIP, 80), sa(CLIENT, 45000)));
     assert_eq!(pkt::endpoints(&back2), (sa(VIP2, 80), sa(CLIENT, 45000)));
 }
@@ -395,16 +379,19 @@ fn an_expired_reverse_entry_gives_up_its_snat_port() {
         first_choice,
         "the expired entry is replaced"
     );
-    let (_, back) = fx.run(
-        PROGRAM_GENERIC,
-        &pkt::tcp(
-            sa(BACKEND, 8080),
-            sa(LB_BACKEND_IP.octets(), first_choice),
-            SYN | ACK,
-            &[],
-        ),
-    );
+    let back = backend_answer(&fx, first_choice);
     assert_eq!(pkt::endpoints(&back), (sa(VIP, 80), sa(CLIENT, 45100)));
+}
+
+/// The program's output for `BACKEND:8080`'s SYN-ACK to SNAT `port`.
+fn backend_answer(fx: &Fixture, port: u16) -> Vec<u8> {
+    let reply = pkt::tcp(
+        sa(BACKEND, 8080),
+        sa(LB_BACKEND_IP.octets(), port),
+        SYN | ACK,
+        &[],
+    );
+    fx.run(PROGRAM_GENERIC, &reply).1
 }
 
 /// Makes SNAT `port` toward `BACKEND:8080` held by another client's reverse entry.
