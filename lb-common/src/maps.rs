@@ -128,13 +128,21 @@ const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 
 /// [`CtEntry::state`]: TCP flow open (or UDP flow active).
 pub const CT_STATE_OPEN: u32 = 0;
-/// [`CtEntry::state`]: a FIN or RST was seen in either direction.
+/// [`CtEntry::state`]: the client sent the first FIN, or either side a RST: the backend keeps
+/// no TIME_WAIT for the flow's tuple.
 pub const CT_STATE_CLOSING: u32 = 1;
+/// [`CtEntry::state`]: the backend sent the first FIN, so it holds the `SNAT:port → backend`
+/// tuple in TIME_WAIT (60 s on Linux) and could refuse a new flow on the same SNAT port with a
+/// bare ACK until then; the entry (and the port) is kept as long as Linux conntrack keeps a
+/// TIME_WAIT flow.
+pub const CT_STATE_TIME_WAIT: u32 = 2;
 
 /// Idle timeout of an open TCP flow.
 pub const CT_TIMEOUT_TCP_OPEN_NS: u64 = 3600 * 1_000_000_000;
-/// Idle timeout of a TCP flow after a FIN or RST.
+/// Idle timeout of a TCP flow in [`CT_STATE_CLOSING`].
 pub const CT_TIMEOUT_TCP_CLOSING_NS: u64 = 10 * 1_000_000_000;
+/// Idle timeout of a TCP flow in [`CT_STATE_TIME_WAIT`].
+pub const CT_TIMEOUT_TCP_TIME_WAIT_NS: u64 = 120 * 1_000_000_000;
 /// Idle timeout of a UDP flow.
 pub const CT_TIMEOUT_UDP_NS: u64 = 60 * 1_000_000_000;
 /// The program refreshes [`CtEntry::last_seen_ns`] and the cached forwarding result at most
@@ -148,6 +156,8 @@ pub const fn ct_timeout_ns(proto: u8, state: u32) -> u64 {
         CT_TIMEOUT_UDP_NS
     } else if state == CT_STATE_CLOSING {
         CT_TIMEOUT_TCP_CLOSING_NS
+    } else if state == CT_STATE_TIME_WAIT {
+        CT_TIMEOUT_TCP_TIME_WAIT_NS
     } else {
         CT_TIMEOUT_TCP_OPEN_NS
     }
@@ -171,7 +181,7 @@ pub struct CtEntry {
     pub nat_dst_port: u16,
     /// Service the flow belongs to (for per-service counters).
     pub service_id: u32,
-    /// [`CT_STATE_OPEN`] or [`CT_STATE_CLOSING`].
+    /// [`CT_STATE_OPEN`], [`CT_STATE_CLOSING`] or [`CT_STATE_TIME_WAIT`].
     pub state: u32,
     /// Cached egress ifindex from the last FIB lookup; 0 when none is cached.
     pub ifindex: u32,

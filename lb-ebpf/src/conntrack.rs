@@ -3,7 +3,6 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    btf_maps::LruHashMap,
     helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
 };
 use lb_common::*;
@@ -19,8 +18,13 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
-/// Either conntrack map.
-pub type CtMap = LruHashMap<FlowKey, CtEntry, { MAX_FLOWS as usize }>;
+/// Which way a tracked packet goes: its entry is in the forward map (from the client) or in
+/// the reverse map (from the backend); the peer entry is in the other.
+#[derive(Clone, Copy)]
+pub enum Direction {
+    FromClient,
+    FromBackend,
+}
 
 /// Monotonic time in ns at tick resolution: CLOCK_MONOTONIC_COARSE, the CLOCK_MONOTONIC time
 /// base as of the last tick (Linux 5.11+). Timeouts and the refresh interval are seconds, so
@@ -82,28 +86,34 @@ pub fn alive(entry: &CtEntry, proto: u8, now: u64) -> bool {
     now.saturating_sub(entry.last_seen_ns) < ct_timeout_ns(proto, entry.state)
 }
 
-/// Moves the flow of `entry` (found in `map`, peer in `peer_map`) to the closing state on
-/// a TCP FIN or RST, so both entries expire soon after the connection ends.
+/// Moves the flow of `entry` (a packet going `direction`) and its peer entry out of the open
+/// state on the flow's first TCP FIN or RST, so both expire soon after the connection ends: to
+/// [`CT_STATE_TIME_WAIT`] when the backend sent that FIN, to [`CT_STATE_CLOSING`] otherwise.
 #[inline(always)]
-pub fn on_tcp_flags(entry: *mut CtEntry, flags: u8, proto: u8, peer_map: &CtMap, now: u64) {
+pub fn on_tcp_flags(entry: *mut CtEntry, flags: u8, direction: Direction, now: u64) {
     if flags & (TCP_FIN | TCP_RST) == 0 {
         return;
     }
     // SAFETY: entry points into a map value, valid for this program run.
-    let (state, peer_key) = unsafe { ((*entry).state, (*entry).peer_key(proto)) };
-    if state == CT_STATE_CLOSING {
+    let (state, peer_key) = unsafe { ((*entry).state, (*entry).peer_key(IPPROTO_TCP)) };
+    if state != CT_STATE_OPEN {
         return;
     }
     count(STAT_TCP_CLOSE);
+    let (state, peer_map) = match direction {
+        Direction::FromBackend if flags & TCP_RST == 0 => (CT_STATE_TIME_WAIT, &XLB_CT_FWD),
+        Direction::FromBackend => (CT_STATE_CLOSING, &XLB_CT_FWD),
+        Direction::FromClient => (CT_STATE_CLOSING, &XLB_CT_REV),
+    };
     // SAFETY: as above; plain stores to the value.
     unsafe {
-        (*entry).state = CT_STATE_CLOSING;
+        (*entry).state = state;
         (*entry).last_seen_ns = now;
     }
     if let Some(peer) = peer_map.get_ptr_mut(&peer_key) {
         // SAFETY: as above.
         unsafe {
-            (*peer).state = CT_STATE_CLOSING;
+            (*peer).state = state;
             (*peer).last_seen_ns = now;
         }
     }

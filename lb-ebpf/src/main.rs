@@ -24,7 +24,7 @@ use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::*;
 
 use crate::{
-    conntrack::{CtMap, TCP_ACK, TCP_SYN},
+    conntrack::{Direction, TCP_ACK, TCP_SYN},
     maps::{XLB_CT_FWD, XLB_CT_REV, XLB_SERVICES, XLB_VIPS, count, count_service},
     packet::{Flow, Parsed, parse},
 };
@@ -103,7 +103,7 @@ fn try_xlb<const GENERIC: bool>(ctx: &XdpContext) -> Result<u32, u32> {
         // SAFETY: entry points into a map value, valid for this program run.
         if conntrack::alive(unsafe { &*entry }, flow.proto, now) {
             count(STAT_CT_REPLY);
-            return translate::<GENERIC>(ctx, &flow, entry, &XLB_CT_FWD, now);
+            return translate::<GENERIC>(ctx, &flow, entry, Direction::FromBackend, now);
         }
         // Expired: treated as a miss; the packet is looked at as a client packet below.
         count(STAT_CT_EXPIRED);
@@ -117,9 +117,9 @@ fn try_xlb<const GENERIC: bool>(ctx: &XdpContext) -> Result<u32, u32> {
         // SAFETY: as above.
         if conntrack::alive(unsafe { &*entry }, flow.proto, now) {
             // A SYN on a closing flow is a new connection reusing the tuple.
-            if !(is_new && flow.proto == IPPROTO_TCP && state == CT_STATE_CLOSING) {
+            if !(is_new && flow.proto == IPPROTO_TCP && state != CT_STATE_OPEN) {
                 count(STAT_CT_HIT);
-                return translate::<GENERIC>(ctx, &flow, entry, &XLB_CT_REV, now);
+                return translate::<GENERIC>(ctx, &flow, entry, Direction::FromClient, now);
             }
         } else {
             count(STAT_CT_EXPIRED);
@@ -192,11 +192,11 @@ fn translate<const GENERIC: bool>(
     ctx: &XdpContext,
     flow: &Flow,
     entry: *mut CtEntry,
-    peer_map: &CtMap,
+    direction: Direction,
     now: u64,
 ) -> Result<u32, u32> {
     if flow.proto == IPPROTO_TCP {
-        conntrack::on_tcp_flags(entry, flow.tcp_flags, flow.proto, peer_map, now);
+        conntrack::on_tcp_flags(entry, flow.tcp_flags, direction, now);
     }
     // SAFETY: entry points into a map value, valid for this program run; copied out once.
     let mut e = unsafe { *entry };

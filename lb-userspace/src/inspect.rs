@@ -128,7 +128,7 @@ pub fn print(pin_dir: &Path, table: Table, out: &mut impl Write) -> Result<(), I
             let now = monotonic_ns();
             writeln!(
                 out,
-                "{:<4} {:<5} {:<44} {:<44} {:<8} {:>7} {:>4} {:>7}",
+                "{:<4} {:<5} {:<44} {:<44} {:<9} {:>7} {:>4} {:>7}",
                 "DIR",
                 "PROTO",
                 "PACKET (SRC -> DST)",
@@ -147,11 +147,12 @@ pub fn print(pin_dir: &Path, table: Table, out: &mut impl Write) -> Result<(), I
                     let state = match (e.state, live) {
                         (_, false) => "expired",
                         (CT_STATE_CLOSING, _) => "closing",
+                        (CT_STATE_TIME_WAIT, _) => "time-wait",
                         _ => "open",
                     };
                     writeln!(
                         out,
-                        "{dir:<4} {:<5} {:<44} {:<44} {state:<8} {:>7} {:>4} {:>7}",
+                        "{dir:<4} {:<5} {:<44} {:<44} {state:<9} {:>7} {:>4} {:>7}",
                         proto_name(k.proto),
                         format!(
                             "{}:{} -> {}:{}",

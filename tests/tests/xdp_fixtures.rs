@@ -15,7 +15,7 @@ use xlb::model::Protocol;
 use xlb_tests::fixture::{
     Fixture, LB_BACKEND_IP, LB_BACKEND_MAC, LB_CLIENT_MAC, host_mac, sa, service,
 };
-use xlb_tests::pkt::{self, ACK, FIN, PSH, SYN};
+use xlb_tests::pkt::{self, ACK, FIN, PSH, RST, SYN};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -416,24 +416,35 @@ fn hold_snat_port(fx: &Fixture, port: u16, state: u32, last_seen_ns: u64) {
         .expect("insert reverse entry");
 }
 
-#[test]
-fn fin_moves_both_entries_to_closing() {
-    let fx = fixture("fx-fin");
+/// Opens a flow from `client_port`, lets `first_close` (the flags of the first FIN or RST, sent
+/// by the backend when `from_backend`) through, and returns the states of the forward and
+/// reverse entries.
+fn states_after_close(
+    fx: &Fixture,
+    client_port: u16,
+    first_close: u8,
+    from_backend: bool,
+) -> (u32, u32) {
     let (_, out) = fx.run(
         PROGRAM_GENERIC,
-        &pkt::tcp(sa(CLIENT, 40010), sa(VIP, 80), SYN, &[]),
+        &pkt::tcp(sa(CLIENT, client_port), sa(VIP, 80), SYN, &[]),
     );
     let port = snat_port_of(&out);
-    fx.run(
-        PROGRAM_GENERIC,
-        &pkt::tcp(sa(CLIENT, 40010), sa(VIP, 80), FIN | ACK, &[]),
-    );
-    let fwd = fx.ct_map(CT_FWD_MAP);
-    let rev = fx.ct_map(CT_REV_MAP);
+    let close = if from_backend {
+        pkt::tcp(
+            sa(BACKEND, 8080),
+            sa(LB_BACKEND_IP.octets(), port),
+            first_close,
+            &[],
+        )
+    } else {
+        pkt::tcp(sa(CLIENT, client_port), sa(VIP, 80), first_close, &[])
+    };
+    fx.run(PROGRAM_GENERIC, &close);
     let fkey = FlowKey {
         src_ip: CLIENT,
         dst_ip: VIP,
-        src_port: 40010,
+        src_port: client_port,
         dst_port: 80,
         proto: IPPROTO_TCP,
         _pad: [0; 3],
@@ -446,21 +457,55 @@ fn fin_moves_both_entries_to_closing() {
         proto: IPPROTO_TCP,
         _pad: [0; 3],
     };
+    let fwd = fx.ct_map(CT_FWD_MAP).get(&fkey, 0).expect("forward entry");
+    let rev = fx.ct_map(CT_REV_MAP).get(&rkey, 0).expect("reverse entry");
+    (fwd.state, rev.state)
+}
+
+#[test]
+fn the_first_fin_or_rst_moves_both_entries_out_of_open() {
+    let fx = fixture("fx-fin");
+    let closing = (CT_STATE_CLOSING, CT_STATE_CLOSING);
     assert_eq!(
-        fwd.get(&fkey, 0).expect("forward entry").state,
-        CT_STATE_CLOSING
+        states_after_close(&fx, 40010, FIN | ACK, false),
+        closing,
+        "client FIN"
     );
     assert_eq!(
-        rev.get(&rkey, 0).expect("reverse entry").state,
-        CT_STATE_CLOSING
+        states_after_close(&fx, 40011, RST, true),
+        closing,
+        "backend RST"
     );
-    assert_eq!(fx.stat(STAT_TCP_CLOSE), 1);
+    assert_eq!(
+        states_after_close(&fx, 40012, FIN | ACK, true),
+        (CT_STATE_TIME_WAIT, CT_STATE_TIME_WAIT),
+        "backend FIN: the backend keeps the tuple in TIME_WAIT"
+    );
+    assert_eq!(fx.stat(STAT_TCP_CLOSE), 3);
     // A new SYN reusing the tuple of a closing flow starts a new flow.
     fx.run(
         PROGRAM_GENERIC,
         &pkt::tcp(sa(CLIENT, 40010), sa(VIP, 80), SYN, &[]),
     );
-    assert_eq!(fx.stat(STAT_NEW_FLOW), 2);
+    assert_eq!(fx.stat(STAT_NEW_FLOW), 4);
+}
+
+#[test]
+fn a_time_wait_entry_keeps_its_snat_port_past_the_closing_timeout() {
+    let fx = fixture("fx-timewait");
+    let hash = flow_hash(CLIENT, VIP, 45200, 80, IPPROTO_TCP);
+    let past_closing =
+        xlb::inspect::monotonic_ns().saturating_sub(CT_TIMEOUT_TCP_CLOSING_NS + 1_000_000_000);
+    hold_snat_port(&fx, snat_port(hash, 0), CT_STATE_TIME_WAIT, past_closing);
+    let (_, out) = fx.run(
+        PROGRAM_GENERIC,
+        &pkt::tcp(sa(CLIENT, 45200), sa(VIP, 80), SYN, &[]),
+    );
+    assert_eq!(
+        snat_port_of(&out),
+        snat_port(hash, 1),
+        "the held port is skipped"
+    );
 }
 
 #[test]
