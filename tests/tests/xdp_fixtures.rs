@@ -394,16 +394,21 @@ fn backend_answer(fx: &Fixture, port: u16) -> Vec<u8> {
     fx.run(PROGRAM_GENERIC, &reply).1
 }
 
-/// Makes SNAT `port` toward `BACKEND:8080` held by another client's reverse entry.
-fn hold_snat_port(fx: &Fixture, port: u16, state: u32, last_seen_ns: u64) {
-    let key = FlowKey {
+/// The reverse conntrack key of `BACKEND:8080`'s packets to SNAT `port`.
+fn reverse_key(port: u16) -> FlowKey {
+    FlowKey {
         src_ip: BACKEND,
         dst_ip: LB_BACKEND_IP.octets(),
         src_port: 8080,
         dst_port: port,
         proto: IPPROTO_TCP,
         _pad: [0; 3],
-    };
+    }
+}
+
+/// Makes SNAT `port` toward `BACKEND:8080` held by another client's reverse entry.
+fn hold_snat_port(fx: &Fixture, port: u16, state: u32, last_seen_ns: u64) {
+    let key = reverse_key(port);
     let entry = CtEntry {
         nat_src_ip: [192, 0, 2, 9],
         nat_dst_ip: VIP,
@@ -449,14 +454,7 @@ fn states_after_close(
         proto: IPPROTO_TCP,
         _pad: [0; 3],
     };
-    let rkey = FlowKey {
-        src_ip: BACKEND,
-        dst_ip: LB_BACKEND_IP.octets(),
-        src_port: 8080,
-        dst_port: port,
-        proto: IPPROTO_TCP,
-        _pad: [0; 3],
-    };
+    let rkey = reverse_key(port);
     let fwd = fx.ct_map(CT_FWD_MAP).get(&fkey, 0).expect("forward entry");
     let rev = fx.ct_map(CT_REV_MAP).get(&rkey, 0).expect("reverse entry");
     (fwd.state, rev.state)
