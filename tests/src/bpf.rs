@@ -1,6 +1,9 @@
 //! BPF helpers for tests: a private pin directory, test runs.
 
 use std::path::{Path, PathBuf};
+
+use aya::maps::{HashMap, Map, MapData};
+use lb_common::{CtEntry, FlowKey};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -24,6 +27,12 @@ impl PinDir {
     /// Its path.
     pub fn path(&self) -> &Path {
         &self.0
+    }
+
+    /// The conntrack map `name` (`CT_FWD_MAP` or `CT_REV_MAP`) pinned here.
+    pub fn ct_map(&self, name: &str) -> HashMap<MapData, FlowKey, CtEntry> {
+        let data = MapData::from_pin(self.0.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        HashMap::try_from(Map::from_map_data(data).expect("map type")).expect("hash map")
     }
 }
 

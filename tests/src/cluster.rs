@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use crate::bpf::PinDir;
 use crate::netns::{ChildGuard, Netns, veth};
-use crate::servers::{Backend, spawn_in, tcp_name, udp_name};
+use crate::servers::{Backend, spawn_in, tcp_name, udp_names};
 
 /// The address pool the tests and the demo give xlb (`--restricted-cidr`).
 pub const POOL: &str = "198.51.100.10-198.51.100.200";
@@ -110,9 +110,9 @@ impl Cluster {
         .expect("client thread")
     }
 
-    /// One UDP query from the client namespace.
-    pub fn udp_name(&self, addr: SocketAddr) -> Result<String, String> {
-        spawn_in(&self.client, move || udp_name(addr))
+    /// `count` UDP queries (new flows) from the client namespace, one after the other.
+    pub fn udp_names(&self, addr: SocketAddr, count: usize) -> Vec<Result<String, String>> {
+        spawn_in(&self.client, move || udp_names(addr, count))
             .join()
             .expect("client thread")
     }

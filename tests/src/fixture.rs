@@ -11,7 +11,7 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use aya::maps::{HashMap, Map, MapData};
+use aya::maps::{HashMap, MapData};
 use aya::programs::{TestRun as _, TestRunOptions};
 use lb_common::{CtEntry, FlowKey};
 use xlb::dataplane::Dataplane as _;
@@ -140,9 +140,7 @@ impl Fixture {
 
     /// A conntrack map (`lb_common::CT_FWD_MAP` or `CT_REV_MAP`) opened from its pin.
     pub fn ct_map(&self, name: &str) -> HashMap<MapData, FlowKey, CtEntry> {
-        let data = MapData::from_pin(self.pins.path().join(name))
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
-        HashMap::try_from(Map::from_map_data(data).expect("map type")).expect("hash map")
+        self.pins.ct_map(name)
     }
 
     /// The global counter `index`.

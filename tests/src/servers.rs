@@ -111,6 +111,24 @@ impl Drop for Backend {
 pub fn tcp_name(addr: SocketAddr) -> Result<String, String> {
     let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
         .map_err(|e| format!("connect: {e}"))?;
+    read_name(stream)
+}
+
+/// [`tcp_name`] from source port `port`.
+pub fn tcp_name_from(port: u16, addr: SocketAddr) -> Result<String, String> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .map_err(|e| e.to_string())?;
+    socket
+        .bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())
+        .map_err(|e| format!("bind to port {port}: {e}"))?;
+    socket
+        .connect_timeout(&addr.into(), Duration::from_secs(3))
+        .map_err(|e| format!("connect: {e}"))?;
+    read_name(socket.into())
+}
+
+/// Reads the backend's greeting line (its name) from `stream`.
+fn read_name(stream: TcpStream) -> Result<String, String> {
     stream
         .set_read_timeout(Some(Duration::from_secs(3)))
         .map_err(|e| e.to_string())?;
@@ -121,9 +139,29 @@ pub fn tcp_name(addr: SocketAddr) -> Result<String, String> {
     Ok(line.trim().to_owned())
 }
 
-/// Sends one UDP datagram to `addr` and returns the answer.
-pub fn udp_name(addr: SocketAddr) -> Result<String, String> {
-    let socket = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+/// Sends one UDP datagram to `addr` from each of `count` sockets, one after the other, and
+/// returns the answers. Every socket stays open until the last answer: a closed socket's port
+/// could be handed to the next one, whose datagram would then continue the earlier flow
+/// instead of starting a new one.
+pub fn udp_names(addr: SocketAddr, count: usize) -> Vec<Result<String, String>> {
+    let mut sockets = Vec::with_capacity(count);
+    let mut answers = Vec::with_capacity(count);
+    for _ in 0..count {
+        let socket = match UdpSocket::bind("0.0.0.0:0") {
+            Ok(socket) => socket,
+            Err(e) => {
+                answers.push(Err(e.to_string()));
+                continue;
+            }
+        };
+        answers.push(udp_ask(&socket, addr));
+        sockets.push(socket);
+    }
+    answers
+}
+
+/// Sends one UDP datagram to `addr` from `socket` and returns the answer.
+fn udp_ask(socket: &UdpSocket, addr: SocketAddr) -> Result<String, String> {
     socket
         .set_read_timeout(Some(Duration::from_secs(2)))
         .map_err(|e| e.to_string())?;

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use crate::bpf::PinDir;
 use crate::netns::{ChildGuard, Netns, veth};
-use crate::servers::{Backend, tcp_name, udp_name};
+use crate::servers::{Backend, tcp_name, udp_names};
 
 /// The service address the topology's services use.
 pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
@@ -50,14 +50,13 @@ pub fn tcp_spread(client: &Netns, n: usize) -> BTreeMap<String, usize> {
     })
 }
 
-/// Sends `n` datagrams to [`vip`] from `client`, each from a new socket (a new flow); counts
+/// Sends `n` datagrams to [`vip`] from `client`, each from its own socket (a new flow); counts
 /// the answers by backend name.
 pub fn udp_spread(client: &Netns, n: usize) -> BTreeMap<String, usize> {
     client.enter(|| {
         let mut counts = BTreeMap::new();
-        for i in 0..n {
-            let name =
-                udp_name(vip()).unwrap_or_else(|e| panic!("UDP query {i} through the VIP: {e}"));
+        for (i, answer) in udp_names(vip(), n).into_iter().enumerate() {
+            let name = answer.unwrap_or_else(|e| panic!("UDP query {i} through the VIP: {e}"));
             *counts.entry(name).or_insert(0) += 1;
         }
         counts

@@ -11,13 +11,17 @@ use std::net::Ipv4Addr;
 use std::ops::Deref;
 use std::time::{Duration, Instant};
 
+use lb_common::{
+    CT_REV_MAP, CtEntry, FlowKey, IPPROTO_TCP, SNAT_PROBES, STAT_CT_MISS_NON_SYN, STAT_NEW_FLOW,
+    STAT_SNAT_EXHAUSTED, flow_hash, snat_port,
+};
 use xlb::dataplane::Dataplane as _;
 use xlb::dataplane::proxy::{ProxyDataplane, ProxyStats, Timeouts};
 use xlb::dataplane::xdp::{XdpConfig, XdpDataplane, XdpMode};
 use xlb::model::{Backend as Upstream, Frontend, Protocol, VirtualService};
 use xlb_tests::bpf::PinDir;
 use xlb_tests::netns::{Netns, require_root};
-use xlb_tests::servers::{Backend, LongLived, tcp_name};
+use xlb_tests::servers::{Backend, LongLived, tcp_name, tcp_name_from};
 use xlb_tests::topology::{self, BACKEND_PORT, PORT, VIP, tcp_spread, udp_spread, vip};
 
 /// The shared separate-devices topology with a backend server in each backend namespace and
@@ -347,23 +351,7 @@ fn proxied_connection_survives_xdp_attach_and_new_connections_take_xdp() {
     ping(&topology.client, &mut established, 3, "before XDP");
 
     let pins = PinDir::new();
-    let xdp = topology.lb.enter(|| {
-        let mut xdp = XdpDataplane::open(XdpConfig {
-            pin_dir: pins.path().to_owned(),
-            mode: XdpMode::Skb,
-            set_sysctls: true,
-            ..XdpConfig::new("l0")
-        })
-        .unwrap_or_else(|e| panic!("opening the XDP data plane: {e}"));
-        xdp.apply(&services)
-            .unwrap_or_else(|e| panic!("XDP apply: {e}"));
-        xdp
-    });
-    assert!(
-        xdp.devices().contains_key("l0"),
-        "XDP must be attached to l0: {:?}",
-        xdp.devices()
-    );
+    let xdp = open_xdp(&topology.lb, &pins, &services);
     let before = xdp.stats().expect("XDP stats");
 
     // The proxied connection's segments miss conntrack and are not SYNs: XDP passes them to
@@ -380,13 +368,12 @@ fn proxied_connection_survives_xdp_attach_and_new_connections_take_xdp() {
             .unwrap_or_else(|e| panic!("1 MiB over the proxied connection after attach: {e}"));
     });
     let after_pings = xdp.stats().expect("XDP stats");
-    let delta = |a: &[u64], b: &[u64], i: u32| b[i as usize] - a[i as usize];
     assert!(
-        delta(&before, &after_pings, lb_common::STAT_CT_MISS_NON_SYN) > 0,
+        delta(&before, &after_pings, STAT_CT_MISS_NON_SYN) > 0,
         "the proxied connection's segments must reach XDP as non-SYN misses"
     );
     assert_eq!(
-        delta(&before, &after_pings, lb_common::STAT_NEW_FLOW),
+        delta(&before, &after_pings, STAT_NEW_FLOW),
         0,
         "segments of an established connection must not make XDP flows"
     );
@@ -400,7 +387,7 @@ fn proxied_connection_survives_xdp_attach_and_new_connections_take_xdp() {
     );
     let after = xdp.stats().expect("XDP stats");
     assert_eq!(
-        delta(&after_pings, &after, lb_common::STAT_NEW_FLOW),
+        delta(&after_pings, &after, STAT_NEW_FLOW),
         9,
         "each new connection after attach must be an XDP flow"
     );
@@ -412,4 +399,93 @@ fn proxied_connection_survives_xdp_attach_and_new_connections_take_xdp() {
     ping(&topology.client, &mut established, 3, "at the end");
     drop(xdp);
     drop(pins);
+}
+
+/// The XDP data plane (generic mode, on `l0` and the devices toward the backends) in `lb`,
+/// pinned in `pins`, carrying `services`.
+fn open_xdp(lb: &Netns, pins: &PinDir, services: &[VirtualService]) -> XdpDataplane {
+    let xdp = lb.enter(|| {
+        let mut xdp = XdpDataplane::open(XdpConfig {
+            pin_dir: pins.path().to_owned(),
+            mode: XdpMode::Skb,
+            set_sysctls: true,
+            ..XdpConfig::new("l0")
+        })
+        .unwrap_or_else(|e| panic!("opening the XDP data plane: {e}"));
+        xdp.apply(services)
+            .unwrap_or_else(|e| panic!("XDP apply: {e}"));
+        xdp
+    });
+    assert!(
+        xdp.devices().contains_key("l0"),
+        "XDP must be attached to l0: {:?}",
+        xdp.devices()
+    );
+    xdp
+}
+
+/// How much counter `index` grew from `before` to `after`.
+fn delta(before: &[u64], after: &[u64], index: u32) -> u64 {
+    after[index as usize] - before[index as usize]
+}
+
+/// A SYN XDP cannot take (every SNAT port its flow could get is held) is passed to the kernel,
+/// and the proxy listening on the same `VIP:port` carries the connection.
+#[test]
+fn a_new_flow_xdp_cannot_take_lands_on_the_proxy() {
+    const CLIENT_PORT: u16 = 45321;
+    let topology = Topology::new("pxsnat");
+    let mut proxy = topology.proxy();
+    let services = [topology.service(Protocol::Tcp, &[0, 1, 2])];
+    apply_proxy(&topology.lb, &mut proxy, &services);
+    let pins = PinDir::new();
+    let xdp = open_xdp(&topology.lb, &pins, &services);
+
+    // Hold every candidate port of the flow from CLIENT_PORT toward every backend, with live
+    // reverse entries as if other clients' flows had them.
+    let hash = flow_hash([192, 0, 2, 1], VIP.octets(), CLIENT_PORT, PORT, IPPROTO_TCP);
+    let mut reverse = pins.ct_map(CT_REV_MAP);
+    for (_, backend) in &topology.backends {
+        // The LB's end of the backend's /30: the source address of flows toward it.
+        let snat = Ipv4Addr::from(u32::from(*backend) - 1);
+        for attempt in 0..SNAT_PROBES {
+            let key = FlowKey {
+                src_ip: backend.octets(),
+                dst_ip: snat.octets(),
+                src_port: BACKEND_PORT,
+                dst_port: snat_port(hash, attempt),
+                proto: IPPROTO_TCP,
+                _pad: [0; 3],
+            };
+            let held = CtEntry {
+                nat_src_ip: VIP.octets(),
+                nat_dst_ip: [192, 0, 2, 99],
+                last_seen_ns: xlb::inspect::monotonic_ns(),
+                ..CtEntry::default()
+            };
+            reverse.insert(key, held, 0).expect("hold a SNAT port");
+        }
+    }
+
+    let before = xdp.stats().expect("XDP stats");
+    let proxied = stats(&proxy, Protocol::Tcp).connections;
+    let name = topology
+        .client
+        .enter(|| tcp_name_from(CLIENT_PORT, vip()))
+        .unwrap_or_else(|e| panic!("a connection XDP could not take: {e}"));
+    assert!(name.starts_with('b'), "a backend answered: {name:?}");
+    let after = xdp.stats().expect("XDP stats");
+    assert_eq!(
+        (
+            delta(&before, &after, STAT_SNAT_EXHAUSTED),
+            delta(&before, &after, STAT_NEW_FLOW)
+        ),
+        (1, 0),
+        "XDP found no SNAT port and made no flow"
+    );
+    assert_eq!(
+        stats(&proxy, Protocol::Tcp).connections,
+        proxied + 1,
+        "the proxy carried the connection"
+    );
 }

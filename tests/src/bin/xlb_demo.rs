@@ -60,7 +60,7 @@ fn demo(xlb: &str, manifests: &str) -> bool {
     );
 
     let tcp = cluster.tcp_names(web, CONNECTIONS);
-    let udp = (0..6).map(|_| cluster.udp_name(dns)).collect::<Vec<_>>();
+    let udp = cluster.udp_names(dns, 6);
     let spread = |answers: Vec<Result<String, String>>| {
         let mut by_backend = BTreeMap::<String, usize>::new();
         for answer in answers {
