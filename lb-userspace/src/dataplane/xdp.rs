@@ -192,10 +192,7 @@ impl XdpDataplane {
         }
         let mut ebpf = loader.load(BPF_OBJECT)?;
         for name in [PROGRAM_NATIVE, PROGRAM_GENERIC, PROGRAM_NOOP] {
-            let program = xdp_mut(&mut ebpf, name)?;
-            program
-                .load()
-                .map_err(|source| DataplaneError::Program { name, source })?;
+            load_program(xdp_mut(&mut ebpf, name)?, name)?;
         }
         for name in [PROGRAM_NATIVE, PROGRAM_GENERIC] {
             let path = dir.join(format!("prog_{name}"));
@@ -631,6 +628,28 @@ impl Dataplane for XdpDataplane {
             }
         }
         Ok(())
+    }
+}
+
+/// How often a program load is tried. The verifier gives up with EAGAIN when a signal reaches
+/// the loading thread while it verifies; libbpf retries such loads 5 times too.
+const PROGRAM_LOAD_ATTEMPTS: u32 = 5;
+
+/// Loads `program` (named `name`) into the kernel.
+fn load_program(program: &mut Xdp, name: &'static str) -> Result<(), DataplaneError> {
+    let mut attempt = 1;
+    loop {
+        match program.load() {
+            Ok(()) => return Ok(()),
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN)
+                    && attempt < PROGRAM_LOAD_ATTEMPTS =>
+            {
+                tracing::debug!(name, attempt, "BPF program load interrupted; retrying");
+                attempt += 1;
+            }
+            Err(source) => return Err(DataplaneError::Program { name, source }),
+        }
     }
 }
 
