@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use xlb_tests::bpf::PinDir;
 use xlb_tests::cluster::Cluster;
-use xlb_tests::netns::run;
 
 const WEB_VIP: &str = "198.51.100.10:80";
 const DNS_VIP: &str = "198.51.100.20:53";
@@ -82,9 +81,20 @@ fn demo(xlb: &str, manifests: &str) -> bool {
     }
     for table in ["services", "stats"] {
         println!("== xlb inspect {table}");
-        let mut inspect = Command::new(xlb);
-        inspect.args(["inspect", table, "--pin-dir", &pin_dir]);
-        print!("{}", run(&mut inspect));
+        let inspect = Command::new(xlb)
+            .args(["inspect", table, "--pin-dir", &pin_dir])
+            .output()
+            .expect("running xlb inspect");
+        if inspect.status.success() {
+            print!("{}", String::from_utf8_lossy(&inspect.stdout));
+        } else {
+            // No pinned maps: xlb runs without XDP (`--dataplane proxy`, or XDP failed).
+            let stderr = String::from_utf8_lossy(&inspect.stderr);
+            println!(
+                "   {}",
+                stderr.lines().next().unwrap_or("xlb inspect failed")
+            );
+        }
     }
     println!("== VIPs on the lb's eth0");
     print!(
