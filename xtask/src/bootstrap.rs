@@ -26,7 +26,6 @@ const TEST_PACKAGES: &[&str] = &[
     "iperf3",
     "haproxy",
     "bpftool",
-    "ethtool",
     "tcpdump",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";

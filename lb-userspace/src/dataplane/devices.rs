@@ -1,11 +1,12 @@
 //! The devices xlb attaches to, and the sysctls it sets on them.
 //!
-//! Commands run in the caller's network namespace (`ip`, `ethtool`); `/proc/sys/net` is the
+//! Commands (`ip`) and ioctls run in the caller's network namespace; `/proc/sys/net` is the
 //! caller's namespace's too.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd as _, FromRawFd as _};
 use std::process::{Command, Stdio};
 
 use super::DataplaneError;
@@ -82,16 +83,61 @@ pub fn ifindex(device: &str) -> Result<u32, DataplaneError> {
     Ok(index)
 }
 
-/// The kernel driver of `device` (`ethtool -i`), `None` when it cannot be told.
+/// `struct ethtool_drvinfo` from `linux/ethtool.h`: what `ETHTOOL_GDRVINFO` fills in.
+#[repr(C)]
+struct EthtoolDrvinfo {
+    cmd: u32,
+    driver: [u8; 32],
+    version: [u8; 32],
+    fw_version: [u8; 32],
+    bus_info: [u8; 32],
+    erom_version: [u8; 32],
+    reserved2: [u8; 12],
+    n_priv_flags: u32,
+    n_stats: u32,
+    testinfo_len: u32,
+    eedump_len: u32,
+    regdump_len: u32,
+}
+
+/// `ETHTOOL_GDRVINFO` from `linux/ethtool.h`.
+const ETHTOOL_GDRVINFO: u32 = 0x03;
+
+/// The kernel driver of `device` (what `ethtool -i` shows), read with the `SIOCETHTOOL` ioctl;
+/// `None` when it cannot be told.
 fn driver(device: &str) -> Option<String> {
-    let output = Command::new("ethtool").args(["-i", device]).output().ok()?;
-    if !output.status.success() {
+    let name = device.as_bytes();
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(&0) {
         return None;
     }
-    let text = String::from_utf8_lossy(&output.stdout);
-    text.lines()
-        .find_map(|l| l.trim().strip_prefix("driver: "))
-        .map(str::to_owned)
+    // SAFETY: all-zero is a valid value of these plain C structs.
+    let mut info: EthtoolDrvinfo = unsafe { std::mem::zeroed() };
+    info.cmd = ETHTOOL_GDRVINFO;
+    // SAFETY: as above.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (to, from) in request.ifr_name.iter_mut().zip(name) {
+        *to = *from as libc::c_char;
+    }
+    request.ifr_ifru.ifru_data = (&mut info as *mut EthtoolDrvinfo).cast();
+    // SAFETY: plain socket call; the descriptor is owned (and closed) right away.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: fd is a fresh descriptor that nothing else owns.
+    let socket = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // SAFETY: request names the device (NUL-terminated within IFNAMSIZ) and points at info,
+    // which outlives the call and has the size the kernel writes for ETHTOOL_GDRVINFO.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCETHTOOL, &mut request) };
+    if rc != 0 {
+        return None;
+    }
+    let len = info
+        .driver
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(info.driver.len());
+    Some(String::from_utf8_lossy(&info.driver[..len]).into_owned())
 }
 
 /// Whether `device` is a veth.
@@ -134,5 +180,13 @@ mod tests {
         assert_eq!(routes.len(), 2);
         assert_eq!(routes[&Ipv4Addr::new(203, 0, 113, 2)], "lb1");
         assert_eq!(routes[&Ipv4Addr::new(203, 0, 113, 9)], "eth0");
+    }
+
+    #[test]
+    fn a_device_without_driver_information_has_no_driver() {
+        assert_eq!(driver("lo"), None, "loopback has no driver information");
+        assert_eq!(driver("xlb-missing0"), None);
+        assert_eq!(driver(""), None);
+        assert_eq!(driver("a-name-longer-than-ifnamsiz"), None);
     }
 }
