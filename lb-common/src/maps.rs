@@ -218,7 +218,7 @@ pub const SNAT_PORT_MIN: u16 = 16384;
 pub const SNAT_PORT_COUNT: u32 = 16384;
 /// How many candidate SNAT ports a new flow probes before giving up (and passing the packet).
 /// With probes spread as by [`snat_port`], all of them are taken with probability about
-/// `occupancy^16`: one new flow in 10^5 at half the range in use toward one backend.
+/// `occupancy^16`: one new flow in 65,536 with half the range in use toward one backend.
 pub const SNAT_PROBES: u32 = 16;
 
 /// The `attempt`-th SNAT port candidate for a flow whose hash is `hash`

@@ -173,24 +173,16 @@ pub fn create(
     for attempt in 0..SNAT_PROBES {
         let port = snat_port(hash, attempt);
         let key = flow_key(backend.ip, snat_ip, backend.port, port, flow.proto);
-        // Most candidates are free: insert first, and look at the entry holding a taken one
-        // only to see whether it has expired (then it is replaced).
-        if XLB_CT_REV
-            .insert(&key, &reverse, BPF_NOEXIST as u64)
-            .is_err()
-        {
-            match XLB_CT_REV.get_ptr(&key) {
-                // SAFETY: points into a map value, read once.
-                Some(old) if alive(unsafe { &*old }, flow.proto, now) => continue,
-                _ => {
-                    if XLB_CT_REV.insert(&key, &reverse, BPF_ANY as u64).is_err() {
-                        continue;
-                    }
-                }
-            }
+        let flags = match XLB_CT_REV.get_ptr(&key) {
+            None => BPF_NOEXIST,
+            // SAFETY: points into a map value, read once.
+            Some(old) if !alive(unsafe { &*old }, flow.proto, now) => BPF_ANY,
+            Some(_) => continue,
+        };
+        if XLB_CT_REV.insert(&key, &reverse, flags as u64).is_ok() {
+            chosen = port;
+            break;
         }
-        chosen = port;
-        break;
     }
     if chosen == 0 {
         count(STAT_SNAT_EXHAUSTED);
