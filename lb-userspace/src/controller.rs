@@ -7,10 +7,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use futures::StreamExt as _;
 use kube::Resource as _;
 use tokio::sync::watch;
+use tokio::time::MissedTickBehavior;
 
 use crate::addr::{AddrConfig, AddrManager, DesiredVips};
+use crate::backoff::Backoff;
 use crate::config::{Config, DataplaneKind, KubeconfigSource};
 use crate::dataplane::proxy::ProxyDataplane;
 use crate::dataplane::xdp::{XdpConfig, XdpDataplane};
@@ -25,21 +28,28 @@ use crate::status::StatusWriter;
 /// How often addresses are re-checked even without a change (someone may have removed one).
 const RESYNC: Duration = Duration::from_secs(30);
 
+/// How many status clears run at once on exit.
+const CLEAR_CONCURRENCY: usize = 16;
+
 /// How often `/readyz` follows the source's connection state between reconciles: a watch
 /// failure publishes no new state, so without this an API outage would show only at the next
 /// resync.
 const READINESS_POLL: Duration = Duration::from_millis(500);
 
+/// How long the cleanup after SIGINT/SIGTERM may wait on the API server (clearing statuses)
+/// before xlb gives up and exits; the DaemonSet's grace period (30 s) is longer.
+pub const SHUTDOWN_API_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the whole shutdown may take before xlb exits regardless (a wedged runtime, a
+/// netlink call that does not return).
+pub const SHUTDOWN_HARD_LIMIT: Duration = Duration::from_secs(15);
+
 /// Runs xlb until SIGINT/SIGTERM, then cleans up as the lifecycle rules say.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    raise_open_file_limit();
     let metrics = Arc::new(Metrics::default());
-    let metrics_addr = config.metrics_addr;
-    let serving = metrics.clone();
-    tokio::spawn(async move {
-        if let Err(error) = crate::metrics::serve(metrics_addr, serving).await {
-            tracing::error!(%error, addr = %metrics_addr, "metrics listener failed");
-        }
-    });
+    let listener = crate::metrics::bind(config.metrics_addr)?;
+    tokio::spawn(crate::metrics::serve(listener, metrics.clone()));
 
     let mut addrs = AddrManager::new(AddrConfig {
         link_device: config.link_device.clone(),
@@ -49,8 +59,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     .await?;
     let mut dataplane = open_dataplane(&config, addrs.device())?;
 
-    let connected = Arc::new(AtomicBool::new(true));
+    let synced = Arc::new(AtomicBool::new(true));
     let mut tagger = None;
+    let mut source_task = None;
     let (mut states, writer) = match &config.manifests {
         Some(dir) => {
             if config.tag_worker_nodes {
@@ -70,7 +81,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             // The first value is a placeholder marked as seen: nothing is reconciled until the
             // watches have listed everything once.
             let (tx, states) = watch::channel(ClusterState::default());
-            tokio::spawn(kube_source::run(watch_client, tx, connected.clone()));
+            synced.store(false, Ordering::Relaxed);
+            source_task = Some(tokio::spawn(kube_source::run(
+                watch_client,
+                tx,
+                synced.clone(),
+            )));
             if config.tag_worker_nodes {
                 match &config.worker_label {
                     Some(label) => tagger = Some(NodeTagger::new(client.clone(), label.clone())),
@@ -94,8 +110,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         seen_state: false,
     };
     let mut resync = tokio::time::interval(RESYNC);
+    resync.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut readiness = tokio::time::interval(READINESS_POLL);
+    readiness.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // After an apply that failed, try again soon (a frontend that could not bind, a VIP that
+    // could not be placed) rather than at the next resync.
+    let mut retry_backoff = Backoff::new(Duration::from_secs(1), RESYNC);
+    let retry = tokio::time::sleep_until(far_future());
+    tokio::pin!(retry);
     let mut applied = false;
+    let mut state = ClusterState::default();
     let mut shutdown = std::pin::pin!(shutdown_signal());
     loop {
         tokio::select! {
@@ -106,10 +130,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 controller.seen_state = true;
             }
             _ = resync.tick() => {}
+            () = &mut retry => {}
             _ = readiness.tick() => {
-                metrics
-                    .ready
-                    .store(applied && connected.load(Ordering::Relaxed), Ordering::Relaxed);
+                metrics.set_ready(applied, synced.load(Ordering::Relaxed));
                 continue;
             }
             _ = &mut shutdown => break,
@@ -117,22 +140,34 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         if !controller.seen_state {
             continue;
         }
-        let state = states.borrow_and_update().clone();
+        // Cloned, so no borrow of the channel is held while the actuators await: the source
+        // must always be able to publish.
+        state = states.borrow_and_update().clone();
         applied = controller.step(&state, &mut addrs, &mut dataplane).await;
-        metrics.ready.store(
-            applied && connected.load(Ordering::Relaxed),
-            Ordering::Relaxed,
-        );
+        metrics.set_ready(applied, synced.load(Ordering::Relaxed));
+        if applied {
+            retry_backoff.reset();
+            retry.as_mut().reset(far_future());
+        } else {
+            retry
+                .as_mut()
+                .reset(tokio::time::Instant::now() + retry_backoff.next_delay());
+        }
         if let Some(tagger) = &mut tagger {
             tagger.tag(&state).await;
         }
     }
 
-    tracing::info!("shutting down; a second signal exits at once");
-    tokio::spawn(async {
-        shutdown_signal().await;
-        std::process::exit(130);
-    });
+    tracing::info!(
+        limit = ?SHUTDOWN_HARD_LIMIT,
+        "shutting down; a second signal exits at once"
+    );
+    exit_on_second_signal();
+    exit_after(SHUTDOWN_HARD_LIMIT);
+    metrics.set_ready(false, false);
+    if let Some(task) = source_task {
+        task.abort();
+    }
     if !config.keep_on_exit {
         // Stop taking new flows: established ones keep their conntrack entries until they end.
         if let Err(error) = dataplane.apply(&[]) {
@@ -142,7 +177,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             Ok(removed) => tracing::info!(removed, "removed xlb's addresses"),
             Err(error) => tracing::warn!(%error, "could not remove xlb's addresses"),
         }
-        controller.clear_statuses(&states.borrow()).await;
+        let clearing = controller.clear_statuses(&state);
+        if tokio::time::timeout(SHUTDOWN_API_TIMEOUT, clearing)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                timeout = ?SHUTDOWN_API_TIMEOUT,
+                "gave up clearing Service statuses: the API server did not answer in time"
+            );
+        }
     }
     if config.cleanup {
         if let Some(xdp) = dataplane.first.as_mut() {
@@ -152,7 +196,65 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             tracing::warn!(%error, dir = %config.pin_dir.display(), "could not remove pinned maps");
         }
     }
+    tracing::info!("stopped");
     Ok(())
+}
+
+/// A deadline no timer reaches: the retry timer's resting state.
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(86_400 * 365)
+}
+
+/// Raises the soft open-file limit to the hard limit: the proxy holds descriptors for every
+/// frontend and connection, and the default soft limit (often 1024) is far below what a
+/// node allows.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit(2) writes into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot read the open-file limit");
+        return;
+    }
+    if limit.rlim_cur >= limit.rlim_max {
+        tracing::info!(limit = limit.rlim_cur, "open-file limit");
+        return;
+    }
+    let raised = libc::rlimit {
+        rlim_cur: limit.rlim_max,
+        rlim_max: limit.rlim_max,
+    };
+    // SAFETY: setrlimit(2) reads the struct we own.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+        tracing::info!(
+            from = limit.rlim_cur,
+            to = limit.rlim_max,
+            "raised the open-file limit to the hard limit"
+        );
+    } else {
+        tracing::warn!(error = %std::io::Error::last_os_error(), limit = limit.rlim_cur, "cannot raise the open-file limit");
+    }
+}
+
+/// From now on SIGINT and SIGTERM have their default action (the process ends at once),
+/// whatever state the runtime is in.
+fn exit_on_second_signal() {
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: resetting a signal's disposition to the default has no preconditions.
+        unsafe { libc::signal(signal, libc::SIG_DFL) };
+    }
+}
+
+/// Ends the process after `limit` from a plain thread, so a shutdown that hangs (even with
+/// every runtime thread blocked) still ends.
+fn exit_after(limit: Duration) {
+    std::thread::spawn(move || {
+        std::thread::sleep(limit);
+        eprintln!("xlb: shutdown did not finish within {limit:?}; exiting");
+        std::process::exit(1);
+    });
 }
 
 /// The data planes `--dataplane` chose: XDP, the userspace proxy, or both.
@@ -281,10 +383,20 @@ impl Controller<'_> {
         self.metrics
             .vips
             .store(plan.vips.len() as u64, Ordering::Relaxed);
-        if let Some(proxy) = &dataplane.second
-            && let Ok(mut slot) = self.metrics.proxy.lock()
-        {
-            *slot = proxy.stats().into_iter().collect();
+        if let Some(proxy) = &dataplane.second {
+            if let Ok(mut slot) = self.metrics.proxy.lock() {
+                *slot = proxy.stats().into_iter().collect();
+            }
+            if let Ok(mut slot) = self.metrics.proxy_listen_failures.lock() {
+                *slot = proxy
+                    .listen_failures()
+                    .iter()
+                    .map(|(reason, count)| (reason.label(), *count))
+                    .collect();
+            }
+            self.metrics
+                .proxy_not_listening
+                .store(proxy.failing().len() as u64, Ordering::Relaxed);
         }
         if let Some(xdp) = &dataplane.first
             && let Ok(stats) = xdp.stats()
@@ -356,19 +468,26 @@ impl Controller<'_> {
         ok
     }
 
-    /// On exit: removes the ingress xlb wrote on every Service it served.
+    /// On exit: removes the ingress xlb wrote on every Service it served, a few at a time.
     async fn clear_statuses(&self, state: &ClusterState) {
         let Some(writer) = &self.writer else {
             return;
         };
-        for key in self.allocations.by_service.keys() {
-            if !state.services.contains_key(key) {
-                continue;
-            }
-            if let Err(error) = writer.set_ingress(&key.namespace, &key.name, None).await {
-                tracing::warn!(%error, service = %key, "could not clear the Service status");
-            }
-        }
+        let clears = self
+            .allocations
+            .by_service
+            .keys()
+            .filter(|key| state.services.contains_key(*key))
+            .map(|key| async move {
+                if let Err(error) = writer.set_ingress(&key.namespace, &key.name, None).await {
+                    tracing::warn!(%error, service = %key, "could not clear the Service status");
+                }
+            });
+        futures::stream::iter(clears)
+            .buffer_unordered(CLEAR_CONCURRENCY)
+            .collect::<()>()
+            .await;
+        tracing::info!("cleared the Service statuses xlb wrote");
     }
 }
 

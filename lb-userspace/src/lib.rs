@@ -2,11 +2,13 @@
 //! and carries their traffic with an XDP data plane. See `ARCHITECTURE.md` for the map.
 
 pub mod addr;
+pub mod backoff;
 pub mod config;
 pub mod controller;
 pub mod dataplane;
 pub mod inspect;
 pub mod ipam;
+pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod nodes;

@@ -37,20 +37,33 @@ async fn main() -> anyhow::Result<()> {
             What::Conntrack => inspect::Table::Conntrack,
             What::Stats => inspect::Table::Stats,
         };
-        inspect::print(&args.pin_dir, table, &mut std::io::stdout().lock())?;
-        return Ok(());
+        return match inspect::print(&args.pin_dir, table, &mut std::io::stdout().lock()) {
+            // `xlb inspect … | head`: the reader has what it wanted; end quietly, as Unix
+            // tools do.
+            Err(error) if is_broken_pipe(&error) => Ok(()),
+            other => other.map_err(Into::into),
+        };
     }
     let config = match Config::load(argv, &|name| std::env::var(name).ok()) {
         Ok(config) => config,
         Err(ConfigError::Args(error)) => error.exit(),
         Err(error) => anyhow::bail!(error),
     };
-    let level = if config.debug { "debug" } else { "info" };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
-        )
-        .init();
+    xlb::logging::init(config.debug);
     xlb::controller::run(config).await
+}
+
+/// Whether `error`, or what caused it, is a write to a closed pipe.
+fn is_broken_pipe(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if error
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+        {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
 }

@@ -6,10 +6,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpListener;
 
+use crate::backoff::Backoff;
 use crate::dataplane::proxy::ProxyStats;
 use crate::model::Frontend;
 
@@ -19,8 +21,10 @@ type ProxyFamily = (&'static str, &'static str, fn(&ProxyStats) -> u64);
 /// What the controller reports.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    /// The source is connected and the last plan was applied: `/readyz` answers 200.
-    pub ready: AtomicBool,
+    /// The last plan was applied: with `synced`, `/readyz` answers 200.
+    pub applied: AtomicBool,
+    /// Every watch of the source has listed since its last failure.
+    pub synced: AtomicBool,
     /// Reconciles run since start.
     pub reconciles: AtomicU64,
     /// Reconciles whose plan could not be fully applied.
@@ -33,9 +37,30 @@ pub struct Metrics {
     pub dataplane: Mutex<Vec<(String, u64)>>,
     /// Userspace proxy counters per frontend, refreshed after each reconcile.
     pub proxy: Mutex<Vec<(Frontend, ProxyStats)>>,
+    /// Failed attempts of the proxy to listen on a frontend, by reason label.
+    pub proxy_listen_failures: Mutex<Vec<(&'static str, u64)>>,
+    /// Frontends the proxy should listen on and does not (the bind failed).
+    pub proxy_not_listening: AtomicU64,
 }
 
 impl Metrics {
+    /// Records what `/readyz` reports.
+    pub fn set_ready(&self, applied: bool, synced: bool) {
+        self.applied.store(applied, Ordering::Relaxed);
+        self.synced.store(synced, Ordering::Relaxed);
+    }
+
+    /// Ready, or why not.
+    pub fn readiness(&self) -> Result<(), &'static str> {
+        if !self.synced.load(Ordering::Relaxed) {
+            Err("the Kubernetes watches are not in sync (API server unreachable or re-listing)")
+        } else if !self.applied.load(Ordering::Relaxed) {
+            Err("the last plan was not fully applied (see the log)")
+        } else {
+            Ok(())
+        }
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -47,9 +72,9 @@ impl Metrics {
         gauge(
             &mut out,
             "xlb_ready",
-            "1 when the source is connected and the last plan applied",
+            "1 when every watch is in sync and the last plan applied",
             "gauge",
-            self.ready.load(Ordering::Relaxed).into(),
+            self.readiness().is_ok().into(),
         );
         gauge(
             &mut out,
@@ -87,8 +112,23 @@ impl Metrics {
                 ));
             }
         }
+        gauge(
+            &mut out,
+            "xlb_proxy_frontends_not_listening",
+            "Frontends the userspace proxy should listen on and cannot (retried)",
+            "gauge",
+            self.proxy_not_listening.load(Ordering::Relaxed),
+        );
+        out.push_str("# HELP xlb_proxy_listen_failures_total Failed attempts of the userspace proxy to listen on a frontend, by reason\n# TYPE xlb_proxy_listen_failures_total counter\n");
+        if let Ok(failures) = self.proxy_listen_failures.lock() {
+            for (reason, count) in failures.iter() {
+                out.push_str(&format!(
+                    "xlb_proxy_listen_failures_total{{reason=\"{reason}\"}} {count}\n"
+                ));
+            }
+        }
         if let Ok(frontends) = self.proxy.lock() {
-            let families: [ProxyFamily; 5] = [
+            let families: [ProxyFamily; 6] = [
                 (
                     "xlb_proxy_connections_total",
                     "TCP connections accepted and UDP flows started by the userspace proxy",
@@ -113,6 +153,11 @@ impl Metrics {
                     "xlb_proxy_dropped_total",
                     "Connections and datagrams the userspace proxy closed or dropped for want of a backend",
                     |s| s.dropped,
+                ),
+                (
+                    "xlb_proxy_accept_errors_total",
+                    "Accepts that failed in the userspace proxy (out of descriptors or memory) and were retried",
+                    |s| s.accept_errors,
                 ),
             ];
             for (name, help, value) in families {
@@ -139,18 +184,80 @@ impl Metrics {
     }
 }
 
-/// Serves the endpoints on `addr` until the task is dropped.
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
-    let listener = TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+/// Errors opening the metrics listener.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error(
+        "cannot listen on {addr} for /metrics, /healthz and /readyz: {source}; another program (or another xlb) holds that address: stop it or choose another --metrics-addr"
+    )]
+    InUse {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot listen on {addr} for /metrics, /healthz and /readyz: {source}; check --metrics-addr"
+    )]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Opens the listener at start, so an address that is taken stops xlb with a clear message
+/// instead of leaving it without probes.
+pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, MetricsError> {
+    let listener = std::net::TcpListener::bind(addr).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::AddrInUse {
+            MetricsError::InUse { addr, source }
+        } else {
+            MetricsError::Bind { addr, source }
+        }
+    })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|source| MetricsError::Bind { addr, source })?;
+    Ok(listener)
+}
+
+/// Serves the endpoints until the task is dropped. A failed accept (out of descriptors, out of
+/// memory) is logged once per streak and retried with backoff: the DaemonSet's probes depend
+/// on this listener, so no error ends it.
+pub async fn serve(listener: std::net::TcpListener, metrics: Arc<Metrics>) {
+    let addr = listener.local_addr().ok();
+    let listener = match TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(error) => {
+            tracing::error!(%error, "cannot serve /metrics, /healthz and /readyz");
+            return;
+        }
+    };
+    tracing::info!(addr = ?addr, "serving /metrics, /healthz and /readyz");
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+    let mut failing = false;
     loop {
-        let (mut stream, _) = listener.accept().await?;
+        let mut stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                if failing {
+                    tracing::info!("the metrics listener accepts connections again");
+                    failing = false;
+                    backoff.reset();
+                }
+                stream
+            }
+            Err(error) => {
+                if !failing {
+                    tracing::warn!(%error, "the metrics listener cannot accept; retrying");
+                    failing = true;
+                }
+                tokio::time::sleep(backoff.next_delay()).await;
+                continue;
+            }
+        };
         let metrics = metrics.clone();
         tokio::spawn(async move {
             let mut request = [0u8; 1024];
             let Ok(Ok(read)) =
-                tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut request))
-                    .await
+                tokio::time::timeout(Duration::from_secs(5), stream.read(&mut request)).await
             else {
                 return;
             };
@@ -160,10 +267,10 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<(
                 .unwrap_or("");
             let (code, body) = match path {
                 "/healthz" => ("200 OK", "ok\n".to_owned()),
-                "/readyz" if metrics.ready.load(Ordering::Relaxed) => {
-                    ("200 OK", "ready\n".to_owned())
-                }
-                "/readyz" => ("503 Service Unavailable", "not ready\n".to_owned()),
+                "/readyz" => match metrics.readiness() {
+                    Ok(()) => ("200 OK", "ready\n".to_owned()),
+                    Err(why) => ("503 Service Unavailable", format!("not ready: {why}\n")),
+                },
                 "/metrics" => ("200 OK", metrics.render()),
                 _ => ("404 Not Found", "not found\n".to_owned()),
             };
@@ -183,7 +290,7 @@ mod tests {
     #[test]
     fn render_lists_every_metric_with_its_value() {
         let metrics = Metrics::default();
-        metrics.ready.store(true, Ordering::Relaxed);
+        metrics.set_ready(true, true);
         metrics.vips.store(3, Ordering::Relaxed);
         *metrics.dataplane.lock().expect("lock") = vec![("tx".into(), 42)];
         *metrics.proxy.lock().expect("lock") = vec![(

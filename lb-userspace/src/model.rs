@@ -115,6 +115,48 @@ impl std::fmt::Display for ObjectKey {
     }
 }
 
+/// Checks an object's namespace and name as the API server validates them: a namespace is a
+/// DNS-1123 label, a Service name a DNS-1035 label (it becomes a DNS name), other names DNS-1123
+/// subdomains. The error says which rule is broken, with the value escaped.
+pub fn check_object_name(kind: &str, namespace: Option<&str>, name: &str) -> Result<(), String> {
+    if let Some(namespace) = namespace
+        && !is_dns1123_label(namespace)
+    {
+        return Err(format!(
+            "namespace {:?} of {kind} {:?} is invalid: it must be at most 63 lowercase letters, digits or '-', starting and ending with a letter or digit",
+            escape(namespace),
+            escape(name)
+        ));
+    }
+    let valid = if kind == "Service" {
+        is_dns1123_label(name) && name.starts_with(|c: char| c.is_ascii_lowercase())
+    } else {
+        name.len() <= 253 && name.split('.').all(is_dns1123_label)
+    };
+    if valid {
+        return Ok(());
+    }
+    let rule = if kind == "Service" {
+        "at most 63 lowercase letters, digits or '-', starting with a letter and ending with a letter or digit"
+    } else {
+        "at most 253 characters of dot-separated parts, each lowercase letters, digits or '-', starting and ending with a letter or digit"
+    };
+    Err(format!(
+        "{kind} name {:?} is invalid: it must be {rule}",
+        escape(name)
+    ))
+}
+
+/// `[a-z0-9]([-a-z0-9]*[a-z0-9])?`, at most 63 characters.
+fn is_dns1123_label(text: &str) -> bool {
+    let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    !text.is_empty()
+        && text.len() <= 63
+        && text.chars().all(|c| alnum(c) || c == '-')
+        && text.starts_with(alnum)
+        && text.ends_with(alnum)
+}
+
 /// Everything reconcile looks at from the cluster: the Services, EndpointSlices and Nodes as
 /// the API server (or the manifest directory) has them.
 ///
@@ -335,4 +377,30 @@ pub fn network(ip: Ipv4Addr, len: u8) -> Ipv4Addr {
 /// The broadcast address of `ip/len` (`len` above 32 is taken as 32).
 pub fn broadcast(ip: Ipv4Addr, len: u8) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(ip) | !prefix_mask(len.min(32)).unwrap_or(u32::MAX))
+}
+
+/// `record` with control characters escaped; a final newline stays.
+pub fn escape_record(record: &[u8]) -> Vec<u8> {
+    let (body, end) = match record.strip_suffix(b"\n") {
+        Some(body) => (body, &b"\n"[..]),
+        None => (record, &b""[..]),
+    };
+    let mut out = Vec::with_capacity(record.len());
+    for &byte in body {
+        match byte {
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.push(b'\t'),
+            0..=0x1f | 0x7f => out.extend_from_slice(format!("\\x{byte:02x}").as_bytes()),
+            _ => out.push(byte),
+        }
+    }
+    out.extend_from_slice(end);
+    out
+}
+
+/// `text` with control characters escaped, for strings from outside printed other than
+/// through the log (error messages on stdout).
+pub fn escape(text: &str) -> String {
+    String::from_utf8_lossy(&escape_record(text.as_bytes())).into_owned()
 }

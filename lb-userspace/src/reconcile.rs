@@ -184,7 +184,9 @@ pub fn reconcile(
                 },
             });
         }
-        if !status_is(service, ip, config.ip_mode) {
+        if !status_is(service, ip, config.ip_mode)
+            || (config.update_external_ips && !external_ips_hold(service, ip))
+        {
             plan.statuses.insert(
                 key.clone(),
                 StatusChange::Ingress {
@@ -195,15 +197,31 @@ pub fn reconcile(
         }
         let endpoints = slices.of(&key);
         let ready_nodes = endpoints.ready_nodes();
+        let mut without_backends = Vec::new();
         for port in &candidate.ports {
+            let backends = candidate.backends(port, &endpoints, &ready_nodes, &nodes);
+            if backends.is_empty() {
+                without_backends.push(format!("{}/{}", port.key.port, port.key.protocol));
+            }
             plan.virtual_services.push(VirtualService {
                 frontend: Frontend {
                     vip: ip,
                     port: port.key.port,
                     protocol: port.key.protocol,
                 },
-                backends: candidate.backends(port, &endpoints, &ready_nodes, &nodes),
+                backends,
                 owner: key.to_string(),
+            });
+        }
+        if !without_backends.is_empty() {
+            plan.events.push(PlannedEvent {
+                service: key.clone(),
+                kind: EventKind::Warning,
+                reason: "NoEndpoints",
+                message: format!(
+                    "no ready endpoints for {ip} port(s) {}: connections are refused until a backend is ready",
+                    without_backends.join(", ")
+                ),
             });
         }
         if let Some(node_name) = &config.node_name
@@ -251,6 +269,16 @@ fn has_ingress(service: &Service) -> bool {
         .and_then(|status| status.load_balancer.as_ref())
         .and_then(|load_balancer| load_balancer.ingress.as_ref())
         .is_some_and(|ingress| !ingress.is_empty())
+}
+
+/// True when `spec.externalIPs` lists `ip` exactly once (other entries are someone else's).
+fn external_ips_hold(service: &Service, ip: Ipv4Addr) -> bool {
+    let ip = ip.to_string();
+    service
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.external_ips.as_ref())
+        .is_some_and(|ips| ips.iter().filter(|listed| **listed == ip).count() == 1)
 }
 
 /// True when the status holds exactly one ingress entry, with this IP and ipMode (an unset
@@ -816,6 +844,87 @@ mod tests {
             events(&plan, "svc1", EventKind::Normal),
             vec![("IPAllocated", "Assigned IP 198.51.100.10".to_owned())]
         );
+    }
+
+    #[test]
+    fn update_external_ips_writes_adopted_services_until_their_ip_is_listed_once() {
+        let config = Config {
+            update_external_ips: true,
+            ..config()
+        };
+        let vip = ip("198.51.100.12");
+        // Adopted after a restart: the status is right, spec.externalIPs is not.
+        let state = state_with(vec![with_status(svc("web", &[80]), vip)]);
+        let plan = run(&state, &config, &Allocations::default());
+        assert_eq!(
+            plan.statuses.get(&key("web")),
+            Some(&StatusChange::Ingress {
+                ip: vip,
+                ip_mode: IpMode::Vip
+            }),
+            "the missing externalIPs entry must be written"
+        );
+        let listed = |ips: &[&str]| {
+            let mut service = with_status(svc("web", &[80]), vip);
+            spec(&mut service).external_ips = Some(ips.iter().map(|ip| (*ip).to_owned()).collect());
+            state_with(vec![service])
+        };
+        let twice = run(
+            &listed(&["198.51.100.12", "198.51.100.12"]),
+            &config,
+            &plan.allocations,
+        );
+        assert!(
+            twice.statuses.contains_key(&key("web")),
+            "an IP listed twice is rewritten"
+        );
+        let once = run(
+            &listed(&["192.0.2.7", "198.51.100.12"]),
+            &config,
+            &plan.allocations,
+        );
+        assert!(
+            once.statuses.is_empty(),
+            "listed once, beside another manager's entry: nothing to write ({:?})",
+            once.statuses
+        );
+        let without_flag = run(&state, &self::config(), &Allocations::default());
+        assert!(
+            without_flag.statuses.is_empty(),
+            "externalIPs are not xlb's without the flag"
+        );
+    }
+
+    #[test]
+    fn a_port_without_backends_is_programmed_and_warned_about() {
+        let mut state = state_with(vec![svc("web", &[80])]);
+        for node in state.nodes.values_mut() {
+            node.metadata.labels = None;
+        }
+        let plan = run(&state, &config(), &Allocations::default());
+        assert_eq!(backends(&plan, "web", 80, Protocol::Tcp), Vec::new());
+        let warnings = warnings(&plan, "web");
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(warnings[0].0, "NoEndpoints");
+        assert!(
+            warnings[0].1.contains("198.51.100.10 port(s) 80/TCP")
+                && warnings[0].1.contains("refused"),
+            "{warnings:?}"
+        );
+        let served = run(
+            &state_with(vec![svc("web", &[80])]),
+            &config(),
+            &Allocations::default(),
+        );
+        assert!(warnings_of_reason(&served, "NoEndpoints").is_empty());
+    }
+
+    fn warnings_of_reason(plan: &Plan, reason: &str) -> Vec<String> {
+        plan.events
+            .iter()
+            .filter(|event| event.reason == reason)
+            .map(|event| event.message.clone())
+            .collect()
     }
 
     #[test]

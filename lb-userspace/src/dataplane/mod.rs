@@ -112,7 +112,8 @@ pub enum DataplaneError {
     )]
     NoSuchDevice(String),
     #[error(
-        "the proxy cannot listen on {frontend}: {source}; check that no other program listens there (`ss -lntup`)"
+        "the proxy cannot listen on {frontend}: {source}; {}",
+        listen_hint(source)
     )]
     ProxyListen {
         frontend: String,
@@ -192,5 +193,18 @@ mod tests {
             .apply(&[])
             .expect("an absent data plane applies nothing");
         assert_eq!(absent.second.map(|fake| fake.applied), Some(1));
+    }
+}
+
+/// What to do about a frontend the proxy cannot listen on.
+fn listen_hint(error: &std::io::Error) -> &'static str {
+    match error.raw_os_error() {
+        Some(libc::EMFILE | libc::ENFILE) => {
+            "out of file descriptors: raise the open-file limit (LimitNOFILE, ulimit -n); it is retried"
+        }
+        Some(libc::EADDRINUSE) => {
+            "another program listens there: find it with `ss -lntup` and stop it"
+        }
+        _ => "it is retried",
     }
 }

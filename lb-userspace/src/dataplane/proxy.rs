@@ -105,6 +105,8 @@ pub struct ProxyStats {
     /// Connections closed and datagrams dropped because no backend took them (none listed,
     /// all failed, or the UDP flow table full).
     pub dropped: u64,
+    /// Accepts that failed (out of descriptors or memory); the connection waits and is retried.
+    pub accept_errors: u64,
 }
 
 #[derive(Debug, Default)]
@@ -115,6 +117,7 @@ struct Counters {
     bytes_to_clients: AtomicU64,
     backend_failures: AtomicU64,
     dropped: AtomicU64,
+    accept_errors: AtomicU64,
 }
 
 impl Counters {
@@ -126,6 +129,7 @@ impl Counters {
             bytes_to_clients: self.bytes_to_clients.load(Ordering::Relaxed),
             backend_failures: self.backend_failures.load(Ordering::Relaxed),
             dropped: self.dropped.load(Ordering::Relaxed),
+            accept_errors: self.accept_errors.load(Ordering::Relaxed),
         }
     }
 
@@ -270,6 +274,12 @@ pub struct ProxyDataplane {
     handle: Handle,
     timeouts: Timeouts,
     running: BTreeMap<Frontend, Running>,
+    /// Frontends that should listen but could not, and why.
+    failing: BTreeMap<Frontend, ListenFailure>,
+    /// Failed attempts to listen since start, by reason.
+    listen_failures: BTreeMap<ListenFailure, u64>,
+    /// How many frontends were short of descriptors at the last `apply` (logged on change).
+    short_of_descriptors: usize,
 }
 
 impl std::fmt::Debug for ProxyDataplane {
@@ -299,6 +309,9 @@ impl ProxyDataplane {
             handle,
             timeouts: Timeouts::default(),
             running: BTreeMap::new(),
+            failing: BTreeMap::new(),
+            listen_failures: BTreeMap::new(),
+            short_of_descriptors: 0,
         }
     }
 
@@ -319,6 +332,16 @@ impl ProxyDataplane {
             .iter()
             .map(|(frontend, running)| (*frontend, running.shared.counters.snapshot()))
             .collect()
+    }
+
+    /// Failed attempts to listen on a frontend since start, by reason.
+    pub fn listen_failures(&self) -> &BTreeMap<ListenFailure, u64> {
+        &self.listen_failures
+    }
+
+    /// Frontends that should listen and do not (the bind failed), by reason.
+    pub fn failing(&self) -> &BTreeMap<Frontend, ListenFailure> {
+        &self.failing
     }
 
     /// Binds `service`'s frontend and spawns its tasks.
@@ -372,12 +395,16 @@ impl ProxyDataplane {
 }
 
 impl Dataplane for ProxyDataplane {
-    /// Listens on every frontend of `services` and stops listening on the others. A frontend
-    /// that cannot be bound is reported (the first such error is returned) and retried on
-    /// the next `apply`; the other frontends are applied regardless.
+    /// Listens on every frontend of `services` that has backends and stops listening on the
+    /// others: a frontend without backends is not listened on, so the kernel refuses its
+    /// connections (RST, or ICMP port unreachable for UDP) as kube-proxy does. A frontend that
+    /// cannot be bound is reported once while the reason lasts (out of descriptors: one line
+    /// for all of them), counted, and retried on the next `apply`; the first such error is
+    /// returned and the other frontends are applied regardless.
     fn apply(&mut self, services: &[VirtualService]) -> Result<(), DataplaneError> {
         let desired: BTreeMap<Frontend, &VirtualService> = services
             .iter()
+            .filter(|service| !service.backends.is_empty())
             .map(|service| (service.frontend, service))
             .collect();
         let removed: Vec<Frontend> = self
@@ -392,6 +419,8 @@ impl Dataplane for ProxyDataplane {
                 tracing::info!(frontend = %describe(&frontend), "proxy stopped listening");
             }
         }
+        self.failing
+            .retain(|frontend, _| desired.contains_key(frontend));
         let mut first_error = None;
         for (frontend, service) in desired {
             if let Some(running) = self.running.get(&frontend) {
@@ -405,10 +434,16 @@ impl Dataplane for ProxyDataplane {
             match self.start(service) {
                 Ok(running) => {
                     tracing::info!(frontend = %describe(&frontend), service = %service.owner, "proxy listening");
+                    self.failing.remove(&frontend);
                     self.running.insert(frontend, running);
                 }
                 Err(source) => {
-                    tracing::error!(frontend = %describe(&frontend), %source, "proxy cannot listen");
+                    let reason = ListenFailure::of(&source);
+                    *self.listen_failures.entry(reason).or_default() += 1;
+                    let new = self.failing.insert(frontend, reason) != Some(reason);
+                    if new && reason != ListenFailure::Descriptors {
+                        tracing::error!(frontend = %describe(&frontend), %source, "proxy cannot listen");
+                    }
                     first_error.get_or_insert(DataplaneError::ProxyListen {
                         frontend: describe(&frontend),
                         source,
@@ -416,8 +451,66 @@ impl Dataplane for ProxyDataplane {
                 }
             }
         }
+        let short = self
+            .failing
+            .values()
+            .filter(|reason| **reason == ListenFailure::Descriptors)
+            .count();
+        if short != self.short_of_descriptors {
+            if short > 0 {
+                tracing::error!(
+                    frontends = short,
+                    limit = open_file_limit(),
+                    "the proxy is out of file descriptors: these frontends do not listen and are retried; raise the open-file limit (LimitNOFILE, ulimit -n)"
+                );
+            } else {
+                tracing::info!("every proxy frontend listens again");
+            }
+            self.short_of_descriptors = short;
+        }
         first_error.map_or(Ok(()), Err)
     }
+}
+
+/// Why a frontend could not be listened on, for logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ListenFailure {
+    /// Out of file descriptors (EMFILE, ENFILE).
+    Descriptors,
+    /// Another socket holds the address.
+    AddressInUse,
+    /// Anything else.
+    Other,
+}
+
+impl ListenFailure {
+    fn of(error: &io::Error) -> Self {
+        match error.raw_os_error() {
+            Some(libc::EMFILE | libc::ENFILE) => ListenFailure::Descriptors,
+            Some(libc::EADDRINUSE) => ListenFailure::AddressInUse,
+            _ => ListenFailure::Other,
+        }
+    }
+
+    /// The label value in `/metrics`.
+    pub fn label(self) -> &'static str {
+        match self {
+            ListenFailure::Descriptors => "descriptors",
+            ListenFailure::AddressInUse => "address_in_use",
+            ListenFailure::Other => "other",
+        }
+    }
+}
+
+/// The soft open-file limit, for messages.
+fn open_file_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit(2) writes into the struct we own.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    limit.rlim_cur
 }
 
 impl Drop for ProxyDataplane {
@@ -430,16 +523,23 @@ impl Drop for ProxyDataplane {
 
 /// Accepts connections on a TCP frontend until it is stopped.
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    let mut failing = false;
     loop {
         match listener.accept().await {
             Ok((client, peer)) => {
+                failing = false;
                 tokio::spawn(relay(client, peer, shared.clone()));
             }
             // The listener was shut down by `Running::stop`.
             Err(error) if error.raw_os_error() == Some(libc::EINVAL) => return,
             Err(error) => {
-                // EMFILE, ENOBUFS and the like: back off instead of spinning.
-                tracing::warn!(frontend = %describe(&shared.frontend), %error, "proxy accept failed");
+                // EMFILE, ENOBUFS and the like: back off instead of spinning, and say so once
+                // per streak (the pending connection waits in the backlog).
+                Counters::bump(&shared.counters.accept_errors);
+                if !failing {
+                    tracing::warn!(frontend = %describe(&shared.frontend), %error, "proxy accept failed; retrying");
+                    failing = true;
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
@@ -778,6 +878,90 @@ mod tests {
         assert_eq!(stats.connections, 4, "{stats:?}");
         assert_eq!(stats.bytes_to_backends, 20, "{stats:?}");
         assert_eq!(stats.bytes_to_clients, 16, "{stats:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_frontend_without_backends_refuses_until_one_is_ready() {
+        let port = free_port(Protocol::Tcp);
+        let mut proxy = ProxyDataplane::new().expect("inside a runtime");
+        proxy
+            .apply(&[service(Protocol::Tcp, port, &[])])
+            .expect("a frontend without backends is no error");
+        assert_eq!(proxy.frontends().count(), 0, "nothing listens");
+        let error = TcpStream::connect((VIP, port))
+            .await
+            .expect_err("no backends: the kernel refuses the connection");
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused, "{error}");
+        let backend = half_close_backend(Ipv4Addr::new(127, 0, 0, 2), "b1").await;
+        proxy
+            .apply(&[service(Protocol::Tcp, port, &[backend])])
+            .expect("a backend is ready");
+        assert_eq!(exchange(port, b"x").await.expect("exchange"), "b1:1");
+        proxy
+            .apply(&[service(Protocol::Tcp, port, &[])])
+            .expect("the backend goes");
+        let error = TcpStream::connect((VIP, port))
+            .await
+            .expect_err("refused again once the last backend is gone");
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused, "{error}");
+    }
+
+    #[test]
+    fn a_frontend_short_of_descriptors_is_counted_and_retried() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let backend = Backend { ip: VIP, port: 9 };
+        let port = free_port(Protocol::Tcp);
+        let mut proxy = ProxyDataplane::with_handle(runtime.handle().clone());
+        // Fill the descriptor table in a child process only: the limit is per process.
+        // SAFETY: fork(2) in a test binary; the child only calls async-signal-safe functions
+        // and the plain socket code below before _exit.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let limit = libc::rlimit {
+                rlim_cur: 64,
+                rlim_max: 64,
+            };
+            // SAFETY: setrlimit(2) on our own struct; dup(2) of stdin until the table is full.
+            unsafe {
+                libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+                while libc::dup(0) >= 0 {}
+            }
+            let first = proxy.apply(&[service(Protocol::Tcp, port, &[backend])]);
+            let short = proxy.failing().values().next() == Some(&ListenFailure::Descriptors)
+                && proxy.listen_failures().get(&ListenFailure::Descriptors) == Some(&1)
+                && first
+                    .as_ref()
+                    .is_err_and(|error| error.to_string().contains("out of file descriptors"));
+            // SAFETY: close(2) of descriptors this child opened.
+            unsafe {
+                for fd in 10..64 {
+                    libc::close(fd);
+                }
+            }
+            let retried = proxy
+                .apply(&[service(Protocol::Tcp, port, &[backend])])
+                .is_ok()
+                && proxy.failing().is_empty()
+                && proxy.frontends().count() == 1;
+            // SAFETY: _exit(2) ends the child without running the parent's destructors.
+            unsafe { libc::_exit(i32::from(short) + 2 * i32::from(retried)) };
+        }
+        let mut status = 0;
+        // SAFETY: waitpid(2) on the child forked above.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(libc::WIFEXITED(status), "the child crashed: {status}");
+        let code = libc::WEXITSTATUS(status);
+        assert!(
+            code & 1 == 1,
+            "out of descriptors: not reported and counted as such ({code})"
+        );
+        assert!(
+            code & 2 == 2,
+            "descriptors freed: the retry did not listen ({code})"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

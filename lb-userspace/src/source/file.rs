@@ -4,19 +4,29 @@
 //! `.yaml`, `.yml` or `.json` and do not start with a dot, in name order. A file may hold
 //! several YAML documents, and a document may be a `kind: List` (as `kubectl get -o yaml`
 //! prints). Services (`v1`), EndpointSlices (`discovery.k8s.io/v1`) and Nodes (`v1`) are kept;
-//! other kinds are ignored. A file or document that cannot be read or parsed is logged with
-//! its path and skipped; the rest still loads. When two documents define the same object, the
-//! later one (by file name, then position) wins.
+//! other kinds are ignored. Object names and namespaces are validated as the API server does
+//! (see [`check_object_name`]). When two documents define the same object, the later one (by
+//! file name, then position) wins.
+//!
+//! A file that cannot be read, is empty (zero bytes or only white space: an editor or
+//! `kubectl get -o yaml > file` in the middle of writing it) or holds a document that does not
+//! parse keeps the content it had when it last read cleanly, until it reads cleanly again;
+//! its problems are logged once per change of the file, not on every reload. Only a file that
+//! was never clean contributes what of it parses. To withdraw Services, remove them from a file
+//! that parses, or delete the file.
 //!
 //! Manifests have no NodePort allocator behind them: out of cluster (the default), a
 //! LoadBalancer Service must list a `nodePort` for each port; in cluster (`KUBERNETES=true`),
 //! its EndpointSlices are used instead.
 //!
 //! The directory is polled (every second by default): when a file is added, removed or changes
-//! size or modification time, the directory is read again and the new state is sent if it
+//! size or modification time, and then stays the same for one more poll (so a file is not read
+//! while it is being written), the directory is read again and the new state is sent if it
 //! differs.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -24,7 +34,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize as _;
 use tokio::sync::watch;
 
-use crate::model::{ClusterState, ObjectKey};
+use crate::model::{ClusterState, ObjectKey, check_object_name};
 
 /// How often the directory is checked for changes unless told otherwise.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -60,7 +70,22 @@ pub struct Loaded {
 pub struct FileSource {
     dir: PathBuf,
     interval: Duration,
+    /// What each file held when last read, by path.
+    files: Arc<Mutex<BTreeMap<PathBuf, CachedFile>>>,
 }
+
+/// One manifest file as last read.
+#[derive(Debug, Clone)]
+struct CachedFile {
+    stamp: Stamp,
+    /// What the last read found, with its problems.
+    read: Loaded,
+    /// The content of the last read that had no problem.
+    good: Option<ClusterState>,
+}
+
+/// A file's size and modification time: a change of either means it must be read again.
+type Stamp = Option<(u64, Option<SystemTime>)>;
 
 impl FileSource {
     /// A source reading `dir`, polled every [`DEFAULT_POLL_INTERVAL`].
@@ -68,6 +93,7 @@ impl FileSource {
         Self {
             dir: dir.into(),
             interval: DEFAULT_POLL_INTERVAL,
+            files: Arc::default(),
         }
     }
 
@@ -76,19 +102,43 @@ impl FileSource {
         Self { interval, ..self }
     }
 
-    /// Reads the directory once. Problems with single files are logged and returned in
-    /// [`Loaded::problems`]; only an unreadable directory is an error.
+    /// Reads the directory: the files that changed since the last call are read again (and
+    /// their problems logged), the others reused. Problems of the current files are returned
+    /// in [`Loaded::problems`]; only an unreadable directory is an error.
     pub fn load(&self) -> Result<Loaded, FileSourceError> {
+        let paths = self.manifest_paths()?;
+        let mut files = self.files.lock().unwrap_or_else(PoisonError::into_inner);
+        files.retain(|path, _| paths.contains(path));
         let mut loaded = Loaded::default();
-        for path in self.manifest_paths()? {
-            let text = match std::fs::read_to_string(&path) {
-                Ok(text) => text,
-                Err(error) => {
-                    loaded.problem(&path, format!("cannot read: {error}"));
-                    continue;
-                }
+        for path in paths {
+            let stamp = stamp(&path);
+            let fresh = files
+                .get(&path)
+                .is_some_and(|cached| stamp.is_some() && cached.stamp == stamp);
+            if !fresh {
+                let read = read_file(&path);
+                let good = if read.problems.is_empty() {
+                    Some(read.state.clone())
+                } else {
+                    let good = files.get(&path).and_then(|cached| cached.good.clone());
+                    if good.is_some() {
+                        tracing::warn!(path = %path.display(), "keeping the file's last good content until it reads cleanly again");
+                    }
+                    good
+                };
+                files.insert(path.clone(), CachedFile { stamp, read, good });
+            }
+            let Some(cached) = files.get(&path) else {
+                continue;
             };
-            loaded.add_file(&path, &text);
+            let content = cached.good.as_ref().unwrap_or(&cached.read.state);
+            loaded.state.services.extend(content.services.clone());
+            loaded
+                .state
+                .endpoint_slices
+                .extend(content.endpoint_slices.clone());
+            loaded.state.nodes.extend(content.nodes.clone());
+            loaded.problems.extend(cached.read.problems.iter().cloned());
         }
         Ok(loaded)
     }
@@ -108,6 +158,7 @@ impl FileSource {
     async fn watch(self, sender: watch::Sender<ClusterState>, mut last: Option<Fingerprint>) {
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seen = last.clone();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -123,8 +174,15 @@ impl FileSource {
                     None
                 }
             };
+            // A change is read once the directory has looked the same for a whole interval,
+            // so a file caught in the middle of being written is not read half done.
+            let settled = fingerprint == seen;
+            seen.clone_from(&fingerprint);
             if fingerprint.is_none() || fingerprint == last {
                 last = fingerprint;
+                continue;
+            }
+            if !settled {
                 continue;
             }
             last = fingerprint;
@@ -172,17 +230,34 @@ impl FileSource {
             .manifest_paths()?
             .into_iter()
             .map(|path| {
-                let metadata = std::fs::metadata(&path).ok();
-                let stamp = metadata
-                    .as_ref()
-                    .map(|metadata| (metadata.len(), metadata.modified().ok()));
+                let stamp = stamp(&path);
                 (path, stamp)
             })
             .collect())
     }
 }
 
-type Fingerprint = Vec<(PathBuf, Option<(u64, Option<SystemTime>)>)>;
+type Fingerprint = Vec<(PathBuf, Stamp)>;
+
+fn stamp(path: &Path) -> Stamp {
+    std::fs::metadata(path)
+        .ok()
+        .map(|metadata| (metadata.len(), metadata.modified().ok()))
+}
+
+/// Reads and parses one file; its problems are logged.
+fn read_file(path: &Path) -> Loaded {
+    let mut loaded = Loaded::default();
+    match std::fs::read_to_string(path) {
+        Ok(text) if text.trim().is_empty() => loaded.problem(
+            path,
+            "the file is empty (being written?); delete it, or remove the objects from it, to withdraw them".to_owned(),
+        ),
+        Ok(text) => loaded.add_file(path, &text),
+        Err(error) => loaded.problem(path, format!("cannot read: {error}")),
+    }
+    loaded
+}
 
 fn is_manifest(path: &Path) -> bool {
     let hidden = path
@@ -191,6 +266,26 @@ fn is_manifest(path: &Path) -> bool {
         .is_none_or(|name| name.starts_with('.'));
     let extension = path.extension().and_then(|extension| extension.to_str());
     !hidden && matches!(extension, Some("yaml" | "yml" | "json")) && path.is_file()
+}
+
+/// Checks a manifest object's name (and namespace, for namespaced kinds); a missing name is
+/// reported by the caller.
+fn valid_name(
+    kind: &str,
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    namespaced: bool,
+) -> Result<(), String> {
+    let Some(name) = meta.name.as_deref().filter(|name| !name.is_empty()) else {
+        return Ok(());
+    };
+    let namespace = if namespaced {
+        meta.namespace
+            .as_deref()
+            .filter(|namespace| !namespace.is_empty())
+    } else {
+        None
+    };
+    check_object_name(kind, namespace, name)
 }
 
 impl Loaded {
@@ -234,15 +329,21 @@ impl Loaded {
                 }
                 return;
             }
-            (Some("v1"), Some("Service")) => serde_yaml::from_value::<Service>(value)
-                .map(|service| self.add_service(path, service)),
+            (Some("v1"), Some("Service")) => {
+                serde_yaml::from_value::<Service>(value).map(|service| {
+                    valid_name("Service", &service.metadata, true)
+                        .map(|()| self.add_service(path, service))
+                })
+            }
             (Some("discovery.k8s.io/v1"), Some("EndpointSlice")) => {
-                serde_yaml::from_value::<EndpointSlice>(value)
-                    .map(|slice| self.state.upsert_endpoint_slice(slice))
+                serde_yaml::from_value::<EndpointSlice>(value).map(|slice| {
+                    valid_name("EndpointSlice", &slice.metadata, true)
+                        .map(|()| self.state.upsert_endpoint_slice(slice))
+                })
             }
-            (Some("v1"), Some("Node")) => {
-                serde_yaml::from_value::<Node>(value).map(|node| self.state.upsert_node(node))
-            }
+            (Some("v1"), Some("Node")) => serde_yaml::from_value::<Node>(value).map(|node| {
+                valid_name("Node", &node.metadata, false).map(|()| self.state.upsert_node(node))
+            }),
             (Some(_), Some(kind)) => {
                 tracing::debug!(path = %path.display(), document, kind, "ignoring manifest kind");
                 return;
@@ -256,8 +357,11 @@ impl Loaded {
             }
         };
         match added {
-            Ok(true) => {}
-            Ok(false) => self.problem(path, format!("document {document}: object has no name")),
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => {
+                self.problem(path, format!("document {document}: object has no name"));
+            }
+            Ok(Err(invalid)) => self.problem(path, format!("document {document}: {invalid}")),
             Err(error) => self.problem(path, format!("document {document}: {error}")),
         }
     }
@@ -450,6 +554,98 @@ items:
                 .contains("not a Kubernetes object"),
             "{:?}",
             loaded.problems
+        );
+    }
+
+    #[test]
+    fn a_file_being_rewritten_keeps_its_last_good_content() {
+        let dir = tempfile::tempdir().expect("create a temporary directory");
+        write(dir.path(), "10-web.yaml", SERVICE_AND_SLICE);
+        let source = FileSource::new(dir.path());
+        let services = |loaded: &Loaded| -> Vec<String> {
+            loaded
+                .state
+                .services
+                .keys()
+                .map(ToString::to_string)
+                .collect()
+        };
+        assert_eq!(services(&source.load().expect("load")), vec!["shop/web"]);
+        // `: > file`, then a partly written file, then garbage: web stays served.
+        for (step, text) in [
+            ("emptied", ""),
+            (
+                "partly written",
+                "apiVersion: v1\nkind: Service\nmetadata: {name: web, namesp",
+            ),
+            (
+                "unparsable",
+                "apiVersion: v1\nkind: Service\n  bad: [indent\n",
+            ),
+        ] {
+            write(dir.path(), "10-web.yaml", text);
+            let loaded = source.load().expect("load");
+            assert_eq!(
+                services(&loaded),
+                vec!["shop/web"],
+                "{step}: {:?}",
+                loaded.problems
+            );
+            assert_eq!(loaded.problems.len(), 1, "{step}: {:?}", loaded.problems);
+        }
+        // A file that parses decides: here it no longer lists web.
+        write(dir.path(), "10-web.yaml", NODE_JSON);
+        let loaded = source.load().expect("load");
+        assert!(
+            services(&loaded).is_empty() && loaded.problems.is_empty(),
+            "{loaded:?}"
+        );
+        write(dir.path(), "10-web.yaml", SERVICE_AND_SLICE);
+        assert_eq!(services(&source.load().expect("load")), vec!["shop/web"]);
+        std::fs::remove_file(dir.path().join("10-web.yaml")).expect("delete");
+        assert!(
+            services(&source.load().expect("load")).is_empty(),
+            "deleting the file withdraws"
+        );
+    }
+
+    #[test]
+    fn names_are_validated_as_the_api_server_does() {
+        let dir = tempfile::tempdir().expect("create a temporary directory");
+        let service = |namespace: &str, name: &str| {
+            format!(
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name:?}, namespace: {namespace:?}}}\nspec: {{type: LoadBalancer, ports: [{{port: 80, nodePort: 30080}}]}}\n"
+            )
+        };
+        let long = "a".repeat(300);
+        let text = [
+            service("default", "web"),
+            service("default", "web/../x"),
+            service("default", &long),
+            service("my ns", "ok"),
+            service("default", "9starts-with-digit"),
+        ]
+        .concat()
+            + r#"---
+apiVersion: v1
+kind: Service
+metadata: {name: "evil\x1b[31m\nINFO forged"}
+spec: {type: LoadBalancer, ports: [{port: 81, nodePort: 30081}]}
+"#;
+        write(dir.path(), "s.yaml", &text);
+        let loaded = FileSource::new(dir.path()).load().expect("load");
+        let served: Vec<String> = loaded
+            .state
+            .services
+            .keys()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(served, vec!["default/web"]);
+        assert_eq!(loaded.problems.len(), 5, "{:?}", loaded.problems);
+        let evil = &loaded.problems[4].message;
+        assert!(
+            !evil.chars().any(char::is_control) && evil.contains("\\x1b"),
+            "control characters must be escaped: {evil}"
         );
     }
 

@@ -1,20 +1,39 @@
 //! Cluster state from the Kubernetes API: reflectors over Services, EndpointSlices and Nodes in
 //! all namespaces, with managed fields trimmed from the cache. Every change publishes a fresh
 //! snapshot on a `watch` channel, which coalesces bursts: the reconciler always sees the latest.
+//!
+//! A watch that fails is started again from a fresh list after a jittered backoff (0.2 s
+//! doubling to [`WATCH_BACKOFF_CAP`]), as client-go's reflector does after an expired version:
+//! a completed list is the only sure sign that a watch is in sync again, which is what
+//! `/readyz` reports. While any watch is down the last snapshot stays in force. An outage is
+//! logged once when it starts (WARN) and once when every watch has listed again (INFO); the
+//! failed attempts in between are DEBUG.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
-use futures::{StreamExt as _, stream};
+use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::runtime::reflector;
-use kube::runtime::{WatchStreamExt as _, watcher};
+use kube::runtime::{reflector, watcher};
 use kube::{Api, Client, Resource, ResourceExt as _};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
+use crate::backoff::Backoff;
 use crate::model::ClusterState;
+
+/// The `User-Agent` of every request xlb makes, so API server logs and audit name it.
+pub const USER_AGENT: &str = concat!("xlb/", env!("CARGO_PKG_VERSION"));
+
+/// The longest wait between two attempts to restart a failed watch: short enough that a
+/// change made right after the API returns applies within a few seconds, long enough that an
+/// outage costs the API server about one request a second per watch at most.
+pub const WATCH_BACKOFF_CAP: Duration = Duration::from_secs(3);
+
+/// The first wait after a watch fails.
+const WATCH_BACKOFF_FIRST: Duration = Duration::from_millis(200);
 
 /// Errors creating the Kubernetes client.
 #[derive(Debug, thiserror::Error)]
@@ -75,50 +94,67 @@ async fn config(kubeconfig: Option<PathBuf>) -> Result<kube::Config, KubeSourceE
                 })?,
         },
     };
+    let mut config = config;
+    config.headers.push((
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static(USER_AGENT),
+    ));
     Ok(config)
 }
 
-/// While disconnected, how often the API server is asked for its version to see whether it is
-/// back.
-const PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Watches the cluster until the channel's receivers are gone. `connected` is true while the
-/// API is reachable (for /readyz): false after a watch error, true again at the next event or
-/// as soon as a probe of the API server's version succeeds (a watch that resumes without a
-/// change yields no event, so without the probe a quiet cluster would stay "not ready" until
-/// its next change). The watchers retry with backoff and the last snapshot stays in force
-/// meanwhile.
-pub async fn run(client: Client, tx: watch::Sender<ClusterState>, connected: Arc<AtomicBool>) {
-    let prober = client.clone();
-    let mut probe = tokio::time::interval(PROBE_INTERVAL);
+/// Watches the cluster until the channel's receivers are gone (or the task is aborted, which
+/// stops the watches too). `synced` is true while every watch has listed since its last failure
+/// (for `/readyz`). Nothing is published until each kind has listed once, so a partial view
+/// never withdraws a Service.
+pub async fn run(client: Client, tx: watch::Sender<ClusterState>, synced: Arc<AtomicBool>) {
     let (services, services_writer) = reflector::store::<Service>();
     let (slices, slices_writer) = reflector::store::<EndpointSlice>();
     let (nodes, nodes_writer) = reflector::store::<Node>();
-    let streams = stream::select_all([
-        reflect(0, Api::<Service>::all(client.clone()), services_writer),
-        reflect(1, Api::<EndpointSlice>::all(client.clone()), slices_writer),
-        reflect(2, Api::<Node>::all(client), nodes_writer),
-    ]);
-    tokio::pin!(streams);
-    // Nothing is published until each kind has finished its first list, so a partial view
-    // never withdraws a Service.
-    let mut listed = [false; 3];
-    loop {
-        let outcome = tokio::select! {
-            outcome = streams.next() => outcome,
-            _ = probe.tick(), if !connected.load(Ordering::Relaxed) => {
-                if prober.apiserver_version().await.is_ok() {
-                    tracing::info!("the Kubernetes API answers again");
-                    connected.store(true, Ordering::Relaxed);
+    let (reports, mut received) = mpsc::unbounded_channel();
+    let mut watches = tokio::task::JoinSet::new();
+    watches.spawn(watch_kind(
+        0,
+        Api::<Service>::all(client.clone()),
+        services_writer,
+        reports.clone(),
+    ));
+    watches.spawn(watch_kind(
+        1,
+        Api::<EndpointSlice>::all(client.clone()),
+        slices_writer,
+        reports.clone(),
+    ));
+    watches.spawn(watch_kind(
+        2,
+        Api::<Node>::all(client),
+        nodes_writer,
+        reports,
+    ));
+    let mut listed = [false; KINDS.len()];
+    let mut in_sync = [false; KINDS.len()];
+    let mut outage: Option<Instant> = None;
+    while let Some(report) = received.recv().await {
+        match report {
+            Report::Failed { kind, error } => {
+                in_sync[kind] = false;
+                synced.store(false, Ordering::Relaxed);
+                if outage.is_none() {
+                    outage = Some(Instant::now());
+                    tracing::warn!(%error, watch = KINDS[kind], "Kubernetes API lost; keeping the last known state and retrying");
+                } else {
+                    tracing::debug!(%error, watch = KINDS[kind], "Kubernetes watch failed again");
                 }
-                continue;
             }
-        };
-        let Some(outcome) = outcome else { return };
-        match outcome {
-            Ok(Change { source, list_done }) => {
-                connected.store(true, Ordering::Relaxed);
-                listed[source] |= list_done;
+            Report::Changed { kind, list_done } => {
+                if list_done {
+                    listed[kind] = true;
+                    in_sync[kind] = true;
+                }
+                let all_synced = in_sync.iter().all(|done| *done);
+                synced.store(all_synced, Ordering::Relaxed);
+                if all_synced && let Some(since) = outage.take() {
+                    tracing::info!(after = ?since.elapsed(), "Kubernetes API answers again; every watch listed afresh");
+                }
                 if listed.iter().all(|done| *done) {
                     let mut state = ClusterState::default();
                     for service in services.state() {
@@ -135,38 +171,58 @@ pub async fn run(client: Client, tx: watch::Sender<ClusterState>, connected: Arc
                     }
                 }
             }
-            Err(err) => {
-                connected.store(false, Ordering::Relaxed);
-                tracing::warn!(error = %err, "Kubernetes watch failed; keeping the last known state and retrying");
-            }
         }
     }
 }
 
-/// Something changed in the store of watch number `source`; `list_done` when its (re)list ended.
-struct Change {
-    source: usize,
-    list_done: bool,
+/// The watched kinds, by index, for logs.
+const KINDS: [&str; 3] = ["services", "endpointslices", "nodes"];
+
+/// What one watch tells the aggregator.
+enum Report {
+    /// Its store changed; `list_done` when a (re)list has just completed.
+    Changed { kind: usize, list_done: bool },
+    /// It failed and will list afresh after a backoff.
+    Failed { kind: usize, error: String },
 }
 
-type ChangeStream =
-    std::pin::Pin<Box<dyn futures::Stream<Item = Result<Change, watcher::Error>> + Send>>;
-
-/// One reflector stream with backoff and managed fields trimmed.
-fn reflect<K>(source: usize, api: Api<K>, writer: reflector::store::Writer<K>) -> ChangeStream
-where
+/// Keeps one kind's store in step with the API: list, then watch; on any error, wait a
+/// jittered backoff and start over from a fresh list. The store keeps its last content until
+/// the new list completes.
+async fn watch_kind<K>(
+    kind: usize,
+    api: Api<K>,
+    mut writer: reflector::store::Writer<K>,
+    reports: mpsc::UnboundedSender<Report>,
+) where
     K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
-    watcher(api, watcher::Config::default())
-        .default_backoff()
-        .modify(|object: &mut K| object.managed_fields_mut().clear())
-        .reflect(writer)
-        .map(move |event| {
-            event.map(|event| Change {
-                source,
-                list_done: matches!(event, watcher::Event::InitDone),
-            })
-        })
-        .boxed()
+    let mut backoff = Backoff::new(WATCH_BACKOFF_FIRST, WATCH_BACKOFF_CAP);
+    loop {
+        let mut events = watcher(api.clone(), watcher::Config::default()).boxed();
+        let error = loop {
+            match events.next().await {
+                Some(Ok(event)) => {
+                    let event = event.modify(|object| object.managed_fields_mut().clear());
+                    writer.apply_watcher_event(&event);
+                    let list_done = matches!(event, watcher::Event::InitDone);
+                    if list_done {
+                        backoff.reset();
+                    }
+                    if reports.send(Report::Changed { kind, list_done }).is_err() {
+                        return;
+                    }
+                }
+                Some(Err(error)) => break error.to_string(),
+                // A watcher restarts its own watches and never ends; if it did, list again.
+                None => break "the watch stream ended".to_owned(),
+            }
+        };
+        drop(events);
+        if reports.send(Report::Failed { kind, error }).is_err() {
+            return;
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
 }

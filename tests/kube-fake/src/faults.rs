@@ -1,4 +1,5 @@
-//! Fault injection for tests: drop watch connections, refuse requests, add latency.
+//! Fault injection for tests: drop watch connections, refuse requests, add latency; and the
+//! log of every request, so tests can count what a client sent during a fault.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -10,6 +11,22 @@ struct State {
     /// `Some(None)`: refuse until cleared; `Some(Some(t))`: refuse until `t`.
     refuse: Option<Option<Instant>>,
     latency: Duration,
+    requests: Vec<RequestRecord>,
+}
+
+/// One request the server received (fault-control requests excepted).
+#[derive(Debug, Clone)]
+pub struct RequestRecord {
+    /// When it arrived.
+    pub at: Instant,
+    /// `GET`, `PATCH`, ...
+    pub method: String,
+    /// The path and query, e.g. `/api/v1/services?watch=true`.
+    pub uri: String,
+    /// The `User-Agent` header, if any.
+    pub user_agent: Option<String>,
+    /// Whether it was answered `503` by the refusal fault.
+    pub refused: bool,
 }
 
 /// A handle on the faults of one server. Cheap to clone; all clones act on the
@@ -27,6 +44,7 @@ impl Default for Faults {
             state: Arc::new(Mutex::new(State {
                 refuse: None,
                 latency: Duration::ZERO,
+                requests: Vec::new(),
             })),
             drop_tx: Arc::new(drop_tx),
         }
@@ -82,6 +100,15 @@ impl Faults {
     /// The current added latency.
     pub fn latency(&self) -> Duration {
         self.state().latency
+    }
+
+    /// Every request received so far, oldest first.
+    pub fn requests(&self) -> Vec<RequestRecord> {
+        self.state().requests.clone()
+    }
+
+    pub(crate) fn record(&self, request: RequestRecord) {
+        self.state().requests.push(request);
     }
 
     /// A receiver that changes whenever watches must be dropped.

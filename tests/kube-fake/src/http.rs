@@ -12,6 +12,7 @@ use serde_json::Value;
 
 use crate::api::{self, Query, Reply, Request};
 use crate::discovery::AGGREGATED_CONTENT_TYPE;
+use crate::faults::RequestRecord;
 use crate::resources::Resource;
 use crate::server::Shared;
 use crate::status::{ApiError, success_status};
@@ -100,7 +101,18 @@ async fn handle(
     if let Some(control) = path.strip_prefix("/__fake/") {
         return fault_control(&shared, control, &query);
     }
-    if shared.faults.refusing() {
+    let refused = shared.faults.refusing();
+    shared.faults.record(RequestRecord {
+        at: std::time::Instant::now(),
+        method: method.to_string(),
+        uri: uri.to_string(),
+        user_agent: headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        refused,
+    });
+    if refused {
         return error_response(&ApiError::Unavailable(
             "the kube-fake server is refusing requests (fault injection)".into(),
         ));

@@ -93,5 +93,5 @@ mod table;
 mod watch;
 
 pub use discovery::{DocsError, FIXTURES_ENV};
-pub use faults::Faults;
+pub use faults::{Faults, RequestRecord};
 pub use server::{Config, Server, StartError, kubeconfig_yaml};
