@@ -105,6 +105,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config: &config,
         allocations: Allocations::default(),
         warnings: BTreeSet::new(),
+        failures: Default::default(),
         writer,
         metrics: metrics.clone(),
         seen_state: false,
@@ -321,6 +322,9 @@ struct Controller<'a> {
     allocations: Allocations,
     /// Warnings of the last run, so each is logged and reported once while it lasts.
     warnings: BTreeSet<(ServiceKey, String)>,
+    /// Failures of the last run and of this one, so each is logged once while it lasts
+    /// (a failed apply is retried every few seconds).
+    failures: (BTreeSet<String>, BTreeSet<String>),
     writer: Option<StatusWriter>,
     metrics: Arc<Metrics>,
     seen_state: bool,
@@ -335,10 +339,13 @@ impl Controller<'_> {
         dataplane: &mut Dataplanes,
     ) -> bool {
         let mut ok = true;
+        self.failures.0 = std::mem::take(&mut self.failures.1);
         let host = match addrs.host_network().await {
             Ok(host) => host,
             Err(error) => {
-                tracing::error!(%error, "reading the link device failed; nothing applied");
+                self.failed(format!(
+                    "reading the link device failed; nothing applied: {error}"
+                ));
                 return false;
             }
         };
@@ -359,7 +366,7 @@ impl Controller<'_> {
         match addrs.sync(&desired, &local).await {
             Ok(report) => {
                 for error in &report.failed {
-                    tracing::error!(%error, "VIP not placed");
+                    self.failed(format!("VIP not placed: {error}"));
                     ok = false;
                 }
                 if !report.added.is_empty() || !report.removed.is_empty() {
@@ -367,12 +374,12 @@ impl Controller<'_> {
                 }
             }
             Err(error) => {
-                tracing::error!(%error, "syncing addresses failed");
+                self.failed(format!("syncing addresses failed: {error}"));
                 ok = false;
             }
         }
         if let Err(error) = dataplane.apply(&plan.virtual_services) {
-            tracing::error!(%error, "programming the data plane failed");
+            self.failed(format!("programming the data plane failed: {error}"));
             ok = false;
         }
         ok &= self.report(state, &plan).await;
@@ -452,7 +459,7 @@ impl Controller<'_> {
             }
         }
         self.warnings = warnings;
-        let Some(writer) = &self.writer else {
+        let Some(writer) = self.writer.clone() else {
             return ok;
         };
         for (key, change) in &plan.statuses {
@@ -461,11 +468,21 @@ impl Controller<'_> {
                 StatusChange::Clear => None,
             };
             if let Err(error) = writer.set_ingress(&key.namespace, &key.name, ingress).await {
-                tracing::error!(%error, service = %key, "writing the Service status failed");
+                self.failed(format!(
+                    "writing the status of Service {key} failed: {error}"
+                ));
                 ok = false;
             }
         }
         ok
+    }
+
+    /// Logs a failure of this run at ERROR, unless the last run logged the same one.
+    fn failed(&mut self, message: String) {
+        if !self.failures.0.contains(&message) {
+            tracing::error!("{message}");
+        }
+        self.failures.1.insert(message);
     }
 
     /// On exit: removes the ingress xlb wrote on every Service it served, a few at a time.

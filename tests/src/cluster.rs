@@ -133,6 +133,11 @@ impl Cluster {
 
     /// `GET path` on xlb's metrics listener in the lb namespace: the status code, or the error.
     pub fn http_get(&self, path: &str) -> Result<u16, String> {
+        self.http_body(path).map(|(code, _)| code)
+    }
+
+    /// `GET path` on xlb's metrics listener: the status code and body, or the error.
+    pub fn http_body(&self, path: &str) -> Result<(u16, String), String> {
         let request = format!("GET {path} HTTP/1.1\r\nHost: xlb\r\nConnection: close\r\n\r\n");
         spawn_in(&self.lb, move || {
             let addr: SocketAddr = METRICS_ADDR.parse().expect("metrics address");
@@ -148,11 +153,16 @@ impl Cluster {
             stream
                 .read_to_string(&mut answer)
                 .map_err(|e| format!("read: {e}"))?;
-            answer
+            let code = answer
                 .split_whitespace()
                 .nth(1)
                 .and_then(|code| code.parse().ok())
-                .ok_or_else(|| format!("not an HTTP answer: {answer:?}"))
+                .ok_or_else(|| format!("not an HTTP answer: {answer:?}"))?;
+            let body = answer
+                .split_once("\r\n\r\n")
+                .map(|(_, body)| body.to_owned())
+                .unwrap_or_default();
+            Ok((code, body))
         })
         .join()
         .expect("http thread")
@@ -199,12 +209,24 @@ impl Xlb {
     /// Starts `xlb` inside `ns` with `--linkdevice eth0 --restricted-cidr POOL --pin-dir …
     /// --metrics-addr METRICS_ADDR` and `args`.
     pub fn start(ns: &Netns, xlb: &Path, pins: &PinDir, args: &[&str]) -> Xlb {
+        Xlb::start_wrapped(ns, &[], xlb, pins, args)
+    }
+
+    /// [`Xlb::start`] with xlb run by `wrapper` (e.g. `["prlimit", "--nofile=256:256", "--"]`).
+    pub fn start_wrapped(
+        ns: &Netns,
+        wrapper: &[&str],
+        xlb: &Path,
+        pins: &PinDir,
+        args: &[&str],
+    ) -> Xlb {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let log = std::env::temp_dir().join(format!("{}-xlb-{n}.log", ns.name()));
         let file = std::fs::File::create(&log).expect("xlb log file");
         // nsenter, not `ip netns exec`: the latter remounts /sys, hiding bpffs from xlb.
         let child = Command::new("nsenter")
             .arg(format!("--net=/var/run/netns/{}", ns.name()))
+            .args(wrapper)
             .arg(xlb)
             .args(["--linkdevice", "eth0", "--restricted-cidr", POOL])
             .arg("--pin-dir")
@@ -242,6 +264,23 @@ impl Xlb {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
+    }
+
+    /// Sends SIGTERM and waits at most `limit` for xlb to exit: its exit status, or `None`
+    /// if it is still running then (it is killed when dropped).
+    pub fn stop(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let guard = self.child.as_mut()?;
+        // SAFETY: kill(2) on the pid of a child we have not reaped.
+        unsafe { libc::kill(guard.0.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = guard.0.try_wait() {
+                self.child.take();
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
     }
 
     /// Whether xlb is still running.

@@ -120,6 +120,10 @@ pub enum DataplaneError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "the proxy is out of file descriptors: some frontends do not listen (xlb_proxy_frontends_not_listening) and are retried; raise the open-file limit (LimitNOFILE, ulimit -n)"
+    )]
+    ProxyOutOfDescriptors,
     #[error("the proxy data plane must be created inside a tokio runtime")]
     NoRuntime,
     #[error("{0}")]
@@ -199,9 +203,6 @@ mod tests {
 /// What to do about a frontend the proxy cannot listen on.
 fn listen_hint(error: &std::io::Error) -> &'static str {
     match error.raw_os_error() {
-        Some(libc::EMFILE | libc::ENFILE) => {
-            "out of file descriptors: raise the open-file limit (LimitNOFILE, ulimit -n); it is retried"
-        }
         Some(libc::EADDRINUSE) => {
             "another program listens there: find it with `ss -lntup` and stop it"
         }

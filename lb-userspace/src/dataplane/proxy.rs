@@ -39,6 +39,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::{Shutdown, SocketAddr, SocketAddrV4};
+use std::os::fd::AsRawFd as _;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -278,7 +279,7 @@ pub struct ProxyDataplane {
     failing: BTreeMap<Frontend, ListenFailure>,
     /// Failed attempts to listen since start, by reason.
     listen_failures: BTreeMap<ListenFailure, u64>,
-    /// How many frontends were short of descriptors at the last `apply` (logged on change).
+    /// How many frontends were short of descriptors at the last `apply`.
     short_of_descriptors: usize,
 }
 
@@ -360,6 +361,9 @@ impl ProxyDataplane {
             Protocol::Udp => (Type::DGRAM, socket2::Protocol::UDP),
         };
         let socket = Socket::new(Domain::IPV4, kind, Some(protocol))?;
+        if in_reserve(socket.as_raw_fd()) {
+            return Err(io::Error::from_raw_os_error(libc::EMFILE));
+        }
         socket.set_reuse_address(true)?;
         // Bind even before the VIP is on the device (the address manager may add it later).
         socket.set_freebind_v4(true)?;
@@ -444,9 +448,13 @@ impl Dataplane for ProxyDataplane {
                     if new && reason != ListenFailure::Descriptors {
                         tracing::error!(frontend = %describe(&frontend), %source, "proxy cannot listen");
                     }
-                    first_error.get_or_insert(DataplaneError::ProxyListen {
-                        frontend: describe(&frontend),
-                        source,
+                    first_error.get_or_insert(if reason == ListenFailure::Descriptors {
+                        DataplaneError::ProxyOutOfDescriptors
+                    } else {
+                        DataplaneError::ProxyListen {
+                            frontend: describe(&frontend),
+                            source,
+                        }
                     });
                 }
             }
@@ -456,7 +464,8 @@ impl Dataplane for ProxyDataplane {
             .values()
             .filter(|reason| **reason == ListenFailure::Descriptors)
             .count();
-        if short != self.short_of_descriptors {
+        // Said when the shortage starts and when it ends; its size is in the metrics.
+        if (short > 0) != (self.short_of_descriptors > 0) {
             if short > 0 {
                 tracing::error!(
                     frontends = short,
@@ -466,8 +475,8 @@ impl Dataplane for ProxyDataplane {
             } else {
                 tracing::info!("every proxy frontend listens again");
             }
-            self.short_of_descriptors = short;
         }
+        self.short_of_descriptors = short;
         first_error.map_or(Ok(()), Err)
     }
 }
@@ -502,7 +511,12 @@ impl ListenFailure {
     }
 }
 
-/// The soft open-file limit, for messages.
+/// Descriptors the proxy leaves to the rest of xlb (`/metrics` and the probes, the API
+/// client, netlink, BPF maps): it takes no new frontend or connection past the limit minus
+/// these, so running out of descriptors in the proxy never silences the probes.
+pub const RESERVED_DESCRIPTORS: u64 = 64;
+
+/// The soft open-file limit.
 fn open_file_limit() -> u64 {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
@@ -511,6 +525,13 @@ fn open_file_limit() -> u64 {
     // SAFETY: getrlimit(2) writes into the struct we own.
     unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
     limit.rlim_cur
+}
+
+/// Whether a new descriptor ate into the reserve. The kernel hands out the lowest free
+/// number, so a descriptor numbered past the limit minus the reserve means at least that
+/// many are open.
+fn in_reserve(fd: std::os::fd::RawFd) -> bool {
+    u64::try_from(fd).unwrap_or(0) + RESERVED_DESCRIPTORS >= open_file_limit()
 }
 
 impl Drop for ProxyDataplane {
@@ -526,6 +547,16 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     let mut failing = false;
     loop {
         match listener.accept().await {
+            Ok((client, peer)) if in_reserve(client.as_raw_fd()) => {
+                // The descriptors left are for the probes and the API: refuse this one.
+                Counters::bump(&shared.counters.accept_errors);
+                Counters::bump(&shared.counters.dropped);
+                if !failing {
+                    tracing::warn!(frontend = %describe(&shared.frontend), "proxy out of file descriptors; refusing connections");
+                    failing = true;
+                }
+                drop(client);
+            }
             Ok((client, peer)) => {
                 failing = false;
                 tokio::spawn(relay(client, peer, shared.clone()));
@@ -907,7 +938,7 @@ mod tests {
     }
 
     #[test]
-    fn a_frontend_short_of_descriptors_is_counted_and_retried() {
+    fn a_frontend_that_would_eat_the_descriptor_reserve_is_counted_and_retried() {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -921,13 +952,24 @@ mod tests {
         let pid = unsafe { libc::fork() };
         if pid == 0 {
             let limit = libc::rlimit {
-                rlim_cur: 64,
-                rlim_max: 64,
+                rlim_cur: 200,
+                rlim_max: 200,
             };
-            // SAFETY: setrlimit(2) on our own struct; dup(2) of stdin until the table is full.
+            let mut filler = Vec::new();
+            // SAFETY: setrlimit(2) on our own struct; dup(2) of stdin until the descriptors
+            // left are the reserve (the table itself is not full).
             unsafe {
                 libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-                while libc::dup(0) >= 0 {}
+                loop {
+                    let fd = libc::dup(0);
+                    if fd < 0 {
+                        break;
+                    }
+                    filler.push(fd);
+                    if i64::from(fd) + 1 >= 200 - RESERVED_DESCRIPTORS as i64 {
+                        break;
+                    }
+                }
             }
             let first = proxy.apply(&[service(Protocol::Tcp, port, &[backend])]);
             let short = proxy.failing().values().next() == Some(&ListenFailure::Descriptors)
@@ -935,11 +977,9 @@ mod tests {
                 && first
                     .as_ref()
                     .is_err_and(|error| error.to_string().contains("out of file descriptors"));
-            // SAFETY: close(2) of descriptors this child opened.
-            unsafe {
-                for fd in 10..64 {
-                    libc::close(fd);
-                }
+            for fd in filler {
+                // SAFETY: close(2) of a descriptor this child opened.
+                unsafe { libc::close(fd) };
             }
             let retried = proxy
                 .apply(&[service(Protocol::Tcp, port, &[backend])])
