@@ -28,8 +28,7 @@ use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, ValueEnum};
 
-use crate::dataplane::xdp::XdpMode;
-use crate::ipam::Pool;
+use crate::pool::{Pool, PoolError};
 
 /// Environment variable naming the config file.
 pub const CONFIG_ENV: &str = "XLB_CONFIG";
@@ -278,6 +277,19 @@ pub enum KubeconfigSource {
     File(PathBuf),
 }
 
+/// Which XDP mode to attach in (`--xdp-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum XdpMode {
+    /// Per device: generic on a veth (faster there, see `attach`); elsewhere native (driver)
+    /// mode, falling back to generic (skb) mode with a log line.
+    #[default]
+    Auto,
+    /// Native (driver) mode only.
+    Native,
+    /// Generic (skb) mode only.
+    Skb,
+}
+
 /// A node label selector: `key`, or `key=value`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LabelFilter {
@@ -394,9 +406,8 @@ impl Config {
         let pool = match &args.restricted_cidr {
             Some(text) => text.parse::<Pool>().map_err(|error| ConfigError::Invalid {
                 origin: origin("restricted_cidr"),
-                value: match &error {
-                    crate::ipam::IpamError::BadPoolEntry(entry) => entry.clone(),
-                    _ => text.clone(),
+                value: match error {
+                    PoolError::BadEntry(entry) => entry,
                 },
                 reason: "is not a CIDR or range".to_owned(),
             })?,

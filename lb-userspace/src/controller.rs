@@ -21,7 +21,8 @@ use crate::dataplane::{Dataplane as _, Layered};
 use crate::metrics::Metrics;
 use crate::model::{Allocations, ClusterState, ServiceKey};
 use crate::nodes::NodeTagger;
-use crate::reconcile::{EventKind, Plan, StatusChange, reconcile};
+use crate::plan::{EventKind, Plan, StatusChange};
+use crate::reconcile::{Settings, reconcile};
 use crate::source::{file::FileSource, kube as kube_source};
 use crate::status::StatusWriter;
 
@@ -58,6 +59,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     })
     .await?;
     let mut dataplane = open_dataplane(&config, addrs.device())?;
+    if dataplane.first.is_some() {
+        let _ = metrics.xdp_pins.set(config.pin_dir.clone());
+    }
+    if let Some(proxy) = &dataplane.second {
+        let _ = metrics.proxy.set(proxy.counters());
+    }
 
     let synced = Arc::new(AtomicBool::new(true));
     let mut tagger = None;
@@ -102,7 +109,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
 
     let mut controller = Controller {
-        config: &config,
+        settings: Settings::from(&config),
+        tagger,
         allocations: Allocations::default(),
         warnings: BTreeSet::new(),
         failures: Default::default(),
@@ -153,9 +161,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             retry
                 .as_mut()
                 .reset(tokio::time::Instant::now() + retry_backoff.next_delay());
-        }
-        if let Some(tagger) = &mut tagger {
-            tagger.tag(&state).await;
         }
     }
 
@@ -316,8 +321,11 @@ fn open_dataplane(config: &Config, device: &str) -> anyhow::Result<Dataplanes> {
     })
 }
 
-struct Controller<'a> {
-    config: &'a Config,
+struct Controller {
+    /// What reconcile decides with.
+    settings: Settings,
+    /// Writes the node labels the plan asks for (`--tag-worker-nodes`).
+    tagger: Option<NodeTagger>,
     /// What the last plan allocated; `reconcile` adopts from status on the first run.
     allocations: Allocations,
     /// Warnings of the last run, so each is logged and reported once while it lasts.
@@ -330,7 +338,7 @@ struct Controller<'a> {
     seen_state: bool,
 }
 
-impl Controller<'_> {
+impl Controller {
     /// One reconcile and apply. Returns whether every actuator succeeded.
     async fn step(
         &mut self,
@@ -349,7 +357,7 @@ impl Controller<'_> {
                 return false;
             }
         };
-        let plan = reconcile(state, self.config, &host, &self.allocations);
+        let plan = reconcile(state, &self.settings, &host, &self.allocations);
         self.metrics.reconciles.fetch_add(1, Ordering::Relaxed);
 
         let desired: DesiredVips = plan
@@ -383,6 +391,9 @@ impl Controller<'_> {
             ok = false;
         }
         ok &= self.report(state, &plan).await;
+        if let Some(tagger) = &mut self.tagger {
+            tagger.tag(&plan.node_labels).await;
+        }
 
         self.metrics
             .virtual_services
@@ -391,9 +402,6 @@ impl Controller<'_> {
             .vips
             .store(plan.vips.len() as u64, Ordering::Relaxed);
         if let Some(proxy) = &dataplane.second {
-            if let Ok(mut slot) = self.metrics.proxy.lock() {
-                *slot = proxy.stats().into_iter().collect();
-            }
             if let Ok(mut slot) = self.metrics.proxy_listen_failures.lock() {
                 *slot = proxy
                     .listen_failures()
@@ -404,18 +412,6 @@ impl Controller<'_> {
             self.metrics
                 .proxy_not_listening
                 .store(proxy.failing().len() as u64, Ordering::Relaxed);
-        }
-        if let Some(xdp) = &dataplane.first
-            && let Ok(stats) = xdp.stats()
-        {
-            let counters = lb_common::STAT_NAMES
-                .iter()
-                .zip(stats)
-                .map(|(name, value)| ((*name).to_owned(), value))
-                .collect();
-            if let Ok(mut slot) = self.metrics.dataplane.lock() {
-                *slot = counters;
-            }
         }
         if !ok {
             self.metrics.apply_errors.fetch_add(1, Ordering::Relaxed);

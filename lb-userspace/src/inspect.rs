@@ -75,6 +75,25 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// The data plane's counters (name, value summed over CPUs), read from the pinned map now:
+/// for `xlb inspect stats` and for `/metrics` at scrape time.
+pub fn counters(pin_dir: &Path) -> Result<Vec<(&'static str, u64)>, InspectError> {
+    let stats: PerCpuArray<_, u64> =
+        PerCpuArray::try_from(open(pin_dir, STATS_MAP)?).map_err(read_err(STATS_MAP))?;
+    STAT_NAMES
+        .iter()
+        .enumerate()
+        .map(|(index, name)| {
+            let value = stats
+                .get(&(index as u32), 0)
+                .map_err(read_err(STATS_MAP))?
+                .iter()
+                .sum();
+            Ok((*name, value))
+        })
+        .collect()
+}
+
 /// Prints `table` from the maps pinned in `pin_dir`.
 pub fn print(pin_dir: &Path, table: Table, out: &mut impl Write) -> Result<(), InspectError> {
     match table {
@@ -176,15 +195,8 @@ pub fn print(pin_dir: &Path, table: Table, out: &mut impl Write) -> Result<(), I
             }
         }
         Table::Stats => {
-            let stats: PerCpuArray<_, u64> =
-                PerCpuArray::try_from(open(pin_dir, STATS_MAP)?).map_err(read_err(STATS_MAP))?;
             writeln!(out, "{:<18} {:>16}", "COUNTER", "VALUE")?;
-            for (index, name) in STAT_NAMES.iter().enumerate() {
-                let value: u64 = stats
-                    .get(&(index as u32), 0)
-                    .map_err(read_err(STATS_MAP))?
-                    .iter()
-                    .sum();
+            for (name, value) in counters(pin_dir)? {
                 writeln!(out, "{name:<18} {value:>16}")?;
             }
             let services: HashMap<_, ServiceKey, ServiceValue> =

@@ -12,6 +12,8 @@ pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod nodes;
+pub mod plan;
+pub mod pool;
 pub mod reconcile;
 pub mod source;
 pub mod status;

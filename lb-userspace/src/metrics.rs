@@ -1,19 +1,21 @@
 //! `/metrics` (Prometheus text format), `/healthz` and `/readyz` on a small HTTP listener.
 //!
-//! The controller updates [`Metrics`] after every reconcile; the listener only reads it.
+//! The controller updates the control-plane figures of [`Metrics`] after every reconcile; the
+//! data plane's counters (XDP's per-CPU maps, the proxy's per-frontend counters) are read when
+//! `/metrics` is scraped, so they are current when read.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpListener;
 
 use crate::backoff::Backoff;
-use crate::dataplane::proxy::ProxyStats;
-use crate::model::Frontend;
+use crate::dataplane::proxy::{ProxyCounters, ProxyStats};
 
 /// A proxy counter family: name, help text, and how to read it from [`ProxyStats`].
 type ProxyFamily = (&'static str, &'static str, fn(&ProxyStats) -> u64);
@@ -33,10 +35,11 @@ pub struct Metrics {
     pub virtual_services: AtomicU64,
     /// VIPs placed on the device.
     pub vips: AtomicU64,
-    /// Data plane counters (name, value), refreshed after each reconcile and on scrape.
-    pub dataplane: Mutex<Vec<(String, u64)>>,
-    /// Userspace proxy counters per frontend, refreshed after each reconcile.
-    pub proxy: Mutex<Vec<(Frontend, ProxyStats)>>,
+    /// Where the XDP data plane's maps are pinned, once it runs: its counters are read from
+    /// there at scrape time.
+    pub xdp_pins: OnceLock<PathBuf>,
+    /// The userspace proxy's counters, read at scrape time.
+    pub proxy: OnceLock<ProxyCounters>,
     /// Failed attempts of the proxy to listen on a frontend, by reason label.
     pub proxy_listen_failures: Mutex<Vec<(&'static str, u64)>>,
     /// Frontends the proxy should listen on and does not (the bind failed).
@@ -105,11 +108,16 @@ impl Metrics {
             self.vips.load(Ordering::Relaxed),
         );
         out.push_str("# HELP xlb_dataplane_packets_total Data plane counters by name\n# TYPE xlb_dataplane_packets_total counter\n");
-        if let Ok(counters) = self.dataplane.lock() {
-            for (name, value) in counters.iter() {
-                out.push_str(&format!(
-                    "xlb_dataplane_packets_total{{counter=\"{name}\"}} {value}\n"
-                ));
+        if let Some(dir) = self.xdp_pins.get() {
+            match crate::inspect::counters(dir) {
+                Ok(counters) => {
+                    for (name, value) in counters {
+                        out.push_str(&format!(
+                            "xlb_dataplane_packets_total{{counter=\"{name}\"}} {value}\n"
+                        ));
+                    }
+                }
+                Err(error) => tracing::debug!(%error, "reading the data plane counters"),
             }
         }
         gauge(
@@ -127,7 +135,8 @@ impl Metrics {
                 ));
             }
         }
-        if let Ok(frontends) = self.proxy.lock() {
+        if let Some(counters) = self.proxy.get() {
+            let frontends = counters.snapshot();
             let families: [ProxyFamily; 6] = [
                 (
                     "xlb_proxy_connections_total",
@@ -286,34 +295,62 @@ pub async fn serve(listener: std::net::TcpListener, metrics: Arc<Metrics>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dataplane::Dataplane as _;
+    use crate::dataplane::proxy::ProxyDataplane;
+    use crate::model::{Frontend, VirtualService};
 
-    #[test]
-    fn render_lists_every_metric_with_its_value() {
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .map(|addr| addr.port())
+            .expect("a free port")
+    }
+
+    /// The proxy's counters are read when `/metrics` is rendered: a connection accepted after
+    /// the metrics were set up shows without any refresh.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn render_lists_every_metric_with_its_value() {
         let metrics = Metrics::default();
         metrics.set_ready(true, true);
         metrics.vips.store(3, Ordering::Relaxed);
-        *metrics.dataplane.lock().expect("lock") = vec![("tx".into(), 42)];
-        *metrics.proxy.lock().expect("lock") = vec![(
-            Frontend {
-                vip: "198.51.100.10".parse().expect("literal"),
-                port: 80,
-                protocol: crate::model::Protocol::Tcp,
-            },
-            ProxyStats {
-                connections: 7,
-                ..ProxyStats::default()
-            },
-        )];
+        let mut proxy = ProxyDataplane::new().expect("inside a runtime");
+        let frontend = Frontend {
+            vip: "127.0.0.1".parse().expect("literal"),
+            port: free_port(),
+            protocol: crate::model::Protocol::Tcp,
+        };
+        proxy
+            .apply(&[VirtualService {
+                frontend,
+                backends: vec![crate::model::Backend {
+                    ip: frontend.vip,
+                    port: 9,
+                }],
+                owner: "default/web".to_owned(),
+            }])
+            .expect("listen");
+        metrics.proxy.set(proxy.counters()).expect("set once");
+        let client = std::net::TcpStream::connect((frontend.vip, frontend.port)).expect("connect");
+        let label = format!("frontend=\"127.0.0.1:{}/TCP\"", frontend.port);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !metrics
+            .render()
+            .contains(&format!("xlb_proxy_connections_total{{{label}}} 1\n"))
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the accepted connection never showed: {}",
+                metrics.render()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(client);
         let text = metrics.render();
         assert!(text.contains("\nxlb_ready 1\n"), "{text}");
         assert!(text.contains("\nxlb_vips 3\n"), "{text}");
         assert!(
-            text.contains("xlb_dataplane_packets_total{counter=\"tx\"} 42\n"),
-            "{text}"
-        );
-        assert!(
-            text.contains("xlb_proxy_connections_total{frontend=\"198.51.100.10:80/TCP\"} 7\n"),
-            "{text}"
+            !text.contains("xlb_dataplane_packets_total{"),
+            "no XDP, no counters: {text}"
         );
     }
 }

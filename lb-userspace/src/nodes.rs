@@ -1,8 +1,9 @@
 //! `--tag-worker-nodes` (`TAG_WORKER_NODES`): labels nodes with the worker label so that they
 //! become backends, as the original balancer did for clusters whose installer labels no
-//! workers.
+//! workers. The nodes come from the plan ([`crate::plan::Plan::node_labels`]); this module
+//! only writes.
 //!
-//! Which nodes: every node that lacks the worker label's key and is not a control-plane node
+//! Which nodes (decided by `reconcile`): every node that lacks the worker label's key and is not a control-plane node
 //! (labelled `node-role.kubernetes.io/control-plane`, or the older
 //! `node-role.kubernetes.io/master`). Control-plane nodes usually run no workloads and are
 //! often tainted, so they are left alone; a user who wants one as a backend labels it. A node
@@ -18,27 +19,6 @@ use kube::{Api, Client};
 use serde_json::json;
 
 use crate::config::LabelFilter;
-use crate::model::ClusterState;
-
-/// Labels that mark a control-plane node.
-pub const CONTROL_PLANE_LABELS: [&str; 2] = [
-    "node-role.kubernetes.io/control-plane",
-    "node-role.kubernetes.io/master",
-];
-
-/// The nodes of `state` to label with `label`, by name.
-pub fn nodes_to_tag(state: &ClusterState, label: &LabelFilter) -> Vec<String> {
-    state
-        .nodes
-        .iter()
-        .filter(|(_, node)| {
-            let labels = node.metadata.labels.as_ref();
-            let has = |key: &str| labels.is_some_and(|labels| labels.contains_key(key));
-            !has(&label.key) && !CONTROL_PLANE_LABELS.iter().any(|key| has(key))
-        })
-        .map(|(name, _)| name.clone())
-        .collect()
-}
 
 /// Writes the worker label on the nodes that need it.
 pub struct NodeTagger {
@@ -59,28 +39,27 @@ impl NodeTagger {
         }
     }
 
-    /// Labels the nodes of `state` that need it (merge patch of one label). Returns the names
-    /// of the nodes labelled now; failures are logged and retried on a later state.
-    pub async fn tag(&mut self, state: &ClusterState) -> Vec<String> {
-        let wanted = nodes_to_tag(state, &self.label);
+    /// Labels the nodes the plan names (merge patch of one label). Returns the names of the
+    /// nodes labelled now; failures are logged and retried on a later plan.
+    pub async fn tag(&mut self, wanted: &[String]) -> Vec<String> {
         // Forget nodes that are gone or labelled, so a node that loses the label is tagged again.
         self.tagged.retain(|name| wanted.contains(name));
         let mut done = Vec::new();
         for name in wanted {
-            if self.tagged.contains(&name) {
+            if self.tagged.contains(name) {
                 continue;
             }
             let value = self.label.value.clone().unwrap_or_default();
             let patch = json!({"metadata": {"labels": {self.label.key.as_str(): value}}});
             match self
                 .api
-                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await
             {
                 Ok(_) => {
                     tracing::info!(node = %name, label = %self.label.key, "labelled a worker node");
                     self.tagged.insert(name.clone());
-                    done.push(name);
+                    done.push(name.clone());
                 }
                 Err(error) => {
                     tracing::warn!(node = %name, %error, "could not label the worker node");
@@ -88,51 +67,5 @@ impl NodeTagger {
             }
         }
         done
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::collections::BTreeMap;
-
-    use kube::api::ObjectMeta;
-
-    use super::*;
-
-    fn node(name: &str, labels: &[&str]) -> Node {
-        Node {
-            metadata: ObjectMeta {
-                name: Some(name.to_owned()),
-                labels: Some(
-                    labels
-                        .iter()
-                        .map(|key| ((*key).to_owned(), String::new()))
-                        .collect::<BTreeMap<_, _>>(),
-                ),
-                ..ObjectMeta::default()
-            },
-            ..Node::default()
-        }
-    }
-
-    #[test]
-    fn tags_plain_nodes_only() {
-        let mut state = ClusterState::default();
-        state.upsert_node(node("plain", &[]));
-        state.upsert_node(node("worker", &["node-role.kubernetes.io/worker"]));
-        state.upsert_node(node("cp", &["node-role.kubernetes.io/control-plane"]));
-        state.upsert_node(node("master", &["node-role.kubernetes.io/master"]));
-        state.upsert_node(Node {
-            metadata: ObjectMeta {
-                name: Some("unlabelled".to_owned()),
-                ..ObjectMeta::default()
-            },
-            ..Node::default()
-        });
-        let label = LabelFilter {
-            key: "node-role.kubernetes.io/worker".to_owned(),
-            value: None,
-        };
-        assert_eq!(nodes_to_tag(&state, &label), ["plain", "unlabelled"]);
     }
 }

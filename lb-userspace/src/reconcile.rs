@@ -32,12 +32,14 @@ use std::net::Ipv4Addr;
 use k8s_openapi::api::core::v1::{Node, Service, ServicePort};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 
-use crate::config::{Announce, Config, IpMode, LabelFilter};
+use crate::config::{Announce, Config, IpMode, LabelFilter, NodeAddressType};
 use crate::ipam::{self, IpamSettings, Request};
 use crate::model::{
     Allocations, Backend, ClusterState, Frontend, HostNetwork, PortKey, Protocol, ServiceKey,
     VirtualService, recorded_ingress_ip,
 };
+use crate::plan::{EventKind, Plan, PlannedEvent, StatusChange};
+use crate::pool::Pool;
 
 /// Annotation with the IPs a Service asks for, comma separated; the first IPv4 one is used.
 /// It takes precedence over the deprecated `spec.loadBalancerIP`.
@@ -53,51 +55,45 @@ pub const EXCLUDE_NODE_LABEL: &str = "node.kubernetes.io/exclude-from-external-l
 /// Service must not crowd out the others.
 pub const MAX_PORTS_PER_SERVICE: usize = 256;
 
-/// Kind of a Kubernetes Event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum EventKind {
-    Normal,
-    Warning,
+/// What `reconcile` decides with: the part of the configuration about which Services xlb
+/// serves, which backends and addresses they get, and what is written back. Built from
+/// [`Config`] once; nothing else of it reaches the reconciler.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// The address pool (`--restricted-cidr`).
+    pub pool: Pool,
+    /// Whether VIPs must lie in a prefix of the link device (`--announce link`).
+    pub announce: Announce,
+    /// Pod endpoints for every Service (`--kubernetes`).
+    pub in_cluster: bool,
+    pub ip_mode: IpMode,
+    /// `None`: Services without a `loadBalancerClass`.
+    pub lb_class: Option<String>,
+    pub node_address_type: NodeAddressType,
+    /// This node (`--node-name`), for `--announce-local-only`.
+    pub node_name: Option<String>,
+    pub update_external_ips: bool,
+    /// `None`: every Ready node is a backend.
+    pub worker_label: Option<LabelFilter>,
+    /// `--tag-worker-nodes`: nodes without the worker label get it (needs a label).
+    pub tag_worker_nodes: bool,
 }
 
-/// An Event to record on a Service. Warnings are repeated on every reconcile while their cause
-/// lasts: the event writer de-duplicates them. The message of a Warning is also the log line.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PlannedEvent {
-    pub service: ServiceKey,
-    pub kind: EventKind,
-    /// CamelCase reason, e.g. `IPAllocated`, `AllocationFailed`, `InvalidService`.
-    pub reason: &'static str,
-    pub message: String,
-}
-
-/// What to write in a Service's `status.loadBalancer`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StatusChange {
-    /// One ingress entry with this IP and ipMode.
-    Ingress { ip: Ipv4Addr, ip_mode: IpMode },
-    /// No ingress: the Service lost (or never got) its address from xlb.
-    Clear,
-}
-
-/// Everything the actuators need, computed from one cluster state.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Plan {
-    /// For the data plane: one entry per `VIP:port/protocol`, sorted by front end, backends
-    /// sorted and de-duplicated.
-    pub virtual_services: Vec<VirtualService>,
-    /// For the address manager: each VIP and the Services using it (an IP leaves the device
-    /// when its set would be empty).
-    pub vips: BTreeMap<Ipv4Addr, BTreeSet<ServiceKey>>,
-    /// For the status writer: only Services whose status differs from what it should be.
-    pub statuses: BTreeMap<ServiceKey, StatusChange>,
-    /// The allocations to pass to the next reconcile.
-    pub allocations: Allocations,
-    /// Events to record, sorted by Service.
-    pub events: Vec<PlannedEvent>,
-    /// VIPs whose Service has a ready endpoint on this node (`--node-name`), for
-    /// `--announce-local-only`. Empty when the node name is not configured.
-    pub local_endpoint_vips: BTreeSet<Ipv4Addr>,
+impl From<&Config> for Settings {
+    fn from(config: &Config) -> Self {
+        Settings {
+            pool: config.pool.clone(),
+            announce: config.announce,
+            in_cluster: config.in_cluster,
+            ip_mode: config.ip_mode,
+            lb_class: config.lb_class.clone(),
+            node_address_type: config.node_address_type,
+            node_name: config.node_name.clone(),
+            update_external_ips: config.update_external_ips,
+            worker_label: config.worker_label.clone(),
+            tag_worker_nodes: config.tag_worker_nodes,
+        }
+    }
 }
 
 /// Computes the [`Plan`] for `state`.
@@ -106,7 +102,7 @@ pub struct Plan {
 /// in the Services' status are adopted then). `host` describes the link device.
 pub fn reconcile(
     state: &ClusterState,
-    config: &Config,
+    config: &Settings,
     host: &HostNetwork,
     previous: &Allocations,
 ) -> Plan {
@@ -232,10 +228,36 @@ pub fn reconcile(
         plan.vips.entry(ip).or_default().insert(key.clone());
         plan.allocations.by_service.insert(key, allocation);
     }
+    if config.tag_worker_nodes
+        && let Some(label) = &config.worker_label
+    {
+        plan.node_labels = nodes_to_tag(state, label);
+    }
     plan.virtual_services
         .sort_by_key(|virtual_service| virtual_service.frontend);
     plan.events.sort_by(|a, b| a.service.cmp(&b.service));
     plan
+}
+
+/// Labels that mark a control-plane node.
+pub const CONTROL_PLANE_LABELS: [&str; 2] = [
+    "node-role.kubernetes.io/control-plane",
+    "node-role.kubernetes.io/master",
+];
+
+/// The nodes of `state` to label with `label` (`--tag-worker-nodes`), by name: those without
+/// the label's key that are not control-plane nodes.
+pub fn nodes_to_tag(state: &ClusterState, label: &LabelFilter) -> Vec<String> {
+    state
+        .nodes
+        .iter()
+        .filter(|(_, node)| {
+            let labels = node.metadata.labels.as_ref();
+            let has = |key: &str| labels.is_some_and(|labels| labels.contains_key(key));
+            !has(&label.key) && !CONTROL_PLANE_LABELS.iter().any(|key| has(key))
+        })
+        .map(|(name, _)| name.clone())
+        .collect()
 }
 
 /// The IP a Service held before this run: from the previous plan, or else from its status.
@@ -328,7 +350,7 @@ enum Examined<'a> {
 /// Decides whether xlb serves `service` and validates it, reporting every problem to `warn`.
 fn examine<'a>(
     service: &'a Service,
-    config: &Config,
+    config: &Settings,
     warn: &mut dyn FnMut(&'static str, String),
 ) -> Examined<'a> {
     let Some(spec) = &service.spec else {
@@ -517,7 +539,7 @@ impl Candidate<'_> {
 }
 
 /// The nodes that may be backends out of cluster, by name, with their address.
-fn eligible_nodes<'a>(state: &'a ClusterState, config: &Config) -> Vec<(&'a str, Ipv4Addr)> {
+fn eligible_nodes<'a>(state: &'a ClusterState, config: &Settings) -> Vec<(&'a str, Ipv4Addr)> {
     state
         .nodes
         .iter()
@@ -746,7 +768,7 @@ mod tests {
     }
 
     fn run(state: &ClusterState, config: &Config, previous: &Allocations) -> Plan {
-        reconcile(state, config, &host(), previous)
+        reconcile(state, &Settings::from(config), &host(), previous)
     }
 
     fn ip_of(plan: &Plan, name: &str) -> Option<Ipv4Addr> {
@@ -1555,15 +1577,30 @@ mod tests {
     #[test]
     fn reconcile_is_deterministic() {
         let (state, config, host) = crate::synthetic::cluster(200, 20);
-        let first = reconcile(&state, &config, &host, &Allocations::default());
-        let second = reconcile(&state, &config, &host, &Allocations::default());
+        let first = reconcile(
+            &state,
+            &Settings::from(&config),
+            &host,
+            &Allocations::default(),
+        );
+        let second = reconcile(
+            &state,
+            &Settings::from(&config),
+            &host,
+            &Allocations::default(),
+        );
         assert_eq!(first, second);
     }
 
     #[test]
     fn a_synthetic_cluster_reconciles_cleanly() {
         let (state, config, host) = crate::synthetic::cluster(1_000, 10);
-        let plan = reconcile(&state, &config, &host, &Allocations::default());
+        let plan = reconcile(
+            &state,
+            &Settings::from(&config),
+            &host,
+            &Allocations::default(),
+        );
         assert_eq!(plan.allocations.by_service.len(), 1_000);
         assert!(
             plan.events
@@ -1585,7 +1622,68 @@ mod tests {
     #[test]
     fn full_size_synthetic_cluster() {
         let (state, config, host) = crate::synthetic::cluster(10_000, 10);
-        let plan = reconcile(&state, &config, &host, &Allocations::default());
+        let plan = reconcile(
+            &state,
+            &Settings::from(&config),
+            &host,
+            &Allocations::default(),
+        );
         assert_eq!(plan.allocations.by_service.len(), 10_000);
+    }
+
+    fn labelled_node(name: &str, labels: &[&str]) -> Node {
+        Node {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                name: Some(name.to_owned()),
+                labels: Some(
+                    labels
+                        .iter()
+                        .map(|key| ((*key).to_owned(), String::new()))
+                        .collect::<BTreeMap<_, _>>(),
+                ),
+                ..Default::default()
+            },
+            ..Node::default()
+        }
+    }
+
+    #[test]
+    fn tags_plain_nodes_only() {
+        let mut state = ClusterState::default();
+        state.upsert_node(labelled_node("plain", &[]));
+        state.upsert_node(labelled_node("worker", &["node-role.kubernetes.io/worker"]));
+        state.upsert_node(labelled_node(
+            "cp",
+            &["node-role.kubernetes.io/control-plane"],
+        ));
+        state.upsert_node(labelled_node("master", &["node-role.kubernetes.io/master"]));
+        state.upsert_node(Node {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                name: Some("unlabelled".to_owned()),
+                ..Default::default()
+            },
+            ..Node::default()
+        });
+        let label = LabelFilter {
+            key: "node-role.kubernetes.io/worker".to_owned(),
+            value: None,
+        };
+        assert_eq!(nodes_to_tag(&state, &label), ["plain", "unlabelled"]);
+        let config = Config {
+            tag_worker_nodes: true,
+            worker_label: Some(label),
+            ..config()
+        };
+        let plan = run(&state, &config, &Allocations::default());
+        assert_eq!(
+            plan.node_labels,
+            ["plain", "unlabelled"],
+            "the plan carries them"
+        );
+        let plan = run(&state, &self::config(), &Allocations::default());
+        assert!(
+            plan.node_labels.is_empty(),
+            "not without --tag-worker-nodes"
+        );
     }
 }

@@ -12,7 +12,7 @@ use kube::{Api, Client};
 use serde_json::json;
 
 use crate::config::IpMode;
-use crate::reconcile::EventKind;
+use crate::plan::EventKind;
 
 /// The field manager every xlb write uses.
 pub const FIELD_MANAGER: &str = "xlb";

@@ -15,9 +15,10 @@ use lb_common::{
     CT_REV_MAP, CtEntry, FlowKey, IPPROTO_TCP, SNAT_PROBES, STAT_CT_MISS_NON_SYN, STAT_NEW_FLOW,
     STAT_SNAT_EXHAUSTED, flow_hash, snat_port,
 };
+use xlb::config::XdpMode;
 use xlb::dataplane::Dataplane as _;
 use xlb::dataplane::proxy::{ProxyDataplane, ProxyStats, Timeouts};
-use xlb::dataplane::xdp::{XdpConfig, XdpDataplane, XdpMode};
+use xlb::dataplane::xdp::{XdpConfig, XdpDataplane};
 use xlb::model::{Backend as Upstream, Frontend, Protocol, VirtualService};
 use xlb_tests::bpf::PinDir;
 use xlb_tests::netns::{Netns, require_root};

@@ -51,7 +51,8 @@ fn with_ingress(api: &Api, names: &[String]) -> usize {
 
 /// SIGTERM while clearing statuses makes watch events xlb's own source must publish: 50 runs,
 /// with API latency so the status writes and the watch events overlap. Every run must exit in
-/// time, successfully, with every status cleared.
+/// time, successfully, with every status cleared. Every request xlb made must be one the
+/// ClusterRole in `deploy/` grants, and name xlb in its User-Agent.
 #[test]
 fn sigterm_always_exits_and_clears_every_status() {
     let cluster = Cluster::new("rs-term", 1, &[30080]);
@@ -91,6 +92,104 @@ fn sigterm_always_exits_and_clears_every_status() {
             "run {run}: a clean exit must not report an API failure\n{log}"
         );
     }
+    let granted = granted_by_cluster_role();
+    let used: std::collections::BTreeSet<(String, String)> = api
+        .faults()
+        .requests()
+        .iter()
+        .filter(|request| {
+            request
+                .user_agent
+                .as_deref()
+                .is_some_and(|agent| agent.starts_with("xlb/"))
+        })
+        .map(verb_and_resource)
+        .collect();
+    assert!(
+        used.contains(&("patch".to_owned(), "services/status".to_owned())),
+        "{used:?}"
+    );
+    for pair in &used {
+        assert!(
+            granted.contains(pair),
+            "xlb used {pair:?}, which deploy/rbac.yaml does not grant ({granted:?})"
+        );
+    }
+}
+
+/// `(verb, resource)` of an API request as RBAC names them (`services/status` for a
+/// subresource).
+fn verb_and_resource(request: &RequestRecord) -> (String, String) {
+    let (path, query) = request.uri.split_once('?').unwrap_or((&request.uri, ""));
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    // /api/v1/... or /apis/GROUP/VERSION/...; then optionally namespaces/NS.
+    let rest = match parts.first() {
+        Some(&"api") => &parts[2.min(parts.len())..],
+        Some(&"apis") => &parts[3.min(parts.len())..],
+        _ => return (request.method.to_lowercase(), path.to_owned()),
+    };
+    let rest = match rest {
+        ["namespaces", _, tail @ ..] if !tail.is_empty() => tail,
+        other => other,
+    };
+    let (resource, named) = match rest {
+        [resource] => ((*resource).to_owned(), false),
+        [resource, _name] => ((*resource).to_owned(), true),
+        [resource, _name, sub] => (format!("{resource}/{sub}"), true),
+        _ => (path.to_owned(), false),
+    };
+    let verb = match request.method.as_str() {
+        "GET"
+            if query
+                .split('&')
+                .any(|pair| pair == "watch=true" || pair == "watch=1") =>
+        {
+            "watch"
+        }
+        "GET" if named => "get",
+        "GET" => "list",
+        "POST" => "create",
+        "PUT" => "update",
+        "PATCH" => "patch",
+        "DELETE" => "delete",
+        other => other,
+    };
+    (verb.to_owned(), resource)
+}
+
+/// Every `(verb, resource)` the ClusterRole in `deploy/rbac.yaml` grants.
+fn granted_by_cluster_role() -> std::collections::BTreeSet<(String, String)> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/rbac.yaml");
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
+    let mut granted = std::collections::BTreeSet::new();
+    for document in serde_yaml::Deserializer::from_str(&text) {
+        let value = <serde_yaml::Value as serde::Deserialize>::deserialize(document)
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        if value.get("kind").and_then(serde_yaml::Value::as_str) != Some("ClusterRole") {
+            continue;
+        }
+        let strings = |rule: &serde_yaml::Value, key: &str| -> Vec<String> {
+            rule.get(key)
+                .and_then(serde_yaml::Value::as_sequence)
+                .into_iter()
+                .flatten()
+                .filter_map(|item| item.as_str().map(str::to_owned))
+                .collect()
+        };
+        for rule in value
+            .get("rules")
+            .and_then(serde_yaml::Value::as_sequence)
+            .into_iter()
+            .flatten()
+        {
+            for resource in strings(rule, "resources") {
+                for verb in strings(rule, "verbs") {
+                    granted.insert((verb, resource.clone()));
+                }
+            }
+        }
+    }
+    granted
 }
 
 /// xlb's requests during `window`.
@@ -309,7 +408,8 @@ fn a_metrics_address_in_use_stops_xlb_at_start() {
 }
 
 /// A Service whose nodes are all unready gets an address, refuses connections (as
-/// kube-proxy does) and a Warning Event saying it has no endpoints.
+/// kube-proxy does) and a Warning Event saying it has no endpoints; `/metrics` counts the
+/// refused SYNs in the XDP program as they happen.
 #[test]
 fn a_service_without_endpoints_refuses_and_is_warned_about() {
     let cluster = Cluster::new("rs-noep", 1, &[30080]);
@@ -348,4 +448,15 @@ fn a_service_without_endpoints_refuses_and_is_warned_about() {
             other => Err(format!("{other:?}")),
         }
     });
+    // The XDP program passed that SYN to the kernel (no backend); `/metrics` reads the
+    // per-CPU counters when scraped, so it shows at once, with no reconcile in between.
+    let (_, metrics) = cluster.http_body("/metrics").expect("/metrics");
+    let no_backend = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("xlb_dataplane_packets_total{counter=\"no_backend\"} "))
+        .and_then(|value| value.trim().parse::<u64>().ok());
+    assert!(
+        no_backend.is_some_and(|count| count >= 1),
+        "no_backend counter: {no_backend:?}\n{metrics}"
+    );
 }

@@ -2,7 +2,8 @@
 //! traffic through, in both generic and native mode.
 
 use lb_common::*;
-use xlb::dataplane::xdp::{AttachMode, XdpConfig, XdpDataplane, XdpMode};
+use xlb::config::XdpMode;
+use xlb::dataplane::xdp::{AttachMode, XdpConfig, XdpDataplane};
 use xlb_tests::bpf::PinDir;
 use xlb_tests::fixture::Fixture;
 use xlb_tests::netns::{Netns, veth};

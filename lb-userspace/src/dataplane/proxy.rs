@@ -281,6 +281,23 @@ pub struct ProxyDataplane {
     listen_failures: BTreeMap<ListenFailure, u64>,
     /// How many frontends were short of descriptors at the last `apply`.
     short_of_descriptors: usize,
+    /// The counters of the listening frontends, shared with `/metrics`.
+    counters: ProxyCounters,
+}
+
+/// The counters of every listening frontend, readable from another task at any time (for
+/// `/metrics` at scrape time). Cheap to clone; clones see the same frontends.
+#[derive(Debug, Clone, Default)]
+pub struct ProxyCounters(Arc<Mutex<BTreeMap<Frontend, Arc<Shared>>>>);
+
+impl ProxyCounters {
+    /// Each listening frontend's counters now.
+    pub fn snapshot(&self) -> Vec<(Frontend, ProxyStats)> {
+        lock(&self.0)
+            .iter()
+            .map(|(frontend, shared)| (*frontend, shared.counters.snapshot()))
+            .collect()
+    }
 }
 
 impl std::fmt::Debug for ProxyDataplane {
@@ -313,6 +330,7 @@ impl ProxyDataplane {
             failing: BTreeMap::new(),
             listen_failures: BTreeMap::new(),
             short_of_descriptors: 0,
+            counters: ProxyCounters::default(),
         }
     }
 
@@ -329,10 +347,12 @@ impl ProxyDataplane {
 
     /// Counters of every listening frontend.
     pub fn stats(&self) -> BTreeMap<Frontend, ProxyStats> {
-        self.running
-            .iter()
-            .map(|(frontend, running)| (*frontend, running.shared.counters.snapshot()))
-            .collect()
+        self.counters.snapshot().into_iter().collect()
+    }
+
+    /// A handle on the counters that follows the frontends as they change.
+    pub fn counters(&self) -> ProxyCounters {
+        self.counters.clone()
     }
 
     /// Failed attempts to listen on a frontend since start, by reason.
@@ -418,6 +438,7 @@ impl Dataplane for ProxyDataplane {
             .copied()
             .collect();
         for frontend in removed {
+            lock(&self.counters.0).remove(&frontend);
             if let Some(running) = self.running.remove(&frontend) {
                 running.stop();
                 tracing::info!(frontend = %describe(&frontend), "proxy stopped listening");
@@ -439,6 +460,7 @@ impl Dataplane for ProxyDataplane {
                 Ok(running) => {
                     tracing::info!(frontend = %describe(&frontend), service = %service.owner, "proxy listening");
                     self.failing.remove(&frontend);
+                    lock(&self.counters.0).insert(frontend, running.shared.clone());
                     self.running.insert(frontend, running);
                 }
                 Err(source) => {
@@ -536,6 +558,7 @@ fn in_reserve(fd: std::os::fd::RawFd) -> bool {
 
 impl Drop for ProxyDataplane {
     fn drop(&mut self) {
+        lock(&self.counters.0).clear();
         for (_, running) in std::mem::take(&mut self.running) {
             running.stop();
         }
@@ -547,7 +570,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     let mut failing = false;
     loop {
         match listener.accept().await {
-            Ok((client, peer)) if in_reserve(client.as_raw_fd()) => {
+            Ok((client, _)) if in_reserve(client.as_raw_fd()) => {
                 // The descriptors left are for the probes and the API: refuse this one.
                 Counters::bump(&shared.counters.accept_errors);
                 Counters::bump(&shared.counters.dropped);

@@ -52,6 +52,7 @@ use aya::{
 use lb_common::*;
 
 use super::{Dataplane, DataplaneError, devices, sync};
+use crate::config::XdpMode;
 use crate::model::{Backend, Frontend, Protocol, VirtualService};
 
 /// The BPF object built by `build.rs` (aya-build), embedded at compile time.
@@ -80,19 +81,6 @@ impl AttachMode {
             AttachMode::Generic => PROGRAM_GENERIC,
         }
     }
-}
-
-/// Which XDP mode to attach in (`--xdp-mode`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum XdpMode {
-    /// Per device: generic on a veth (faster there, see `attach`); elsewhere native (driver)
-    /// mode, falling back to generic (skb) mode with a log line.
-    #[default]
-    Auto,
-    /// Native (driver) mode only.
-    Native,
-    /// Generic (skb) mode only.
-    Skb,
 }
 
 /// How [`XdpDataplane`] is set up.

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use xlb::model::Allocations;
-use xlb::reconcile::reconcile;
+use xlb::reconcile::{Settings, reconcile};
 
 fn peak_rss_mib() -> f64 {
     // SAFETY: getrusage fills the zeroed struct; RUSAGE_SELF is always valid.
@@ -24,7 +24,7 @@ fn main() {
     let mut allocations = Allocations::default();
     for run in ["first (allocates every IP)", "second (adopts)"] {
         let started = Instant::now();
-        let plan = reconcile(&state, &config, &host, &allocations);
+        let plan = reconcile(&state, &Settings::from(&config), &host, &allocations);
         let took = started.elapsed().as_secs_f64();
         println!(
             "reconcile {run}: {took:.3} s for {} virtual services (target < 1 s)",

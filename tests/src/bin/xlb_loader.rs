@@ -7,9 +7,10 @@
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
+use xlb::config::XdpMode;
 use xlb::dataplane::Dataplane as _;
 use xlb::dataplane::spec::parse_services;
-use xlb::dataplane::xdp::{XdpConfig, XdpDataplane, XdpMode};
+use xlb::dataplane::xdp::{XdpConfig, XdpDataplane};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
