@@ -36,24 +36,27 @@
 //! calls `apply`, upstream sockets by the runtime's worker threads, so both must be in the
 //! namespace the VIPs live in (they are in xlb; tests build the runtime inside the namespace).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::io;
 use std::net::{Shutdown, SocketAddr, SocketAddrV4};
 use std::os::fd::AsRawFd as _;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use socket2::{Domain, Socket, Type};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, UdpSocket};
 use tokio::runtime::Handle;
 use tokio::task::AbortHandle;
 
 use super::{Dataplane, DataplaneError};
 use crate::model::{Backend, Frontend, Protocol, VirtualService};
+
+mod tcp;
+mod udp;
+
+use tcp::accept_loop;
+use udp::{Flows, udp_loop};
 
 /// How long a TCP connect to one backend may take before the next backend is tried.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -189,44 +192,6 @@ impl Shared {
 /// plain list or map that every writer leaves consistent).
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// The UDP flows of one frontend, by client address.
-type Flows = Arc<Mutex<HashMap<SocketAddr, UdpFlow>>>;
-
-/// One UDP client and its upstream socket.
-struct UdpFlow {
-    upstream: Arc<UdpSocket>,
-    activity: Arc<Activity>,
-    replies: AbortHandle,
-}
-
-/// When a UDP flow last carried a datagram.
-#[derive(Debug)]
-struct Activity {
-    start: Instant,
-    /// Milliseconds since `start`.
-    last: AtomicU64,
-}
-
-impl Activity {
-    fn new() -> Self {
-        Activity {
-            start: Instant::now(),
-            last: AtomicU64::new(0),
-        }
-    }
-
-    fn touch(&self) {
-        let now = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last.store(now, Ordering::Relaxed);
-    }
-
-    fn idle(&self) -> Duration {
-        self.start
-            .elapsed()
-            .saturating_sub(Duration::from_millis(self.last.load(Ordering::Relaxed)))
-    }
 }
 
 /// A listening frontend and how to stop it.
@@ -565,269 +530,6 @@ impl Drop for ProxyDataplane {
     }
 }
 
-/// Accepts connections on a TCP frontend until it is stopped.
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
-    let mut failing = false;
-    loop {
-        match listener.accept().await {
-            Ok((client, _)) if in_reserve(client.as_raw_fd()) => {
-                // The descriptors left are for the probes and the API: refuse this one.
-                Counters::bump(&shared.counters.accept_errors);
-                Counters::bump(&shared.counters.dropped);
-                if !failing {
-                    tracing::warn!(frontend = %describe(&shared.frontend), "proxy out of file descriptors; refusing connections");
-                    failing = true;
-                }
-                drop(client);
-            }
-            Ok((client, peer)) => {
-                failing = false;
-                tokio::spawn(relay(client, peer, shared.clone()));
-            }
-            // The listener was shut down by `Running::stop`.
-            Err(error) if error.raw_os_error() == Some(libc::EINVAL) => return,
-            Err(error) => {
-                // EMFILE, ENOBUFS and the like: back off instead of spinning, and say so once
-                // per streak (the pending connection waits in the backlog).
-                Counters::bump(&shared.counters.accept_errors);
-                if !failing {
-                    tracing::warn!(frontend = %describe(&shared.frontend), %error, "proxy accept failed; retrying");
-                    failing = true;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-}
-
-/// Connects to a backend (round robin, trying the next on failure) and relays until both
-/// directions have ended.
-async fn relay(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
-    let _active = ActiveGuard::new(&shared);
-    let Some(upstream) = connect(&shared, peer).await else {
-        Counters::bump(&shared.counters.dropped);
-        return;
-    };
-    let _ = client.set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
-    let mut client = Counted {
-        stream: client,
-        bytes: &shared.counters.bytes_to_backends,
-    };
-    let mut upstream = Counted {
-        stream: upstream,
-        bytes: &shared.counters.bytes_to_clients,
-    };
-    if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        tracing::debug!(frontend = %describe(&shared.frontend), %peer, %error, "proxied connection ended with an error");
-    }
-}
-
-/// The first backend, in round-robin order, that accepts a connection within the connect
-/// timeout.
-async fn connect(shared: &Shared, peer: SocketAddr) -> Option<TcpStream> {
-    let candidates = shared.pick();
-    if candidates.is_empty() {
-        tracing::debug!(frontend = %describe(&shared.frontend), %peer, "no backends; connection closed");
-    }
-    for backend in candidates {
-        let limit = shared.timeouts.connect;
-        let error = match tokio::time::timeout(limit, TcpStream::connect(backend)).await {
-            Ok(Ok(stream)) => return Some(stream),
-            Ok(Err(error)) => error.to_string(),
-            Err(_) => format!("no answer within {limit:?}"),
-        };
-        Counters::bump(&shared.counters.backend_failures);
-        tracing::warn!(frontend = %describe(&shared.frontend), %backend, %error, "proxy could not connect to a backend; trying the next");
-    }
-    None
-}
-
-/// A stream that counts the bytes read from it.
-struct Counted<'a> {
-    stream: TcpStream,
-    bytes: &'a AtomicU64,
-}
-
-impl AsyncRead for Counted<'_> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let result = Pin::new(&mut this.stream).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = result {
-            let read = buf.filled().len().saturating_sub(before);
-            this.bytes.fetch_add(read as u64, Ordering::Relaxed);
-        }
-        result
-    }
-}
-
-impl AsyncWrite for Counted<'_> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
-    }
-}
-
-/// Receives the datagrams of a UDP frontend and forwards each to its flow's upstream socket,
-/// starting a flow for a new client.
-async fn udp_loop(socket: Arc<UdpSocket>, shared: Arc<Shared>, flows: Flows) {
-    let mut buf = vec![0u8; DATAGRAM];
-    loop {
-        let (len, client) = match socket.recv_from(&mut buf).await {
-            Ok(received) => received,
-            Err(error) => {
-                tracing::debug!(frontend = %describe(&shared.frontend), %error, "proxy UDP receive failed");
-                tokio::task::yield_now().await;
-                continue;
-            }
-        };
-        let existing = lock(&flows)
-            .get(&client)
-            .map(|flow| (flow.upstream.clone(), flow.activity.clone()));
-        let flow = match existing {
-            Some(flow) => Some(flow),
-            None => start_flow(&socket, &shared, &flows, client).await,
-        };
-        let Some((upstream, activity)) = flow else {
-            Counters::bump(&shared.counters.dropped);
-            continue;
-        };
-        activity.touch();
-        let Some(datagram) = buf.get(..len) else {
-            continue;
-        };
-        // Counted before sending, so the counter is up to date by the time an answer can
-        // come back.
-        shared
-            .counters
-            .bytes_to_backends
-            .fetch_add(datagram.len() as u64, Ordering::Relaxed);
-        if let Err(error) = upstream.send(datagram).await {
-            Counters::bump(&shared.counters.backend_failures);
-            tracing::debug!(frontend = %describe(&shared.frontend), %client, %error, "proxy UDP send to backend failed");
-        }
-    }
-}
-
-/// Opens an upstream socket for `client` toward the next backend that can be routed to, and
-/// spawns the task relaying its answers.
-async fn start_flow(
-    frontend: &Arc<UdpSocket>,
-    shared: &Arc<Shared>,
-    flows: &Flows,
-    client: SocketAddr,
-) -> Option<(Arc<UdpSocket>, Arc<Activity>)> {
-    if lock(flows).len() >= MAX_UDP_FLOWS {
-        tracing::debug!(frontend = %describe(&shared.frontend), %client, "proxy UDP flow table full");
-        return None;
-    }
-    for backend in shared.pick() {
-        let upstream = match UdpSocket::bind("0.0.0.0:0").await {
-            Ok(upstream) => upstream,
-            Err(error) => {
-                tracing::warn!(frontend = %describe(&shared.frontend), %error, "proxy cannot open a UDP socket");
-                return None;
-            }
-        };
-        if let Err(error) = upstream.connect(backend).await {
-            Counters::bump(&shared.counters.backend_failures);
-            tracing::warn!(frontend = %describe(&shared.frontend), %backend, %error, "proxy cannot reach a UDP backend; trying the next");
-            continue;
-        }
-        let upstream = Arc::new(upstream);
-        let activity = Arc::new(Activity::new());
-        let active = ActiveGuard::new(shared);
-        let replies = tokio::spawn(udp_replies(
-            frontend.clone(),
-            upstream.clone(),
-            activity.clone(),
-            client,
-            shared.clone(),
-            flows.clone(),
-            active,
-        ))
-        .abort_handle();
-        lock(flows).insert(
-            client,
-            UdpFlow {
-                upstream: upstream.clone(),
-                activity: activity.clone(),
-                replies,
-            },
-        );
-        return Some((upstream, activity));
-    }
-    None
-}
-
-/// Relays a UDP flow's answers back to its client from `VIP:port` until the flow has been
-/// idle for the UDP idle timeout, then removes it.
-async fn udp_replies(
-    frontend: Arc<UdpSocket>,
-    upstream: Arc<UdpSocket>,
-    activity: Arc<Activity>,
-    client: SocketAddr,
-    shared: Arc<Shared>,
-    flows: Flows,
-    _active: ActiveGuard,
-) {
-    let mut buf = vec![0u8; DATAGRAM];
-    loop {
-        let idle = activity.idle();
-        let limit = shared.timeouts.udp_idle;
-        if idle >= limit {
-            let mut flows = lock(&flows);
-            if flows
-                .get(&client)
-                .is_some_and(|flow| Arc::ptr_eq(&flow.upstream, &upstream))
-            {
-                flows.remove(&client);
-            }
-            return;
-        }
-        let received = match tokio::time::timeout(limit - idle, upstream.recv(&mut buf)).await {
-            Err(_) => continue,
-            Ok(received) => received,
-        };
-        let len = match received {
-            Ok(len) => len,
-            Err(error) => {
-                // ECONNREFUSED after an ICMP port unreachable: the backend is not listening.
-                Counters::bump(&shared.counters.backend_failures);
-                tracing::debug!(frontend = %describe(&shared.frontend), %client, %error, "proxy UDP receive from backend failed");
-                continue;
-            }
-        };
-        activity.touch();
-        let Some(datagram) = buf.get(..len) else {
-            continue;
-        };
-        shared
-            .counters
-            .bytes_to_clients
-            .fetch_add(datagram.len() as u64, Ordering::Relaxed);
-        if let Err(error) = frontend.send_to(datagram, client).await {
-            tracing::debug!(frontend = %describe(&shared.frontend), %client, %error, "proxy UDP send to client failed");
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     //! On loopback, without privileges: 127.0.0.1 is the VIP, 127.0.0.2 and 127.0.0.3 the
@@ -835,7 +537,10 @@ mod tests {
 
     use std::net::Ipv4Addr;
 
+    use std::time::Instant;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use tokio::net::TcpStream;
 
     use super::*;
 
