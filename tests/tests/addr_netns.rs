@@ -4,7 +4,7 @@
 //! via 198.51.100.254) joined by a veth to namespace `peer` with `peer0` (198.51.100.254/24),
 //! the neighbour that should learn VIPs. Clients are 192.0.2.0/24, beyond the gateway.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead as _, BufReader};
 use std::net::Ipv4Addr;
 use std::process::{Child, Stdio};
@@ -12,6 +12,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use xlb::addr::route::{Route, RouteLookup};
 use xlb::addr::{AddrConfig, AddrError, AddrManager, DesiredVips};
 use xlb::config::Announce;
 use xlb_tests::netns::{ChildGuard, Netns, require_root, veth};
@@ -764,4 +765,108 @@ fn xlb_addresses_are_labelled_for_people_reading_ip_addr() {
         LB_DEV,
         "the host's address keeps its label"
     );
+}
+
+/// `(device, preferred source, gateway)` of each routable address, as `ip -j route get` prints
+/// them; the host's own addresses and unroutable ones are left out, as the data plane wants.
+fn ip_route_get(ns: &Netns, ips: &[Ipv4Addr]) -> BTreeMap<Ipv4Addr, RouteSummary> {
+    let mut found = BTreeMap::new();
+    for &addr in ips {
+        let out = ns.output(&["ip", "-j", "route", "get", &addr.to_string()]);
+        if !out.status.success() {
+            continue;
+        }
+        let routes: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|err| panic!("ip -j route get {addr}: {err}"));
+        let route = &routes[0];
+        if route["type"] == "local" {
+            continue;
+        }
+        let field = |name: &str| route[name].as_str().map(ip);
+        found.insert(
+            addr,
+            (
+                route["dev"].as_str().unwrap_or("?").to_owned(),
+                field("prefsrc"),
+                field("gateway"),
+            ),
+        );
+    }
+    found
+}
+
+type RouteSummary = (String, Option<Ipv4Addr>, Option<Ipv4Addr>);
+
+fn summary(routes: &BTreeMap<Ipv4Addr, Route>) -> BTreeMap<Ipv4Addr, RouteSummary> {
+    routes
+        .iter()
+        .map(|(addr, r)| (*addr, (r.device.clone(), r.source, r.gateway)))
+        .collect()
+}
+
+/// Route lookups over netlink answer as `ip route get` does (device, preferred source,
+/// gateway) and leave out the host's own and unroutable addresses; they work from a thread
+/// without a runtime, on a current-thread runtime, and inside a multi-threaded runtime, where
+/// the controller calls them (the wait runs in `block_in_place` there).
+#[test]
+fn route_lookups_agree_with_ip_route_get() {
+    let lan = lan("route");
+    veth(&lan.lb, "xlb1", &lan.peer, "peer1");
+    lan.lb
+        .run(&["ip", "addr", "add", "203.0.113.1/24", "dev", "xlb1"]);
+    lan.lb
+        .run(&["ip", "route", "add", "unreachable", "10.9.0.0/16"]);
+    let ips = [
+        ip("198.51.100.7"), // on the link's prefix
+        ip("203.0.113.9"),  // on the second device's prefix
+        ip(CLIENT),         // through the default gateway
+        ip(LB_ADDR),        // the host's own: left out
+        ip("10.9.9.9"),     // unreachable: left out
+    ];
+    let expected = BTreeMap::from([
+        (ips[0], (LB_DEV.to_owned(), Some(ip(LB_ADDR)), None)),
+        (ips[1], ("xlb1".to_owned(), Some(ip("203.0.113.1")), None)),
+        (
+            ips[2],
+            (LB_DEV.to_owned(), Some(ip(LB_ADDR)), Some(ip(GATEWAY))),
+        ),
+    ]);
+    assert_eq!(
+        ip_route_get(&lan.lb, &ips),
+        expected,
+        "the test's own reading of `ip route get`"
+    );
+
+    let plain = lan.lb.enter(|| {
+        let lookup = RouteLookup::open().unwrap_or_else(|err| panic!("netlink: {err}"));
+        lookup
+            .routes(&ips)
+            .unwrap_or_else(|err| panic!("lookup: {err}"))
+    });
+    assert_eq!(summary(&plain), expected, "from a thread without a runtime");
+
+    let current = block_in(&lan.lb, || async {
+        let lookup = RouteLookup::open().unwrap_or_else(|err| panic!("netlink: {err}"));
+        lookup
+            .routes(&ips)
+            .unwrap_or_else(|err| panic!("lookup: {err}"))
+    });
+    assert_eq!(summary(&current), expected, "on a current-thread runtime");
+
+    let multi = lan.lb.enter(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
+            .block_on(async {
+                let lookup = RouteLookup::open().unwrap_or_else(|err| panic!("netlink: {err}"));
+                // On a worker thread, as in the controller.
+                tokio::spawn(async move { lookup.routes(&ips) })
+                    .await
+                    .expect("the lookup task")
+                    .unwrap_or_else(|err| panic!("lookup: {err}"))
+            })
+    });
+    assert_eq!(summary(&multi), expected, "inside a multi-threaded runtime");
 }

@@ -123,14 +123,16 @@ pub enum DataplaneError {
     NoRuntime,
     #[error("{0}")]
     Plan(#[from] sync::PlanError),
-    #[error("running {command} failed: {source}; is iproute2 installed?")]
-    Command {
-        command: String,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The number of possible CPUs (the length of per-CPU map values) could not be read.
     #[error(
-        "setting sysctl {path} failed: {source}; xlb needs root, or set it yourself and disable sysctls in the config"
+        "cannot read the possible CPUs from /sys/devices/system/cpu/possible: {0}; per-CPU counters cannot be reset without it; check that /sys is mounted in xlb's mount namespace"
+    )]
+    PossibleCpus(#[source] std::io::Error),
+    /// A route lookup toward the backends failed (not: a backend has no route).
+    #[error("looking up the routes toward backends failed: {0}")]
+    Routes(#[from] crate::addr::AddrError),
+    #[error(
+        "setting sysctl {path} failed: {source}; xlb sets it when it attaches XDP: run xlb as root in the network namespace it serves, with /proc/sys writable (a privileged container), or use --dataplane proxy"
     )]
     Sysctl {
         path: String,

@@ -23,7 +23,8 @@
 //! # Devices
 //! xlb attaches to [`XdpConfig::devices`] (the link device) and, with
 //! [`XdpConfig::follow_backend_routes`], to every device through which a backend is routed
-//! (`ip route get`, re-checked on every [`Dataplane::apply`] that changes backends). Devices
+//! (a netlink route lookup, [`crate::addr::route`], re-checked on every [`Dataplane::apply`]
+//! that changes backends). Devices
 //! stay attached until [`XdpDataplane::detach_all`]: a device toward a removed backend may
 //! still carry its draining flows.
 //!
@@ -52,6 +53,7 @@ use aya::{
 use lb_common::*;
 
 use super::{Dataplane, DataplaneError, devices, sync};
+use crate::addr::route::{Route, RouteLookup};
 use crate::model::{Backend, Frontend, Protocol, VirtualService};
 
 /// The BPF object built by `build.rs` (aya-build), embedded at compile time.
@@ -156,7 +158,10 @@ pub struct XdpDataplane {
     svc_stats: PerCpuArray<MapData, ServiceStats>,
     installed: sync::InstalledSet,
     attached: BTreeMap<String, Attachment>,
-    backend_devices: BTreeMap<Ipv4Addr, String>,
+    /// Routes toward the installed backends, as last looked up.
+    backend_routes: BTreeMap<Ipv4Addr, Route>,
+    /// Route lookups, when following the routes toward backends.
+    routes: Option<RouteLookup>,
 }
 
 /// Expected `(key size, value size)` of each pinned map, checked when adopting it.
@@ -223,8 +228,13 @@ impl XdpDataplane {
             svc_stats,
             installed: sync::InstalledSet::new(),
             attached: BTreeMap::new(),
-            backend_devices: BTreeMap::new(),
+            backend_routes: BTreeMap::new(),
+            routes: None,
         };
+        if dataplane.follows_routes() {
+            // Opened here, in the caller's network namespace, where the devices are.
+            dataplane.routes = Some(RouteLookup::open()?);
+        }
         dataplane.installed = dataplane.read_installed()?;
         if dataplane.config.set_sysctls && !dataplane.config.devices.is_empty() {
             devices::set_sysctl("ip_forward", "1")?;
@@ -512,6 +522,11 @@ impl XdpDataplane {
         }
     }
 
+    /// Whether devices toward backends are attached too (see [`XdpConfig::follow_backend_routes`]).
+    fn follows_routes(&self) -> bool {
+        self.config.follow_backend_routes && !self.config.devices.is_empty()
+    }
+
     fn log_devices(&self) {
         let list: Vec<String> = self
             .attached
@@ -524,10 +539,8 @@ impl XdpDataplane {
     fn execute(&mut self, op: &sync::Op) -> Result<(), DataplaneError> {
         match *op {
             sync::Op::ResetStats { id } => {
-                let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Command {
-                    command: "reading possible CPUs".into(),
-                    source: e,
-                })?;
+                let cpus =
+                    aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::PossibleCpus(e))?;
                 let zero =
                     PerCpuValues::try_from(vec![ServiceStats::default(); cpus]).map_err(|e| {
                         DataplaneError::Map {
@@ -607,17 +620,27 @@ impl Dataplane for XdpDataplane {
             );
         }
         self.installed = next;
-        if self.config.follow_backend_routes && !self.config.devices.is_empty() {
+        if let Some(routes) = &self.routes {
             let ips: BTreeSet<Ipv4Addr> = self
                 .installed
                 .values()
                 .flat_map(|i| i.slots.iter().map(|b| b.ip))
                 .collect();
-            let known: BTreeSet<Ipv4Addr> = self.backend_devices.keys().copied().collect();
+            let known: BTreeSet<Ipv4Addr> = self.backend_routes.keys().copied().collect();
             if ips != known {
                 let ips: Vec<Ipv4Addr> = ips.into_iter().collect();
-                self.backend_devices = devices::route_devices(&ips)?;
-                let wanted: BTreeSet<String> = self.backend_devices.values().cloned().collect();
+                self.backend_routes = routes.routes(&ips)?;
+                for (backend, route) in &self.backend_routes {
+                    tracing::debug!(
+                        backend = %backend, device = %route.device, source = ?route.source,
+                        gateway = ?route.gateway, "route toward backend"
+                    );
+                }
+                let wanted: BTreeSet<String> = self
+                    .backend_routes
+                    .values()
+                    .map(|r| r.device.clone())
+                    .collect();
                 let before = self.attached.len();
                 for device in &wanted {
                     self.ensure_attached(device)?;
