@@ -9,7 +9,6 @@
 pub mod devices;
 pub mod pins;
 pub mod proxy;
-pub mod spec;
 pub mod sync;
 pub mod xdp;
 

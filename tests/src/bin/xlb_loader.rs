@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use xlb::dataplane::Dataplane as _;
-use xlb::dataplane::spec::parse_services;
 use xlb::dataplane::xdp::{XdpConfig, XdpDataplane, XdpMode};
+use xlb_tests::spec::parse_services;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
