@@ -10,3 +10,4 @@ pub mod servers;
 pub mod spec;
 pub mod synthetic;
 pub mod topology;
+pub mod wait;

@@ -5,17 +5,16 @@
 //! the neighbour that should learn VIPs. Clients are 192.0.2.0/24, beyond the gateway.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead as _, BufReader};
 use std::net::Ipv4Addr;
-use std::process::{Child, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::Stdio;
+use std::time::Duration;
 
 use serde_json::Value;
 use xlb::addr::route::{Route, RouteLookup};
 use xlb::addr::{AddrConfig, AddrError, AddrManager, DesiredVips};
 use xlb::config::Announce;
 use xlb_tests::netns::{ChildGuard, Netns, require_root, veth};
+use xlb_tests::wait::{Lines, eventually};
 
 const LB_DEV: &str = "xlb0";
 const PEER_DEV: &str = "peer0";
@@ -183,66 +182,39 @@ fn seed_wrong_neighbour(lan: &Lan, ip: &str) {
 }
 const WRONG_MAC: &str = "02:00:00:00:00:99";
 
-/// Polls `check` every 50 ms until it holds or `limit` passes.
-fn wait_for(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if check() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    check()
+/// A child whose stdout lines are read as they come; killed on drop.
+struct Child {
+    guard: ChildGuard,
+    lines: Lines,
 }
 
-/// A child whose stdout lines arrive on a channel.
-struct Lines {
-    _child: ChildGuard,
-    rx: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Lines {
-    fn spawn(ns: &Netns, argv: &[&str]) -> Lines {
-        let mut child: Child = ns
+impl Child {
+    fn spawn(ns: &Netns, argv: &[&str]) -> Child {
+        let mut child = ns
             .command(argv)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()
             .unwrap_or_else(|err| panic!("starting {argv:?}: {err}"));
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Lines {
-            _child: ChildGuard(child),
-            rx,
-            seen: Vec::new(),
+        let lines = Lines::read(child.stdout.take().expect("piped stdout"));
+        Child {
+            guard: ChildGuard(child),
+            lines,
         }
     }
 
     /// Waits up to `limit` for a line containing `needle`.
     fn wait_for(&mut self, needle: &str, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
-        loop {
-            if self.seen.iter().any(|line| line.contains(needle)) {
-                return true;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.rx.recv_timeout(left) {
-                Ok(line) => self.seen.push(line),
-                Err(_) => return false,
-            }
-        }
+        self.lines.wait_for(needle, limit)
     }
 
-    fn child(&mut self) -> &mut Child {
-        &mut self._child.0
+    /// Every line read so far.
+    fn seen(&self) -> &[String] {
+        self.lines.seen()
+    }
+
+    fn child(&mut self) -> &mut std::process::Child {
+        &mut self.guard.0
     }
 }
 
@@ -481,7 +453,7 @@ fn host_address_inside_the_pool_survives_start_run_and_stop() {
 #[test]
 fn restart_after_sigkill_adopts_wanted_vips_without_flap_and_removes_the_rest() {
     let lan = lan("adopt");
-    let mut held = Lines::spawn(
+    let mut held = Child::spawn(
         &lan.lb,
         &[
             env!("CARGO_BIN_EXE_xlb-addr-hold"),
@@ -493,7 +465,7 @@ fn restart_after_sigkill_adopts_wanted_vips_without_flap_and_removes_the_rest() 
     assert!(
         held.wait_for("ready", Duration::from_secs(10)),
         "the helper did not place its VIPs within 10 s: {:?}",
-        held.seen
+        held.seen()
     );
     held.child().kill().expect("SIGKILL the helper");
     held.child().wait().expect("reap the helper");
@@ -503,10 +475,10 @@ fn restart_after_sigkill_adopts_wanted_vips_without_flap_and_removes_the_rest() 
         "a killed xlb leaves its VIPs"
     );
 
-    let mut monitor = Lines::spawn(&lan.lb, &["ip", "monitor", "address"]);
+    let mut monitor = Child::spawn(&lan.lb, &["ip", "monitor", "address"]);
     // Make sure the monitor listens before the adoption starts.
     assert!(
-        wait_for(Duration::from_secs(5), || {
+        eventually(Duration::from_secs(5), || {
             lan.lb
                 .run(&["ip", "addr", "add", "192.0.2.99/32", "dev", "lo"]);
             lan.lb
@@ -531,22 +503,22 @@ fn restart_after_sigkill_adopts_wanted_vips_without_flap_and_removes_the_rest() 
     assert!(
         monitor.wait_for("Deleted", Duration::from_secs(5)),
         "the monitor should see the unwanted VIP go: {:?}",
-        monitor.seen
+        monitor.seen()
     );
     monitor.wait_for("never printed", Duration::from_millis(300));
     let flaps: Vec<&String> = monitor
-        .seen
+        .seen()
         .iter()
         .filter(|line| line.contains("198.51.100.10/"))
         .collect();
     assert!(flaps.is_empty(), "the wanted VIP flapped: {flaps:?}");
     assert!(
         monitor
-            .seen
+            .seen()
             .iter()
             .any(|l| l.starts_with("Deleted") && l.contains("198.51.100.11/24")),
         "{:?}",
-        monitor.seen
+        monitor.seen()
     );
     assert_eq!(
         cidrs(&lan.lb, LB_DEV),
@@ -567,7 +539,7 @@ fn gratuitous_arp_repoints_a_neighbour_on_add_and_on_adoption() {
         sync_ok(&mut m, &wanted, &BTreeSet::new()).await;
     });
     assert!(
-        wait_for(Duration::from_secs(3), || peer_neighbour(&lan, vip)
+        eventually(Duration::from_secs(3), || peer_neighbour(&lan, vip)
             .as_deref()
             == Some(lb_mac.as_str())),
         "peer's neighbour entry for {vip} is {:?}, expected the LB's {lb_mac}",
@@ -582,7 +554,7 @@ fn gratuitous_arp_repoints_a_neighbour_on_add_and_on_adoption() {
         assert_eq!(report.kept, vec![ip(vip)], "adopted, not re-added");
     });
     assert!(
-        wait_for(Duration::from_secs(3), || peer_neighbour(&lan, vip)
+        eventually(Duration::from_secs(3), || peer_neighbour(&lan, vip)
             .as_deref()
             == Some(lb_mac.as_str())),
         "after adoption the peer's entry for {vip} is {:?}, expected {lb_mac}",
