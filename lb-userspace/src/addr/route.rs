@@ -39,8 +39,15 @@ pub struct Route {
 /// What the kernel's route lookup says about one destination.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lookup {
-    /// Reached through a device.
-    Via(Route),
+    /// Reached through device `ifindex`.
+    Via {
+        /// Index of the output device.
+        ifindex: u32,
+        /// Preferred source address (`RTA_PREFSRC`).
+        source: Option<Ipv4Addr>,
+        /// Next hop (`RTA_GATEWAY`), when not directly connected.
+        gateway: Option<Ipv4Addr>,
+    },
     /// Delivered on the host: one of its own addresses, or a broadcast, multicast or anycast
     /// address (what `ip route get` prints as `local`, `broadcast`, …). Nothing to attach to.
     Local,
@@ -83,29 +90,21 @@ pub async fn route_get(handle: &Handle, ip: Ipv4Addr) -> Result<Lookup, AddrErro
             Lookup::Local
         }
         RouteType::Unicast => match route_oif(&route) {
-            Some(ifindex) => Lookup::Via(Route {
-                device: String::new(),
+            Some(ifindex) => Lookup::Via {
                 ifindex,
-                source: attribute_ip(&route, |attr| match attr {
+                source: route.attributes.iter().find_map(|attr| match attr {
                     RouteAttribute::PrefSource(RouteAddress::Inet(ip)) => Some(*ip),
                     _ => None,
                 }),
-                gateway: attribute_ip(&route, |attr| match attr {
+                gateway: route.attributes.iter().find_map(|attr| match attr {
                     RouteAttribute::Gateway(RouteAddress::Inet(ip)) => Some(*ip),
                     _ => None,
                 }),
-            }),
+            },
             None => Lookup::Unreachable,
         },
         _ => Lookup::Unreachable,
     })
-}
-
-fn attribute_ip(
-    route: &RouteMessage,
-    pick: impl Fn(&RouteAttribute) -> Option<Ipv4Addr>,
-) -> Option<Ipv4Addr> {
-    route.attributes.iter().find_map(pick)
 }
 
 /// The routes toward `ips`, with device names filled in. Addresses without a route, and the
@@ -117,17 +116,28 @@ pub async fn routes(
     let mut names: BTreeMap<u32, String> = BTreeMap::new();
     let mut found = BTreeMap::new();
     for &ip in ips {
-        let Lookup::Via(mut route) = route_get(handle, ip).await? else {
+        let Lookup::Via {
+            ifindex,
+            source,
+            gateway,
+        } = route_get(handle, ip).await?
+        else {
             tracing::debug!(backend = %ip, "no route through a device toward the backend");
             continue;
         };
-        route.device = match names.get(&route.ifindex) {
+        let device = match names.get(&ifindex) {
             Some(name) => name.clone(),
             None => {
-                let name = find_link(handle, LinkRef::Index(route.ifindex)).await?.name;
-                names.insert(route.ifindex, name.clone());
+                let name = find_link(handle, LinkRef::Index(ifindex)).await?.name;
+                names.insert(ifindex, name.clone());
                 name
             }
+        };
+        let route = Route {
+            device,
+            ifindex,
+            source,
+            gateway,
         };
         found.insert(ip, route);
     }
