@@ -288,14 +288,7 @@ fn open_dataplane(config: &Config, device: &str) -> anyhow::Result<Dataplanes> {
                         "XDP could not be loaded or attached; carrying all traffic with the userspace proxy (slower). \
                          Fix the cause above, or set --dataplane proxy to run without BPF"
                     );
-                    let stale_links = std::fs::read_dir(&config.pin_dir)
-                        .map(|entries| {
-                            entries.filter_map(Result::ok).any(|entry| {
-                                entry.file_name().to_string_lossy().starts_with("link_")
-                            })
-                        })
-                        .unwrap_or(false);
-                    if stale_links {
+                    if crate::dataplane::pins::stale_links(&config.pin_dir) {
                         tracing::warn!(
                             dir = %config.pin_dir.display(),
                             "XDP links pinned there by an earlier xlb stay attached and keep forwarding with their old maps; \

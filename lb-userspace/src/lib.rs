@@ -17,4 +17,11 @@ pub mod pool;
 pub mod reconcile;
 pub mod source;
 pub mod status;
-pub mod synthetic;
+
+// Test-only builders live with the tests (`tests/src/synthetic.rs`); the unit tests here
+// compile the same file, which names this crate `xlb` as the test crate does.
+#[cfg(test)]
+extern crate self as xlb;
+#[cfg(test)]
+#[path = "../../tests/src/synthetic.rs"]
+mod synthetic;

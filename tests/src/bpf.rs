@@ -48,25 +48,11 @@ impl Drop for PinDir {
     }
 }
 
-/// `BPF_FS_MAGIC` from `linux/magic.h`.
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-
 /// Mounts bpffs on `/sys/fs/bpf` unless it is there already (fresh machines and containers
-/// often lack it); panics with the command to run when mounting fails.
+/// often lack it), as xlb itself does; panics with the command to run when mounting fails.
 pub fn ensure_bpffs() {
-    let path = c"/sys/fs/bpf";
-    // SAFETY: statfs writes into the zeroed struct; path is NUL-terminated.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    let rc = unsafe { libc::statfs(path.as_ptr(), &mut st) };
-    if rc == 0 && st.f_type as i64 == BPF_FS_MAGIC {
-        return;
+    let probe = Path::new(xlb::dataplane::pins::BPFFS_ROOT).join("xlb-test");
+    if let Err(err) = xlb::dataplane::pins::ensure_bpffs(&probe) {
+        panic!("{err}");
     }
-    let status = std::process::Command::new("mount")
-        .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
-        .status();
-    assert!(
-        matches!(status, Ok(s) if s.success()),
-        "bpffs is not mounted on /sys/fs/bpf and mounting it failed; run `mount -t bpf bpf /sys/fs/bpf`"
-    );
 }

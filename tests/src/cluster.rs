@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 use crate::bpf::PinDir;
 use crate::netns::{ChildGuard, Netns, veth};
 use crate::servers::{Backend, spawn_in, tcp_name, udp_names};
+/// Re-exported for the controller tests, which wait on the cluster this module builds.
+pub use crate::wait::wait_for;
 
 /// The address pool the tests and the demo give xlb (`--restricted-cidr`).
 pub const POOL: &str = "198.51.100.10-198.51.100.200";
@@ -303,25 +305,6 @@ impl Drop for Xlb {
             eprintln!("---- xlb log ({}) ----\n{}", self.log.display(), self.log());
         }
         let _ = std::fs::remove_file(&self.log);
-    }
-}
-
-/// Calls `probe` every 50 ms until it answers `Some`, for at most `timeout`; panics with `what`
-/// and the last `Err` otherwise.
-pub fn wait_for<T>(
-    what: &str,
-    timeout: Duration,
-    mut probe: impl FnMut() -> Result<T, String>,
-) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match probe() {
-            Ok(value) => return value,
-            Err(last) if Instant::now() >= deadline => {
-                panic!("{what}: not within {timeout:?}; last: {last}")
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
-        }
     }
 }
 

@@ -7,4 +7,7 @@ pub mod fixture;
 pub mod netns;
 pub mod pkt;
 pub mod servers;
+pub mod spec;
+pub mod synthetic;
 pub mod topology;
+pub mod wait;

@@ -19,7 +19,9 @@ pub fn require_root(what: &str) {
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-/// A network namespace named `<tag>-<pid>-<n>`, deleted on drop.
+/// A network namespace named `<prefix>-<tag>-<pid>-<n>`, deleted on drop. The prefix is
+/// `xlbt`, or `XLB_TEST_NETNS_PREFIX` when set (so people sharing a machine can tell, and
+/// clean up, their own namespaces).
 #[derive(Debug)]
 pub struct Netns {
     name: String,
@@ -30,7 +32,11 @@ impl Netns {
     pub fn new(tag: &str) -> Netns {
         require_root("creating a network namespace");
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let name = format!("xlbt-{tag}-{}-{n}", std::process::id());
+        let prefix = std::env::var("XLB_TEST_NETNS_PREFIX")
+            .ok()
+            .filter(|prefix| !prefix.is_empty())
+            .unwrap_or_else(|| "xlbt".to_owned());
+        let name = format!("{prefix}-{tag}-{}-{n}", std::process::id());
         run(Command::new("ip").args(["netns", "add", &name]));
         let ns = Netns { name };
         ns.run(&["ip", "link", "set", "lo", "up"]);

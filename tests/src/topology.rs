@@ -8,16 +8,15 @@
 //!   single device `l0` carrying both subnets.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
 use crate::bpf::PinDir;
 use crate::netns::{ChildGuard, Netns, veth};
 use crate::servers::{Backend, tcp_name, udp_names};
+use crate::wait::Lines;
 
 /// The service address the topology's services use.
 pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
@@ -75,7 +74,7 @@ pub fn tempdir() -> std::path::PathBuf {
 /// The loader process; SIGKILLed on drop.
 pub struct Loader {
     child: ChildGuard,
-    lines: Receiver<String>,
+    lines: Lines,
 }
 
 impl Loader {
@@ -101,14 +100,7 @@ impl Loader {
             .expect("start xlb_loader");
         let mut child = ChildGuard(child);
         let stdout = child.0.stdout.take().expect("stdout");
-        let (tx, lines) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = Lines::read(stdout);
         let mut loader = Loader { child, lines };
         let ready = loader.wait_for("ready");
         eprintln!("loader: {ready}");
@@ -119,7 +111,7 @@ impl Loader {
     pub fn wait_for(&mut self, prefix: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200))
+            if let Some(line) = self.lines.next_within(Duration::from_millis(200))
                 && line.starts_with(prefix)
             {
                 return line;

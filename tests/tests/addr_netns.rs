@@ -4,17 +4,17 @@
 //! via 198.51.100.254) joined by a veth to namespace `peer` with `peer0` (198.51.100.254/24),
 //! the neighbour that should learn VIPs. Clients are 192.0.2.0/24, beyond the gateway.
 
-use std::collections::BTreeSet;
-use std::io::{BufRead as _, BufReader};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
-use std::process::{Child, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::Stdio;
+use std::time::Duration;
 
 use serde_json::Value;
+use xlb::addr::route::{Route, RouteLookup};
 use xlb::addr::{AddrConfig, AddrError, AddrManager, DesiredVips};
 use xlb::config::Announce;
 use xlb_tests::netns::{ChildGuard, Netns, require_root, veth};
+use xlb_tests::wait::{Lines, eventually};
 
 const LB_DEV: &str = "xlb0";
 const PEER_DEV: &str = "peer0";
@@ -182,66 +182,39 @@ fn seed_wrong_neighbour(lan: &Lan, ip: &str) {
 }
 const WRONG_MAC: &str = "02:00:00:00:00:99";
 
-/// Polls `check` every 50 ms until it holds or `limit` passes.
-fn wait_for(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if check() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    check()
+/// A child whose stdout lines are read as they come; killed on drop.
+struct Child {
+    guard: ChildGuard,
+    lines: Lines,
 }
 
-/// A child whose stdout lines arrive on a channel.
-struct Lines {
-    _child: ChildGuard,
-    rx: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Lines {
-    fn spawn(ns: &Netns, argv: &[&str]) -> Lines {
-        let mut child: Child = ns
+impl Child {
+    fn spawn(ns: &Netns, argv: &[&str]) -> Child {
+        let mut child = ns
             .command(argv)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()
             .unwrap_or_else(|err| panic!("starting {argv:?}: {err}"));
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Lines {
-            _child: ChildGuard(child),
-            rx,
-            seen: Vec::new(),
+        let lines = Lines::read(child.stdout.take().expect("piped stdout"));
+        Child {
+            guard: ChildGuard(child),
+            lines,
         }
     }
 
     /// Waits up to `limit` for a line containing `needle`.
     fn wait_for(&mut self, needle: &str, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
-        loop {
-            if self.seen.iter().any(|line| line.contains(needle)) {
-                return true;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.rx.recv_timeout(left) {
-                Ok(line) => self.seen.push(line),
-                Err(_) => return false,
-            }
-        }
+        self.lines.wait_for(needle, limit)
     }
 
-    fn child(&mut self) -> &mut Child {
-        &mut self._child.0
+    /// Every line read so far.
+    fn seen(&self) -> &[String] {
+        self.lines.seen()
+    }
+
+    fn child(&mut self) -> &mut std::process::Child {
+        &mut self.guard.0
     }
 }
 
@@ -480,7 +453,7 @@ fn host_address_inside_the_pool_survives_start_run_and_stop() {
 #[test]
 fn restart_after_sigkill_adopts_wanted_vips_without_flap_and_removes_the_rest() {
     let lan = lan("adopt");
-    let mut held = Lines::spawn(
+    let mut held = Child::spawn(
         &lan.lb,
         &[
             env!("CARGO_BIN_EXE_xlb-addr-hold"),
@@ -492,7 +465,7 @@ fn restart_after_sigkill_adopts_wanted_vips_without_flap_and_removes_the_rest() 
     assert!(
         held.wait_for("ready", Duration::from_secs(10)),
         "the helper did not place its VIPs within 10 s: {:?}",
-        held.seen
+        held.seen()
     );
     held.child().kill().expect("SIGKILL the helper");
     held.child().wait().expect("reap the helper");
@@ -502,10 +475,10 @@ fn restart_after_sigkill_adopts_wanted_vips_without_flap_and_removes_the_rest() 
         "a killed xlb leaves its VIPs"
     );
 
-    let mut monitor = Lines::spawn(&lan.lb, &["ip", "monitor", "address"]);
+    let mut monitor = Child::spawn(&lan.lb, &["ip", "monitor", "address"]);
     // Make sure the monitor listens before the adoption starts.
     assert!(
-        wait_for(Duration::from_secs(5), || {
+        eventually(Duration::from_secs(5), || {
             lan.lb
                 .run(&["ip", "addr", "add", "192.0.2.99/32", "dev", "lo"]);
             lan.lb
@@ -530,22 +503,22 @@ fn restart_after_sigkill_adopts_wanted_vips_without_flap_and_removes_the_rest() 
     assert!(
         monitor.wait_for("Deleted", Duration::from_secs(5)),
         "the monitor should see the unwanted VIP go: {:?}",
-        monitor.seen
+        monitor.seen()
     );
     monitor.wait_for("never printed", Duration::from_millis(300));
     let flaps: Vec<&String> = monitor
-        .seen
+        .seen()
         .iter()
         .filter(|line| line.contains("198.51.100.10/"))
         .collect();
     assert!(flaps.is_empty(), "the wanted VIP flapped: {flaps:?}");
     assert!(
         monitor
-            .seen
+            .seen()
             .iter()
             .any(|l| l.starts_with("Deleted") && l.contains("198.51.100.11/24")),
         "{:?}",
-        monitor.seen
+        monitor.seen()
     );
     assert_eq!(
         cidrs(&lan.lb, LB_DEV),
@@ -566,7 +539,7 @@ fn gratuitous_arp_repoints_a_neighbour_on_add_and_on_adoption() {
         sync_ok(&mut m, &wanted, &BTreeSet::new()).await;
     });
     assert!(
-        wait_for(Duration::from_secs(3), || peer_neighbour(&lan, vip)
+        eventually(Duration::from_secs(3), || peer_neighbour(&lan, vip)
             .as_deref()
             == Some(lb_mac.as_str())),
         "peer's neighbour entry for {vip} is {:?}, expected the LB's {lb_mac}",
@@ -581,7 +554,7 @@ fn gratuitous_arp_repoints_a_neighbour_on_add_and_on_adoption() {
         assert_eq!(report.kept, vec![ip(vip)], "adopted, not re-added");
     });
     assert!(
-        wait_for(Duration::from_secs(3), || peer_neighbour(&lan, vip)
+        eventually(Duration::from_secs(3), || peer_neighbour(&lan, vip)
             .as_deref()
             == Some(lb_mac.as_str())),
         "after adoption the peer's entry for {vip} is {:?}, expected {lb_mac}",
@@ -764,4 +737,108 @@ fn xlb_addresses_are_labelled_for_people_reading_ip_addr() {
         LB_DEV,
         "the host's address keeps its label"
     );
+}
+
+/// `(device, preferred source, gateway)` of each routable address, as `ip -j route get` prints
+/// them; the host's own addresses and unroutable ones are left out, as the data plane wants.
+fn ip_route_get(ns: &Netns, ips: &[Ipv4Addr]) -> BTreeMap<Ipv4Addr, RouteSummary> {
+    let mut found = BTreeMap::new();
+    for &addr in ips {
+        let out = ns.output(&["ip", "-j", "route", "get", &addr.to_string()]);
+        if !out.status.success() {
+            continue;
+        }
+        let routes: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|err| panic!("ip -j route get {addr}: {err}"));
+        let route = &routes[0];
+        if route["type"] == "local" {
+            continue;
+        }
+        let field = |name: &str| route[name].as_str().map(ip);
+        found.insert(
+            addr,
+            (
+                route["dev"].as_str().unwrap_or("?").to_owned(),
+                field("prefsrc"),
+                field("gateway"),
+            ),
+        );
+    }
+    found
+}
+
+type RouteSummary = (String, Option<Ipv4Addr>, Option<Ipv4Addr>);
+
+fn summary(routes: &BTreeMap<Ipv4Addr, Route>) -> BTreeMap<Ipv4Addr, RouteSummary> {
+    routes
+        .iter()
+        .map(|(addr, r)| (*addr, (r.device.clone(), r.source, r.gateway)))
+        .collect()
+}
+
+/// Route lookups over netlink answer as `ip route get` does (device, preferred source,
+/// gateway) and leave out the host's own and unroutable addresses; they work from a thread
+/// without a runtime, on a current-thread runtime, and inside a multi-threaded runtime, where
+/// the controller calls them (the wait runs in `block_in_place` there).
+#[test]
+fn route_lookups_agree_with_ip_route_get() {
+    let lan = lan("route");
+    veth(&lan.lb, "xlb1", &lan.peer, "peer1");
+    lan.lb
+        .run(&["ip", "addr", "add", "203.0.113.1/24", "dev", "xlb1"]);
+    lan.lb
+        .run(&["ip", "route", "add", "unreachable", "10.9.0.0/16"]);
+    let ips = [
+        ip("198.51.100.7"), // on the link's prefix
+        ip("203.0.113.9"),  // on the second device's prefix
+        ip(CLIENT),         // through the default gateway
+        ip(LB_ADDR),        // the host's own: left out
+        ip("10.9.9.9"),     // unreachable: left out
+    ];
+    let expected = BTreeMap::from([
+        (ips[0], (LB_DEV.to_owned(), Some(ip(LB_ADDR)), None)),
+        (ips[1], ("xlb1".to_owned(), Some(ip("203.0.113.1")), None)),
+        (
+            ips[2],
+            (LB_DEV.to_owned(), Some(ip(LB_ADDR)), Some(ip(GATEWAY))),
+        ),
+    ]);
+    assert_eq!(
+        ip_route_get(&lan.lb, &ips),
+        expected,
+        "the test's own reading of `ip route get`"
+    );
+
+    let plain = lan.lb.enter(|| {
+        let lookup = RouteLookup::open().unwrap_or_else(|err| panic!("netlink: {err}"));
+        lookup
+            .routes(&ips)
+            .unwrap_or_else(|err| panic!("lookup: {err}"))
+    });
+    assert_eq!(summary(&plain), expected, "from a thread without a runtime");
+
+    let current = block_in(&lan.lb, || async {
+        let lookup = RouteLookup::open().unwrap_or_else(|err| panic!("netlink: {err}"));
+        lookup
+            .routes(&ips)
+            .unwrap_or_else(|err| panic!("lookup: {err}"))
+    });
+    assert_eq!(summary(&current), expected, "on a current-thread runtime");
+
+    let multi = lan.lb.enter(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
+            .block_on(async {
+                let lookup = RouteLookup::open().unwrap_or_else(|err| panic!("netlink: {err}"));
+                // On a worker thread, as in the controller.
+                tokio::spawn(async move { lookup.routes(&ips) })
+                    .await
+                    .expect("the lookup task")
+                    .unwrap_or_else(|err| panic!("lookup: {err}"))
+            })
+    });
+    assert_eq!(summary(&multi), expected, "inside a multi-threaded runtime");
 }

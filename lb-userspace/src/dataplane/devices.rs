@@ -1,75 +1,11 @@
 //! The devices xlb attaches to, and the sysctls it sets on them.
 //!
-//! Commands (`ip`) and ioctls run in the caller's network namespace; `/proc/sys/net` is the
-//! caller's namespace's too.
+//! Ioctls run in the caller's network namespace; `/proc/sys/net` is the caller's namespace's
+//! too. Routes toward backends are looked up over netlink by [`crate::addr::route`].
 
-use std::collections::BTreeMap;
-use std::io::Write as _;
-use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd as _, FromRawFd as _};
-use std::process::{Command, Stdio};
 
 use super::DataplaneError;
-
-/// The device through which each of `ips` is routed (`ip route get`, one `ip -batch` process
-/// for all). Addresses without a route are left out.
-pub fn route_devices(ips: &[Ipv4Addr]) -> Result<BTreeMap<Ipv4Addr, String>, DataplaneError> {
-    if ips.is_empty() {
-        return Ok(BTreeMap::new());
-    }
-    let mut child = Command::new("ip")
-        .args(["-o", "-force", "-batch", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|source| DataplaneError::Command {
-            command: "ip -batch".into(),
-            source,
-        })?;
-    {
-        let mut stdin = child.stdin.take().expect("stdin is piped");
-        let script: String = ips.iter().map(|ip| format!("route get {ip}\n")).collect();
-        stdin
-            .write_all(script.as_bytes())
-            .map_err(|source| DataplaneError::Command {
-                command: "ip -batch".into(),
-                source,
-            })?;
-    }
-    let output = child
-        .wait_with_output()
-        .map_err(|source| DataplaneError::Command {
-            command: "ip -batch".into(),
-            source,
-        })?;
-    Ok(parse_route_get(&String::from_utf8_lossy(&output.stdout)))
-}
-
-/// Parses `ip -o route get` lines (`203.0.113.2 dev lb1 src 203.0.113.1 uid 0 \ cache`);
-/// `local` routes (the address is the LB's own) are skipped.
-pub fn parse_route_get(text: &str) -> BTreeMap<Ipv4Addr, String> {
-    let mut out = BTreeMap::new();
-    for line in text.lines() {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let (first, rest) = match words.first() {
-            Some(&"local") => continue,
-            Some(first) => (*first, &words[1..]),
-            None => continue,
-        };
-        let Ok(ip) = first.parse::<Ipv4Addr>() else {
-            continue;
-        };
-        if let Some(dev) = rest
-            .iter()
-            .position(|w| *w == "dev")
-            .and_then(|pos| rest.get(pos + 1))
-        {
-            out.insert(ip, (*dev).to_owned());
-        }
-    }
-    out
-}
 
 /// The ifindex of `device`, or an error saying it does not exist.
 pub fn ifindex(device: &str) -> Result<u32, DataplaneError> {
@@ -170,17 +106,6 @@ pub fn set_device_sysctls(device: &str) -> Result<(), DataplaneError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn route_get_output_is_parsed() {
-        let text = "203.0.113.2 dev lb1 src 203.0.113.1 uid 0 \\    cache \n\
-                    203.0.113.9 via 198.51.100.254 dev eth0 src 198.51.100.1 uid 0 \\    cache \n\
-                    local 198.51.100.1 dev lo src 198.51.100.1 uid 0 \\    cache <local> \n";
-        let routes = parse_route_get(text);
-        assert_eq!(routes.len(), 2);
-        assert_eq!(routes[&Ipv4Addr::new(203, 0, 113, 2)], "lb1");
-        assert_eq!(routes[&Ipv4Addr::new(203, 0, 113, 9)], "eth0");
-    }
 
     #[test]
     fn a_device_without_driver_information_has_no_driver() {

@@ -7,8 +7,8 @@
 //! program passes to the kernel, and everything when XDP is not in use. [`Layered`] runs both.
 
 pub mod devices;
+pub mod pins;
 pub mod proxy;
-pub mod spec;
 pub mod sync;
 pub mod xdp;
 
@@ -76,19 +76,41 @@ pub enum DataplaneError {
         "pinned map {path} has a different layout than this xlb expects ({detail}); it is from another xlb version: remove it (this drops its state) with `rm {path}` and restart"
     )]
     IncompatibleMap { path: PathBuf, detail: String },
+    /// The pin directory could not be created or read.
     #[error(
-        "pinning under {path} failed: {source}; is bpffs mounted there? (`mount -t bpf bpf /sys/fs/bpf`)"
+        "cannot create or read the pin directory {path}: {source}; check --pin-dir and that xlb runs as root"
     )]
     Pin {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("pinning {path} failed: {source}; is bpffs mounted? (`mount -t bpf bpf /sys/fs/bpf`)")]
+    /// A map, program or link could not be pinned (the directory is on bpffs by then).
+    #[error(
+        "pinning {path} failed: {source}; check that xlb runs as root (CAP_BPF, CAP_SYS_ADMIN) and that nothing else uses that path"
+    )]
     PinObject {
         path: PathBuf,
         #[source]
         source: aya::pin::PinError,
+    },
+    /// The pin directory is not on bpffs, and it is not where xlb mounts bpffs itself.
+    #[error(
+        "pin directory {path} is on {fs}, not bpffs, and BPF objects can only be pinned on bpffs: mount one with `mount -t bpf bpf {mount_point}`, or choose a --pin-dir under /sys/fs/bpf"
+    )]
+    NotBpffs {
+        path: PathBuf,
+        fs: String,
+        mount_point: PathBuf,
+    },
+    /// bpffs was missing on /sys/fs/bpf and mounting it failed.
+    #[error(
+        "bpffs is not mounted on {path} and mounting it failed: {source}; mount it yourself with `mount -t bpf bpf {path}` (in a container: mount the host's /sys/fs/bpf into it), or run xlb as root (CAP_SYS_ADMIN)"
+    )]
+    MountBpffs {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
     },
     #[error(
         "XDP attach failed on {iface} in native mode ({native}) and in generic mode ({generic}); check the device is up and has no other XDP program (`ip link show {iface}`)"
@@ -128,14 +150,16 @@ pub enum DataplaneError {
     NoRuntime,
     #[error("{0}")]
     Plan(#[from] sync::PlanError),
-    #[error("running {command} failed: {source}; is iproute2 installed?")]
-    Command {
-        command: String,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The number of possible CPUs (the length of per-CPU map values) could not be read.
     #[error(
-        "setting sysctl {path} failed: {source}; xlb needs root, or set it yourself and disable sysctls in the config"
+        "cannot read the possible CPUs from /sys/devices/system/cpu/possible: {0}; per-CPU counters cannot be reset without it; check that /sys is mounted in xlb's mount namespace"
+    )]
+    PossibleCpus(#[source] std::io::Error),
+    /// A route lookup toward the backends failed (not: a backend has no route).
+    #[error("looking up the routes toward backends failed: {0}")]
+    Routes(#[from] crate::addr::AddrError),
+    #[error(
+        "setting sysctl {path} failed: {source}; xlb sets it when it attaches XDP: run xlb as root in the network namespace it serves, with /proc/sys writable (a privileged container), or use --dataplane proxy"
     )]
     Sysctl {
         path: String,

@@ -2,14 +2,8 @@
 //! and links, attaches to devices and keeps the maps in line with the desired services.
 //!
 //! # Pinning and restarts
-//! Everything lives under the pin directory ([`XdpConfig::pin_dir`], default
-//! [`lb_common::PIN_DIR`]): one file per map (`XLB_SERVICES`, `XLB_CT_FWD`, …, all with BTF),
-//! the programs (`prog_xlb`, `prog_xlb_skb`) and one bpf_link per device
-//! (`link_drv_<ifname>` for native, `link_skb_<ifname>` for generic XDP). The data plane keeps
-//! forwarding while no xlb process runs (crash, SIGKILL, upgrade). A restarted loader reuses
-//! the pinned maps (conntrack included, so established connections survive), reads the
-//! installed services back from them, and atomically swaps its freshly loaded program into
-//! the pinned links (`BPF_LINK_UPDATE`).
+//! Maps, programs and links are pinned under [`XdpConfig::pin_dir`] and adopted by the next
+//! xlb; see [`super::pins`].
 //!
 //! # System settings
 //! With [`XdpConfig::set_sysctls`] (the default) xlb sets, in its network namespace:
@@ -23,7 +17,8 @@
 //! # Devices
 //! xlb attaches to [`XdpConfig::devices`] (the link device) and, with
 //! [`XdpConfig::follow_backend_routes`], to every device through which a backend is routed
-//! (`ip route get`, re-checked on every [`Dataplane::apply`] that changes backends). Devices
+//! (a netlink route lookup, [`crate::addr::route`], re-checked on every [`Dataplane::apply`]
+//! that changes backends). Devices
 //! stay attached until [`XdpDataplane::detach_all`]: a device toward a removed backend may
 //! still carry its draining flows.
 //!
@@ -42,16 +37,13 @@ use std::path::{Path, PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{DevMapHash, HashMap, MapData, MapInfo, PerCpuArray, PerCpuValues},
-    programs::{
-        Xdp, XdpMode as XdpAttachFlags,
-        links::{FdLink, PinnedLink},
-        xdp::{XdpLink, XdpLinkId},
-    },
+    maps::{DevMapHash, HashMap, MapData, PerCpuArray, PerCpuValues},
+    programs::{Xdp, XdpMode as XdpAttachFlags, links::FdLink, xdp::XdpLinkId},
 };
 use lb_common::*;
 
-use super::{Dataplane, DataplaneError, devices, sync};
+use super::{Dataplane, DataplaneError, devices, pins, sync};
+use crate::addr::route::{Route, RouteLookup};
 use crate::config::XdpMode;
 use crate::model::{Backend, Frontend, Protocol, VirtualService};
 
@@ -68,7 +60,8 @@ pub enum AttachMode {
 }
 
 impl AttachMode {
-    fn tag(self) -> &'static str {
+    /// Short name in link pins and logs: `drv` or `skb`.
+    pub fn tag(self) -> &'static str {
         match self {
             AttachMode::Native => "drv",
             AttachMode::Generic => "skb",
@@ -144,21 +137,10 @@ pub struct XdpDataplane {
     svc_stats: PerCpuArray<MapData, ServiceStats>,
     installed: sync::InstalledSet,
     attached: BTreeMap<String, Attachment>,
-    backend_devices: BTreeMap<Ipv4Addr, String>,
-}
-
-/// Expected `(key size, value size)` of each pinned map, checked when adopting it.
-fn expected_layout(name: &str) -> Option<(usize, usize)> {
-    use core::mem::size_of;
-    Some(match name {
-        SERVICES_MAP => (size_of::<ServiceKey>(), size_of::<ServiceValue>()),
-        BACKENDS_MAP => (size_of::<BackendKey>(), size_of::<BackendValue>()),
-        VIPS_MAP => (4, size_of::<VipValue>()),
-        CT_FWD_MAP | CT_REV_MAP => (size_of::<FlowKey>(), size_of::<CtEntry>()),
-        STATS_MAP => (4, 8),
-        SVC_STATS_MAP => (4, size_of::<ServiceStats>()),
-        _ => return None,
-    })
+    /// Routes toward the installed backends, as last looked up.
+    backend_routes: BTreeMap<Ipv4Addr, Route>,
+    /// Route lookups, when following the routes toward backends.
+    routes: Option<RouteLookup>,
 }
 
 impl XdpDataplane {
@@ -167,12 +149,13 @@ impl XdpDataplane {
     /// maps and attaches to [`XdpConfig::devices`].
     pub fn open(config: XdpConfig) -> Result<Self, DataplaneError> {
         let dir = config.pin_dir.clone();
+        pins::ensure_bpffs(&dir)?;
         std::fs::create_dir_all(&dir).map_err(|source| DataplaneError::Pin {
             path: dir.clone(),
             source,
         })?;
         for name in ALL_MAPS {
-            check_pinned_layout(&dir, name)?;
+            pins::check_pinned_layout(&dir, name)?;
         }
         let mut loader = EbpfLoader::new();
         for name in ALL_MAPS {
@@ -183,7 +166,7 @@ impl XdpDataplane {
             load_program(xdp_mut(&mut ebpf, name)?, name)?;
         }
         for name in [PROGRAM_NATIVE, PROGRAM_GENERIC] {
-            let path = dir.join(format!("prog_{name}"));
+            let path = pins::program_path(&dir, name);
             let _ = std::fs::remove_file(&path);
             xdp_mut(&mut ebpf, name)?
                 .pin(&path)
@@ -211,8 +194,13 @@ impl XdpDataplane {
             svc_stats,
             installed: sync::InstalledSet::new(),
             attached: BTreeMap::new(),
-            backend_devices: BTreeMap::new(),
+            backend_routes: BTreeMap::new(),
+            routes: None,
         };
+        if dataplane.follows_routes() {
+            // Opened here, in the caller's network namespace, where the devices are.
+            dataplane.routes = Some(RouteLookup::open()?);
+        }
         dataplane.installed = dataplane.read_installed()?;
         if dataplane.config.set_sysctls && !dataplane.config.devices.is_empty() {
             devices::set_sysctl("ip_forward", "1")?;
@@ -339,29 +327,18 @@ impl XdpDataplane {
 
     /// Takes over the links pinned by a previous loader: swaps the freshly loaded program in.
     fn adopt_links(&mut self) -> Result<(), DataplaneError> {
-        let dir = self.config.pin_dir.clone();
-        let entries = std::fs::read_dir(&dir).map_err(|source| DataplaneError::Pin {
-            path: dir.clone(),
-            source,
-        })?;
-        for entry in entries.flatten() {
-            let file = entry.file_name().to_string_lossy().into_owned();
-            let (mode, device) = if let Some(device) = file.strip_prefix("link_drv_") {
-                (AttachMode::Native, device.to_owned())
-            } else if let Some(device) = file.strip_prefix("link_skb_") {
-                (AttachMode::Generic, device.to_owned())
-            } else {
-                continue;
-            };
-            let path = entry.path();
-            match self.adopt_link(&path, mode) {
+        for pin in pins::link_pins(&self.config.pin_dir)? {
+            let adopted = xdp_mut(&mut self.ebpf, pin.mode.program())
+                .map_err(|e| e.to_string())
+                .and_then(|program| pins::adopt_link(program, &pin.path));
+            match adopted {
                 Ok(link) => {
-                    tracing::info!(device = %device, ?mode, "adopted pinned XDP link");
+                    tracing::info!(device = %pin.device, mode = ?pin.mode, "adopted pinned XDP link");
                     self.attached.insert(
-                        device,
+                        pin.device,
                         Attachment {
-                            mode,
-                            pin: path,
+                            mode: pin.mode,
+                            pin: pin.path,
                             _link: link,
                         },
                     );
@@ -369,21 +346,12 @@ impl XdpDataplane {
                 Err(error) => {
                     // The device went away or the link is defunct: drop it; ensure_attached
                     // attaches afresh if the device is still wanted.
-                    tracing::warn!(device = %device, %error, "stale pinned XDP link removed");
-                    let _ = std::fs::remove_file(&path);
+                    tracing::warn!(device = %pin.device, %error, "stale pinned XDP link removed");
+                    let _ = std::fs::remove_file(&pin.path);
                 }
             }
         }
         Ok(())
-    }
-
-    fn adopt_link(&mut self, path: &Path, mode: AttachMode) -> Result<FdLink, String> {
-        let pinned = PinnedLink::from_pin(path).map_err(|e| e.to_string())?;
-        let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| e.to_string())?;
-        let program = xdp_mut(&mut self.ebpf, mode.program()).map_err(|e| e.to_string())?;
-        let id = program.attach_to_link(link).map_err(|e| e.to_string())?;
-        let link = program.take_link(id).map_err(|e| e.to_string())?;
-        FdLink::try_from(link).map_err(|e| e.to_string())
     }
 
     /// Attaches to `device` unless already attached; pins the link; sets the device's
@@ -404,10 +372,7 @@ impl XdpDataplane {
                 mode: mode.tag(),
                 source: aya::programs::ProgramError::IOError(std::io::Error::other(e.to_string())),
             })?;
-            let path = self
-                .config
-                .pin_dir
-                .join(format!("link_{}_{device}", mode.tag()));
+            let path = pins::link_path(&self.config.pin_dir, mode, device);
             let _ = std::fs::remove_file(&path);
             let pinned = link
                 .pin(&path)
@@ -500,6 +465,11 @@ impl XdpDataplane {
         }
     }
 
+    /// Whether devices toward backends are attached too (see [`XdpConfig::follow_backend_routes`]).
+    fn follows_routes(&self) -> bool {
+        self.config.follow_backend_routes && !self.config.devices.is_empty()
+    }
+
     fn log_devices(&self) {
         let list: Vec<String> = self
             .attached
@@ -512,10 +482,8 @@ impl XdpDataplane {
     fn execute(&mut self, op: &sync::Op) -> Result<(), DataplaneError> {
         match *op {
             sync::Op::ResetStats { id } => {
-                let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Command {
-                    command: "reading possible CPUs".into(),
-                    source: e,
-                })?;
+                let cpus =
+                    aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::PossibleCpus(e))?;
                 let zero =
                     PerCpuValues::try_from(vec![ServiceStats::default(); cpus]).map_err(|e| {
                         DataplaneError::Map {
@@ -595,17 +563,27 @@ impl Dataplane for XdpDataplane {
             );
         }
         self.installed = next;
-        if self.config.follow_backend_routes && !self.config.devices.is_empty() {
+        if let Some(routes) = &self.routes {
             let ips: BTreeSet<Ipv4Addr> = self
                 .installed
                 .values()
                 .flat_map(|i| i.slots.iter().map(|b| b.ip))
                 .collect();
-            let known: BTreeSet<Ipv4Addr> = self.backend_devices.keys().copied().collect();
+            let known: BTreeSet<Ipv4Addr> = self.backend_routes.keys().copied().collect();
             if ips != known {
                 let ips: Vec<Ipv4Addr> = ips.into_iter().collect();
-                self.backend_devices = devices::route_devices(&ips)?;
-                let wanted: BTreeSet<String> = self.backend_devices.values().cloned().collect();
+                self.backend_routes = routes.routes(&ips)?;
+                for (backend, route) in &self.backend_routes {
+                    tracing::debug!(
+                        backend = %backend, device = %route.device, source = ?route.source,
+                        gateway = ?route.gateway, "route toward backend"
+                    );
+                }
+                let wanted: BTreeSet<String> = self
+                    .backend_routes
+                    .values()
+                    .map(|r| r.device.clone())
+                    .collect();
                 let before = self.attached.len();
                 for device in &wanted {
                     self.ensure_attached(device)?;
@@ -657,28 +635,6 @@ pub fn sum_service_stats<'a>(values: impl Iterator<Item = &'a ServiceStats>) -> 
         bytes: acc.bytes + v.bytes,
         new_flows: acc.new_flows + v.new_flows,
     })
-}
-
-fn check_pinned_layout(dir: &Path, name: &'static str) -> Result<(), DataplaneError> {
-    let path = dir.join(name);
-    let Some((key, value)) = expected_layout(name) else {
-        return Ok(());
-    };
-    if !path.exists() {
-        return Ok(());
-    }
-    let info = MapInfo::from_pin(&path).map_err(map_err(name))?;
-    if info.key_size() as usize != key || info.value_size() as usize != value {
-        return Err(DataplaneError::IncompatibleMap {
-            detail: format!(
-                "key/value {}/{} bytes, expected {key}/{value}",
-                info.key_size(),
-                info.value_size()
-            ),
-            path,
-        });
-    }
-    Ok(())
 }
 
 fn xdp_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DataplaneError> {

@@ -16,7 +16,7 @@ fn peak_rss_mib() -> f64 {
 
 fn main() {
     let built = Instant::now();
-    let (state, config, host) = xlb::synthetic::cluster(10_000, 10);
+    let (state, config, host) = xlb_tests::synthetic::cluster(10_000, 10);
     println!(
         "synthetic cluster: 10000 Services, 100000 endpoints, built in {:.2} s",
         built.elapsed().as_secs_f64()

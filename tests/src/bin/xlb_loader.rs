@@ -9,8 +9,8 @@ use std::time::{Duration, SystemTime};
 
 use xlb::config::XdpMode;
 use xlb::dataplane::Dataplane as _;
-use xlb::dataplane::spec::parse_services;
 use xlb::dataplane::xdp::{XdpConfig, XdpDataplane};
+use xlb_tests::spec::parse_services;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();

@@ -1,9 +1,12 @@
 //! Builders for Kubernetes objects and whole synthetic clusters: for tests and benchmarks.
 //!
+//! Also compiled into `lb-userspace`'s unit tests (`#[cfg(test)] mod synthetic` in its
+//! `lib.rs`, where `xlb` names the crate itself), so it is written against `xlb::…` paths.
+//!
 //! [`cluster`] builds a cluster of any size for `cargo xtask bench` to time [`reconcile`]
 //! on; the small builders keep unit tests short and legible.
 //!
-//! [`reconcile`]: crate::reconcile::reconcile
+//! [`reconcile`]: xlb::reconcile::reconcile
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -14,9 +17,9 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use crate::config::Config;
-use crate::model::{ClusterState, HostNetwork};
-use crate::reconcile::SERVICE_NAME_LABEL;
+use xlb::config::Config;
+use xlb::model::{ClusterState, HostNetwork};
+use xlb::reconcile::SERVICE_NAME_LABEL;
 
 fn meta(namespace: Option<&str>, name: &str) -> ObjectMeta {
     ObjectMeta {

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddrV4;
 
-use crate::model::{Backend, Frontend, Protocol, VirtualService};
+use xlb::model::{Backend, Frontend, Protocol, VirtualService};
 
 /// A service spec that does not parse.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,178 @@
+//! Route lookups toward backends, as `ip route get` does them: an `RTM_GETROUTE` request with
+//! `RTA_DST` and `RTM_F_LOOKUP_TABLE`, answered by the kernel's FIB with the output device, the
+//! preferred source address and the gateway.
+//!
+//! The data plane needs them synchronously (its `apply` is not async), so [`RouteLookup`]
+//! waits for the kernel's answers on the calling thread while the connection is driven by its
+//! own thread ([`Netlink`]). Inside a multi-threaded tokio runtime the wait runs in
+//! `block_in_place`, which hands the thread's other tasks to another worker first, so no task
+//! waits behind it. The neighbour's MAC is not looked up: the XDP program resolves it itself
+//! with `bpf_fib_lookup` and leaves unresolved neighbours to the kernel.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use futures::TryStreamExt as _;
+use rtnetlink::Handle;
+use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteType,
+};
+
+use super::netlink::{LinkRef, errno, find_link, netlink_error, route_oif};
+use super::{AddrError, Netlink};
+
+/// The kernel's route toward one address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// Name of the output device.
+    pub device: String,
+    /// Index of the output device.
+    pub ifindex: u32,
+    /// Preferred source address (`RTA_PREFSRC`): the LB's own address toward the destination,
+    /// which the data plane uses as SNAT source.
+    pub source: Option<Ipv4Addr>,
+    /// Next hop (`RTA_GATEWAY`) when the destination is not on a directly connected prefix.
+    pub gateway: Option<Ipv4Addr>,
+}
+
+/// What the kernel's route lookup says about one destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// Reached through device `ifindex`.
+    Via {
+        /// Index of the output device.
+        ifindex: u32,
+        /// Preferred source address (`RTA_PREFSRC`).
+        source: Option<Ipv4Addr>,
+        /// Next hop (`RTA_GATEWAY`), when not directly connected.
+        gateway: Option<Ipv4Addr>,
+    },
+    /// Delivered on the host: one of its own addresses, or a broadcast, multicast or anycast
+    /// address (what `ip route get` prints as `local`, `broadcast`, …). Nothing to attach to.
+    Local,
+    /// No route (`ENETUNREACH`, `EHOSTUNREACH`, or an `unreachable`/`prohibit`/`blackhole`
+    /// route).
+    Unreachable,
+}
+
+/// Looks up the route toward `ip` in the FIB, as `ip route get IP` does.
+pub async fn route_get(handle: &Handle, ip: Ipv4Addr) -> Result<Lookup, AddrError> {
+    let mut message = RouteMessage::default();
+    message.header.address_family = AddressFamily::Inet;
+    message.header.destination_prefix_length = 32;
+    // The table the route was found in, not the "main" placeholder, as `ip route get` asks.
+    message.header.flags = RouteFlags::LookupTable;
+    message
+        .attributes
+        .push(RouteAttribute::Destination(RouteAddress::Inet(ip)));
+    let answer = handle.route().get(message).execute().try_next().await;
+    let route = match answer {
+        Ok(Some(route)) => route,
+        Ok(None) => return Ok(Lookup::Unreachable),
+        Err(err)
+            if matches!(
+                errno(&err),
+                Some(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EACCES | libc::EINVAL)
+            ) =>
+        {
+            return Ok(Lookup::Unreachable);
+        }
+        Err(source) => {
+            return Err(netlink_error(
+                format!("looking up the route to {ip}"),
+                source,
+            ));
+        }
+    };
+    Ok(match route.header.kind {
+        RouteType::Local | RouteType::Broadcast | RouteType::Multicast | RouteType::Anycast => {
+            Lookup::Local
+        }
+        RouteType::Unicast => match route_oif(&route) {
+            Some(ifindex) => Lookup::Via {
+                ifindex,
+                source: route.attributes.iter().find_map(|attr| match attr {
+                    RouteAttribute::PrefSource(RouteAddress::Inet(ip)) => Some(*ip),
+                    _ => None,
+                }),
+                gateway: route.attributes.iter().find_map(|attr| match attr {
+                    RouteAttribute::Gateway(RouteAddress::Inet(ip)) => Some(*ip),
+                    _ => None,
+                }),
+            },
+            None => Lookup::Unreachable,
+        },
+        _ => Lookup::Unreachable,
+    })
+}
+
+/// The routes toward `ips`, with device names filled in. Addresses without a route, and the
+/// host's own addresses, are left out.
+pub async fn routes(
+    handle: &Handle,
+    ips: &[Ipv4Addr],
+) -> Result<BTreeMap<Ipv4Addr, Route>, AddrError> {
+    let mut names: BTreeMap<u32, String> = BTreeMap::new();
+    let mut found = BTreeMap::new();
+    for &ip in ips {
+        let Lookup::Via {
+            ifindex,
+            source,
+            gateway,
+        } = route_get(handle, ip).await?
+        else {
+            tracing::debug!(backend = %ip, "no route through a device toward the backend");
+            continue;
+        };
+        let device = match names.get(&ifindex) {
+            Some(name) => name.clone(),
+            None => {
+                let name = find_link(handle, LinkRef::Index(ifindex)).await?.name;
+                names.insert(ifindex, name.clone());
+                name
+            }
+        };
+        let route = Route {
+            device,
+            ifindex,
+            source,
+            gateway,
+        };
+        found.insert(ip, route);
+    }
+    Ok(found)
+}
+
+/// Route lookups for synchronous callers, over a [`Netlink`] connection of their own opened in
+/// the caller's network namespace.
+#[derive(Clone)]
+pub struct RouteLookup {
+    netlink: Netlink,
+}
+
+impl RouteLookup {
+    /// Opens the netlink connection in the calling thread's network namespace.
+    pub fn open() -> Result<RouteLookup, AddrError> {
+        Ok(RouteLookup {
+            netlink: Netlink::open()?,
+        })
+    }
+
+    /// The routes toward `ips` (see [`routes`]). Waits for the kernel's answers; inside a
+    /// multi-threaded tokio runtime it first hands the thread's other tasks to another worker
+    /// (`block_in_place`). Elsewhere, including a current-thread runtime, it waits on the
+    /// calling thread: the connection runs on its own thread, so this cannot deadlock, and the
+    /// kernel answers route lookups without waiting on the network.
+    pub fn routes(&self, ips: &[Ipv4Addr]) -> Result<BTreeMap<Ipv4Addr, Route>, AddrError> {
+        let lookup = routes(self.netlink.handle(), ips);
+        let multi_thread = tokio::runtime::Handle::try_current().is_ok_and(|runtime| {
+            runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+        });
+        if multi_thread {
+            tokio::task::block_in_place(|| futures::executor::block_on(lookup))
+        } else {
+            futures::executor::block_on(lookup)
+        }
+    }
+}

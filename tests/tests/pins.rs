@@ -1,0 +1,100 @@
+//! The pin directory's filesystem: xlb mounts bpffs on /sys/fs/bpf when nothing is mounted
+//! there. The test runs again inside a private mount namespace (`unshare --mount
+//! --propagation private`), where it hides /sys/fs/bpf under a tmpfs, so the host's
+//! /sys/fs/bpf is never touched.
+
+use std::path::Path;
+use std::process::Command;
+
+use lb_common::SERVICES_MAP;
+use xlb::dataplane::pins::{BPFFS_ROOT, ensure_bpffs, is_bpffs};
+use xlb::dataplane::xdp::{XdpConfig, XdpDataplane};
+use xlb_tests::netns::require_root;
+
+/// Set in the re-run inside the private mount namespace, to the mount namespace it must not be.
+const IN_PRIVATE_NS: &str = "XLB_PINS_TEST_IN_PRIVATE_MOUNT_NS";
+
+/// The mount namespace of process `pid` (`self` for this one).
+fn mount_ns(pid: &str) -> String {
+    let link = format!("/proc/{pid}/ns/mnt");
+    std::fs::read_link(&link)
+        .unwrap_or_else(|err| panic!("reading {link}: {err}"))
+        .display()
+        .to_string()
+}
+
+#[test]
+fn bpffs_is_mounted_on_sys_fs_bpf_when_missing() {
+    const NAME: &str = "bpffs_is_mounted_on_sys_fs_bpf_when_missing";
+    if let Ok(outer) = std::env::var(IN_PRIVATE_NS) {
+        in_private_mount_ns(&outer);
+        return;
+    }
+    require_root("mounting bpffs in a private mount namespace");
+    let host_had_bpffs = is_bpffs(Path::new(BPFFS_ROOT));
+    let exe = std::env::current_exe().expect("the test binary");
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private"])
+        .arg(exe)
+        .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+        .env(IN_PRIVATE_NS, mount_ns("self"))
+        .output()
+        .unwrap_or_else(|err| panic!("running unshare (util-linux): {err}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "the test in a private mount namespace failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    assert_eq!(
+        is_bpffs(Path::new(BPFFS_ROOT)),
+        host_had_bpffs,
+        "the host's /sys/fs/bpf must be as it was"
+    );
+}
+
+/// Inside the private mount namespace: hide bpffs, then let the data plane open.
+fn in_private_mount_ns(outer: &str) {
+    assert_ne!(
+        mount_ns("self"),
+        outer,
+        "not in a private mount namespace: refusing to mount over /sys/fs/bpf"
+    );
+    let root = Path::new(BPFFS_ROOT);
+    // SAFETY: NUL-terminated strings that outlive the call; no data.
+    let rc = unsafe {
+        libc::mount(
+            c"tmpfs".as_ptr(),
+            c"/sys/fs/bpf".as_ptr(),
+            c"tmpfs".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "hiding /sys/fs/bpf under a tmpfs: {}",
+        std::io::Error::last_os_error()
+    );
+    assert!(!is_bpffs(root), "/sys/fs/bpf is a tmpfs now");
+
+    let pin_dir = root.join("xlb-pins-test");
+    ensure_bpffs(&pin_dir).unwrap_or_else(|err| panic!("ensure_bpffs: {err}"));
+    assert!(is_bpffs(root), "xlb mounted bpffs on /sys/fs/bpf");
+    ensure_bpffs(&pin_dir).unwrap_or_else(|err| panic!("a second call: {err}"));
+
+    let dataplane = XdpDataplane::open(XdpConfig {
+        pin_dir: pin_dir.clone(),
+        set_sysctls: false,
+        ..XdpConfig::default()
+    })
+    .unwrap_or_else(|err| panic!("opening the data plane on the new bpffs: {err}"));
+    assert!(
+        pin_dir.join(SERVICES_MAP).exists(),
+        "maps are pinned in {}",
+        pin_dir.display()
+    );
+    drop(dataplane);
+}
