@@ -23,6 +23,7 @@ use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::time::Duration;
 
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::parser::ValueSource;
@@ -217,9 +218,23 @@ pub struct Args {
     )]
     pub node_address_type: NodeAddressType,
 
-    /// This node's name, for --announce-local-only.
+    /// This node's name: with the Kubernetes API, xlb instances on several LB nodes coordinate
+    /// through Leases under this name (README, "Several LB nodes"); also for
+    /// --announce-local-only.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
+
+    /// Namespace of the Leases the LB nodes coordinate with.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kube-system")]
+    pub lease_namespace: String,
+
+    /// How often each instance renews its Leases (e.g. 500ms, 1s).
+    #[arg(long, env = "XLB_LEASE_RENEW", default_value = "500ms", value_parser = parse_duration)]
+    pub lease_renew: Duration,
+
+    /// How long a Lease holds without renewal (e.g. 2s).
+    #[arg(long, env = "XLB_LEASE_DURATION", default_value = "2s", value_parser = parse_duration)]
+    pub lease_duration: Duration,
 
     /// ipMode written in the Service status.
     #[arg(long, env = "XLB_IP_MODE", value_enum, default_value = "vip")]
@@ -318,6 +333,10 @@ pub struct Config {
     pub worker_label: Option<LabelFilter>,
     pub node_address_type: NodeAddressType,
     pub node_name: Option<String>,
+    /// Namespace of the coordination Leases.
+    pub lease_namespace: String,
+    pub lease_renew: Duration,
+    pub lease_duration: Duration,
     pub ip_mode: IpMode,
     pub update_external_ips: bool,
     pub keep_on_exit: bool,
@@ -433,6 +452,23 @@ impl Config {
                 })
             }
         };
+        if args.lease_renew >= args.lease_duration {
+            return Err(ConfigError::Invalid {
+                origin: origin("lease_renew"),
+                value: format!("{:?}", args.lease_renew),
+                reason: format!(
+                    "must be shorter than --lease-duration ({:?}), or Leases expire between renewals",
+                    args.lease_duration
+                ),
+            });
+        }
+        if args.announce_local_only && args.announce != Announce::Lo {
+            return Err(ConfigError::Invalid {
+                origin: origin("announce_local_only"),
+                value: "true".to_owned(),
+                reason: "needs --announce lo: on a shared L2 link one node must answer for a VIP whether or not it hosts an endpoint".to_owned(),
+            });
+        }
         let non_empty = |value: Option<String>| value.filter(|value| !value.trim().is_empty());
         Ok(Config {
             kubeconfig: match args.kubeconfig {
@@ -449,6 +485,9 @@ impl Config {
             worker_label,
             node_address_type: args.node_address_type,
             node_name: non_empty(args.node_name),
+            lease_namespace: args.lease_namespace,
+            lease_renew: args.lease_renew,
+            lease_duration: args.lease_duration,
             ip_mode: args.ip_mode,
             update_external_ips: args.update_external_ips,
             keep_on_exit: args.keep_on_exit,
@@ -460,6 +499,24 @@ impl Config {
             metrics_addr: args.metrics_addr,
             pin_dir: args.pin_dir,
         })
+    }
+}
+
+/// Parses `500ms`, `2s` or `1.5s` (a number and the unit `ms` or `s`).
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, scale) = if let Some(number) = text.strip_suffix("ms") {
+        (number, 0.001)
+    } else if let Some(number) = text.strip_suffix('s') {
+        (number, 1.0)
+    } else {
+        return Err("needs a unit: ms or s (e.g. 500ms, 2s)".to_owned());
+    };
+    match number.trim().parse::<f64>() {
+        Ok(value) if value > 0.0 && value.is_finite() && value * scale <= 3600.0 => {
+            Ok(Duration::from_secs_f64(value * scale))
+        }
+        _ => Err("is not a positive duration of at most an hour (e.g. 500ms, 2s)".to_owned()),
     }
 }
 

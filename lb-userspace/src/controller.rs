@@ -55,7 +55,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut addrs = AddrManager::new(AddrConfig {
         link_device: config.link_device.clone(),
         announce: config.announce,
-        local_only: config.announce_local_only,
     })
     .await?;
     let mut dataplane = open_dataplane(&config, addrs.device())?;
@@ -358,13 +357,7 @@ impl Controller {
             .iter()
             .map(|(ip, owners)| (*ip, owners.iter().map(ToString::to_string).collect()))
             .collect();
-        let local: BTreeSet<String> = plan
-            .vips
-            .iter()
-            .filter(|(ip, _)| plan.local_endpoint_vips.contains(ip))
-            .flat_map(|(_, owners)| owners.iter().map(ToString::to_string))
-            .collect();
-        match addrs.sync(&desired, &local).await {
+        match addrs.sync(&desired).await {
             Ok(report) => {
                 for error in &report.failed {
                     self.failed(format!("VIP not placed: {error}"));

@@ -12,6 +12,7 @@ pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod nodes;
+pub mod ownership;
 pub mod plan;
 pub mod pool;
 pub mod reconcile;

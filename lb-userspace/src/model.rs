@@ -214,6 +214,9 @@ pub struct Allocation {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Allocations {
     pub by_service: BTreeMap<ServiceKey, Allocation>,
+    /// Which LB node announced each VIP (several LB nodes, `--announce link`), so the next
+    /// run can tell a Service when that changes.
+    pub announcers: BTreeMap<Ipv4Addr, String>,
 }
 
 impl Allocations {

@@ -41,8 +41,9 @@ pub struct Plan {
     /// For the data plane: one entry per `VIP:port/protocol`, sorted by front end, backends
     /// sorted and de-duplicated.
     pub virtual_services: Vec<VirtualService>,
-    /// For the address manager: each VIP and the Services using it (an IP leaves the device
-    /// when its set would be empty).
+    /// For the address manager: each VIP this node puts on its device, and the Services it
+    /// is there for (see `reconcile::announce`: local-only and ownership among several LB
+    /// nodes are already applied). The data plane serves every VIP regardless.
     pub vips: BTreeMap<Ipv4Addr, BTreeSet<ServiceKey>>,
     /// For the status writer: only Services whose status differs from what it should be.
     pub statuses: BTreeMap<ServiceKey, StatusChange>,
@@ -52,7 +53,4 @@ pub struct Plan {
     pub events: Vec<PlannedEvent>,
     /// Nodes to give the worker label (`--tag-worker-nodes`), by name.
     pub node_labels: Vec<String>,
-    /// VIPs whose Service has a ready endpoint on this node (`--node-name`), for
-    /// `--announce-local-only`. Empty when the node name is not configured.
-    pub local_endpoint_vips: BTreeSet<Ipv4Addr>,
 }

@@ -38,6 +38,7 @@ use crate::model::{
     Allocations, Backend, ClusterState, Frontend, HostNetwork, PortKey, Protocol, ServiceKey,
     VirtualService, recorded_ingress_ip,
 };
+use crate::ownership;
 use crate::plan::{EventKind, Plan, PlannedEvent, StatusChange};
 use crate::pool::Pool;
 
@@ -77,6 +78,23 @@ pub struct Settings {
     pub worker_label: Option<LabelFilter>,
     /// `--tag-worker-nodes`: nodes without the worker label get it (needs a label).
     pub tag_worker_nodes: bool,
+    /// `--announce-local-only` (`lo` mode).
+    pub announce_local_only: bool,
+    /// Several LB nodes: this node and the live ones, as this instance sees them (`None`: one
+    /// instance alone announces every VIP).
+    pub peers: Option<Peers>,
+    /// This instance is the one writer (holds the writer Lease, or runs alone). The others
+    /// allocate nothing: they serve the Services whose status already names an IP.
+    pub writer: bool,
+}
+
+/// The LB nodes as this instance sees them (several LB nodes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peers {
+    /// This node.
+    pub me: String,
+    /// The LB nodes judged live, this one included while it can serve.
+    pub live: BTreeSet<String>,
 }
 
 impl From<&Config> for Settings {
@@ -92,6 +110,9 @@ impl From<&Config> for Settings {
             update_external_ips: config.update_external_ips,
             worker_label: config.worker_label.clone(),
             tag_worker_nodes: config.tag_worker_nodes,
+            announce_local_only: config.announce_local_only,
+            peers: None,
+            writer: true,
         }
     }
 }
@@ -107,6 +128,9 @@ pub fn reconcile(
     previous: &Allocations,
 ) -> Plan {
     let mut plan = Plan::default();
+    // Every VIP in use with its Services, and the Services with a ready endpoint here.
+    let mut in_use: BTreeMap<Ipv4Addr, BTreeSet<ServiceKey>> = BTreeMap::new();
+    let mut local_services = BTreeSet::new();
     let slices = SliceIndex::new(state);
     let nodes = eligible_nodes(state, config);
     let mut candidates = BTreeMap::new();
@@ -126,6 +150,8 @@ pub fn reconcile(
                     plan.statuses.insert(key.clone(), StatusChange::Clear);
                 }
             }
+            // A follower serves what the writer allocated, and allocates nothing itself.
+            Examined::Ours(_) if !config.writer && prior_ip(key, service, previous).is_none() => {}
             Examined::Ours(candidate) => {
                 candidates.insert(key.clone(), candidate);
             }
@@ -223,11 +249,12 @@ pub fn reconcile(
         if let Some(node_name) = &config.node_name
             && ready_nodes.contains(node_name.as_str())
         {
-            plan.local_endpoint_vips.insert(ip);
+            local_services.insert(key.clone());
         }
-        plan.vips.entry(ip).or_default().insert(key.clone());
+        in_use.entry(ip).or_default().insert(key.clone());
         plan.allocations.by_service.insert(key, allocation);
     }
+    announce(&in_use, &local_services, config, previous, &mut plan);
     if config.tag_worker_nodes
         && let Some(label) = &config.worker_label
     {
@@ -258,6 +285,53 @@ pub fn nodes_to_tag(state: &ClusterState, label: &LabelFilter) -> Vec<String> {
         })
         .map(|(name, _)| name.clone())
         .collect()
+}
+
+/// Which VIPs this node puts on its device, the one place that decides it:
+/// - `--announce-local-only` (`lo` mode): a VIP while one of its Services has a ready endpoint
+///   on this node, owned by those Services only, so it goes with the last of them;
+/// - several LB nodes in `--announce link` mode: the VIPs this node owns among the live LB
+///   nodes ([`ownership::owner`]); an Event tells each Service when its announcer changes;
+/// - otherwise every VIP in use.
+fn announce(
+    in_use: &BTreeMap<Ipv4Addr, BTreeSet<ServiceKey>>,
+    local_services: &BTreeSet<ServiceKey>,
+    config: &Settings,
+    previous: &Allocations,
+    plan: &mut Plan,
+) {
+    for (&vip, services) in in_use {
+        let services: BTreeSet<ServiceKey> = if config.announce_local_only {
+            services.intersection(local_services).cloned().collect()
+        } else {
+            services.clone()
+        };
+        let announced = match (&config.peers, config.announce) {
+            (Some(peers), Announce::Link) => {
+                let Some(owner) = ownership::owner(vip, &peers.live) else {
+                    continue;
+                };
+                if let Some(before) = previous.announcers.get(&vip)
+                    && before != owner
+                {
+                    for service in in_use.get(&vip).into_iter().flatten() {
+                        plan.events.push(PlannedEvent {
+                            service: service.clone(),
+                            kind: EventKind::Normal,
+                            reason: "Announced",
+                            message: format!("{vip} announced by {owner} (was {before})"),
+                        });
+                    }
+                }
+                plan.allocations.announcers.insert(vip, owner.to_owned());
+                owner == peers.me
+            }
+            _ => true,
+        };
+        if announced && !services.is_empty() {
+            plan.vips.insert(vip, services);
+        }
+    }
 }
 
 /// The IP a Service held before this run: from the previous plan, or else from its status.
@@ -1545,9 +1619,13 @@ mod tests {
     }
 
     #[test]
-    fn local_endpoint_vips_are_those_with_a_ready_endpoint_on_this_node() {
-        let mut state = state_with(vec![svc("here", &[80]), svc("there", &[81])]);
-        for (service, node) in [("here", "node1"), ("there", "node2")] {
+    fn local_only_announces_a_vip_while_one_of_its_services_has_an_endpoint_here() {
+        let mut state = state_with(vec![
+            svc("here", &[80]),
+            svc("there", &[81]),
+            svc("c", &[82]),
+        ]);
+        for (service, node) in [("here", "node1"), ("there", "node2"), ("c", "node2")] {
             state.upsert_endpoint_slice(endpoint_slice(
                 "default",
                 &format!("{service}-1"),
@@ -1558,6 +1636,8 @@ mod tests {
         }
         let on_node1 = Config {
             node_name: Some("node1".to_owned()),
+            announce: Announce::Lo,
+            announce_local_only: true,
             pool: "198.51.100.10-198.51.100.20".parse().expect("test pool"),
             ..Config::default()
         };
@@ -1565,12 +1645,116 @@ mod tests {
         let here = ip_of(&plan, "here").expect("here gets an IP");
         let there = ip_of(&plan, "there").expect("there gets an IP");
         assert_eq!(here, there, "they share an IP (different ports)");
-        assert_eq!(plan.local_endpoint_vips, BTreeSet::from([here]));
+        assert_eq!(
+            plan.vips,
+            BTreeMap::from([(here, BTreeSet::from([key("here")]))]),
+            "the VIP is announced for the Service with an endpoint here only"
+        );
+        let on_node3 = Config {
+            node_name: Some("node3".to_owned()),
+            ..on_node1.clone()
+        };
+        let plan = run(&state, &on_node3, &Allocations::default());
+        assert!(
+            plan.vips.is_empty(),
+            "no endpoint on node3: {:?}",
+            plan.vips
+        );
+        assert_eq!(
+            plan.virtual_services.len(),
+            3,
+            "the data plane still serves them all"
+        );
         let plan = run(&state, &config(), &Allocations::default());
         assert_eq!(
-            plan.local_endpoint_vips,
-            BTreeSet::new(),
-            "no node name, no local VIPs"
+            plan.vips[&here].len(),
+            3,
+            "without local-only every Service counts"
+        );
+    }
+
+    #[test]
+    fn with_several_lb_nodes_each_announces_the_vips_it_owns_and_events_follow_moves() {
+        let services: Vec<Service> = (0..30).map(|n| svc(&format!("s{n}"), &[80])).collect();
+        let state = state_with(services);
+        let live = |nodes: &[&str]| nodes.iter().map(|n| (*n).to_owned()).collect();
+        let settings = |me: &str, nodes: &[&str]| Settings {
+            peers: Some(Peers {
+                me: me.to_owned(),
+                live: live(nodes),
+            }),
+            ..Settings::from(&config())
+        };
+        let plans: Vec<Plan> = ["lb1", "lb2", "lb3"]
+            .iter()
+            .map(|me| {
+                reconcile(
+                    &state,
+                    &settings(me, &["lb1", "lb2", "lb3"]),
+                    &host(),
+                    &Allocations::default(),
+                )
+            })
+            .collect();
+        let mut announced = BTreeMap::new();
+        for (plan, me) in plans.iter().zip(["lb1", "lb2", "lb3"]) {
+            assert_eq!(
+                plan.allocations, plans[0].allocations,
+                "every instance allocates alike"
+            );
+            for vip in plan.vips.keys() {
+                assert!(
+                    announced.insert(*vip, me).is_none(),
+                    "{vip} announced twice"
+                );
+            }
+            assert!(!plan.vips.is_empty(), "{me} announces some of the 11 VIPs");
+        }
+        let all: BTreeSet<Ipv4Addr> = plans[0]
+            .allocations
+            .by_service
+            .values()
+            .map(|a| a.ip)
+            .collect();
+        assert_eq!(
+            announced.keys().copied().collect::<BTreeSet<_>>(),
+            all,
+            "every VIP has an announcer"
+        );
+        // lb2 goes: its VIPs move, with an Event; the others stay, without one.
+        let after = reconcile(
+            &state,
+            &settings("lb1", &["lb1", "lb3"]),
+            &host(),
+            &plans[0].allocations,
+        );
+        for (vip, before) in &announced {
+            let now = &after.allocations.announcers[vip];
+            if *before == "lb2" {
+                assert_ne!(now, "lb2");
+            } else {
+                assert_eq!(now, before, "{vip} moved though its announcer stayed");
+            }
+        }
+        let moved: Vec<&PlannedEvent> = after
+            .events
+            .iter()
+            .filter(|e| e.reason == "Announced")
+            .collect();
+        assert!(
+            !moved.is_empty() && moved.iter().all(|e| e.message.contains("(was lb2)")),
+            "{moved:?}"
+        );
+        // In lo mode (anycast) every node announces everything.
+        let lo = Settings {
+            announce: Announce::Lo,
+            ..settings("lb2", &["lb1", "lb2", "lb3"])
+        };
+        assert_eq!(
+            reconcile(&state, &lo, &host(), &Allocations::default())
+                .vips
+                .len(),
+            all.len()
         );
     }
 

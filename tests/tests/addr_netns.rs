@@ -58,16 +58,15 @@ fn block_in<R: Send, F: Future<Output = R>>(ns: &Netns, f: impl FnOnce() -> F + 
     })
 }
 
-fn config(announce: Announce, local_only: bool) -> AddrConfig {
+fn config(announce: Announce) -> AddrConfig {
     AddrConfig {
         link_device: Some(LB_DEV.to_owned()),
         announce,
-        local_only,
     }
 }
 
-async fn manager(announce: Announce, local_only: bool) -> AddrManager {
-    AddrManager::new(config(announce, local_only))
+async fn manager(announce: Announce) -> AddrManager {
+    AddrManager::new(config(announce))
         .await
         .unwrap_or_else(|err| panic!("starting the address manager: {err}"))
 }
@@ -88,13 +87,9 @@ fn desired(vips: &[(&str, &[&str])]) -> DesiredVips {
 }
 
 /// Syncs and fails the test on any error.
-async fn sync_ok(
-    manager: &mut AddrManager,
-    vips: &DesiredVips,
-    local: &BTreeSet<String>,
-) -> xlb::addr::SyncReport {
+async fn sync_ok(manager: &mut AddrManager, vips: &DesiredVips) -> xlb::addr::SyncReport {
     let report = manager
-        .sync(vips, local)
+        .sync(vips)
         .await
         .unwrap_or_else(|err| panic!("sync: {err}"));
     assert!(report.failed.is_empty(), "sync failed: {:?}", report.failed);
@@ -222,8 +217,7 @@ impl Child {
 fn shared_vip_is_added_once_and_removed_with_its_last_owner() {
     let lan = lan("share");
     block_in(&lan.lb, || async {
-        let mut m = manager(Announce::Link, false).await;
-        let none = BTreeSet::new();
+        let mut m = manager(Announce::Link).await;
 
         let report = sync_ok(
             &mut m,
@@ -231,7 +225,6 @@ fn shared_vip_is_added_once_and_removed_with_its_last_owner() {
                 ("198.51.100.10", &["default/a", "default/b"]),
                 ("198.51.100.11", &["default/c"]),
             ]),
-            &none,
         )
         .await;
         assert_eq!(report.added, vec![ip("198.51.100.10"), ip("198.51.100.11")]);
@@ -241,12 +234,7 @@ fn shared_vip_is_added_once_and_removed_with_its_last_owner() {
         );
 
         // default/a leaves: .10 still has default/b; default/c leaves: .11 goes.
-        let report = sync_ok(
-            &mut m,
-            &desired(&[("198.51.100.10", &["default/b"])]),
-            &none,
-        )
-        .await;
+        let report = sync_ok(&mut m, &desired(&[("198.51.100.10", &["default/b"])])).await;
         assert_eq!(report.kept, vec![ip("198.51.100.10")]);
         assert!(report.added.is_empty(), "nothing re-added: {report:?}");
         assert_eq!(report.removed, vec![ip("198.51.100.11")]);
@@ -256,12 +244,12 @@ fn shared_vip_is_added_once_and_removed_with_its_last_owner() {
         );
 
         // An empty owner set is a reference count of zero.
-        let report = sync_ok(&mut m, &desired(&[("198.51.100.10", &[])]), &none).await;
+        let report = sync_ok(&mut m, &desired(&[("198.51.100.10", &[])])).await;
         assert_eq!(report.removed, vec![ip("198.51.100.10")]);
         assert_eq!(cidrs(&lan.lb, LB_DEV), sorted(&["198.51.100.1/24"]));
 
         // Syncing the same state again changes nothing.
-        let report = sync_ok(&mut m, &DesiredVips::new(), &none).await;
+        let report = sync_ok(&mut m, &DesiredVips::new()).await;
         assert!(
             report.added.is_empty() && report.removed.is_empty(),
             "{report:?}"
@@ -275,14 +263,13 @@ fn vip_prefix_is_the_longest_device_prefix_that_covers_it() {
     lan.lb
         .run(&["ip", "addr", "add", "198.51.100.129/25", "dev", LB_DEV]);
     block_in(&lan.lb, || async {
-        let mut m = manager(Announce::Link, false).await;
+        let mut m = manager(Announce::Link).await;
         sync_ok(
             &mut m,
             &desired(&[
                 ("198.51.100.10", &["default/a"]),
                 ("198.51.100.200", &["default/b"]),
             ]),
-            &BTreeSet::new(),
         )
         .await;
     });
@@ -302,13 +289,8 @@ fn host_network_describes_the_link_device_without_xlb_addresses() {
     lan.lb
         .run(&["ip", "addr", "add", "198.51.100.129/25", "dev", LB_DEV]);
     let host = block_in(&lan.lb, || async {
-        let mut m = manager(Announce::Link, false).await;
-        sync_ok(
-            &mut m,
-            &desired(&[("198.51.100.10", &["default/a"])]),
-            &BTreeSet::new(),
-        )
-        .await;
+        let mut m = manager(Announce::Link).await;
+        sync_ok(&mut m, &desired(&[("198.51.100.10", &["default/a"])])).await;
         m.host_network()
             .await
             .unwrap_or_else(|err| panic!("host_network: {err}"))
@@ -363,15 +345,12 @@ fn link_device_comes_from_the_flag_or_the_default_route() {
 fn vip_outside_the_device_prefixes_is_refused_naming_device_and_prefixes() {
     let lan = lan("outside");
     block_in(&lan.lb, || async {
-        let mut m = manager(Announce::Link, false).await;
+        let mut m = manager(Announce::Link).await;
         let report = m
-            .sync(
-                &desired(&[
-                    ("203.0.113.7", &["default/a"]),
-                    ("198.51.100.10", &["default/b"]),
-                ]),
-                &BTreeSet::new(),
-            )
+            .sync(&desired(&[
+                ("203.0.113.7", &["default/a"]),
+                ("198.51.100.10", &["default/b"]),
+            ]))
             .await
             .unwrap_or_else(|err| panic!("sync: {err}"));
         assert_eq!(
@@ -400,24 +379,15 @@ fn host_address_inside_the_pool_survives_start_run_and_stop() {
     lan.lb
         .run(&["ip", "addr", "add", "198.51.100.20/24", "dev", LB_DEV]);
     block_in(&lan.lb, || async {
-        let none = BTreeSet::new();
-        let mut m = manager(Announce::Link, false).await;
-        sync_ok(
-            &mut m,
-            &desired(&[("198.51.100.10", &["default/a"])]),
-            &none,
-        )
-        .await;
+        let mut m = manager(Announce::Link).await;
+        sync_ok(&mut m, &desired(&[("198.51.100.10", &["default/a"])])).await;
 
         // Even asked for, the host's address is refused and left alone.
         let report = m
-            .sync(
-                &desired(&[
-                    ("198.51.100.10", &["default/a"]),
-                    ("198.51.100.20", &["default/b"]),
-                ]),
-                &none,
-            )
+            .sync(&desired(&[
+                ("198.51.100.10", &["default/a"]),
+                ("198.51.100.20", &["default/b"]),
+            ]))
             .await
             .unwrap_or_else(|err| panic!("sync: {err}"));
         assert!(
@@ -426,18 +396,13 @@ fn host_address_inside_the_pool_survives_start_run_and_stop() {
             report.failed
         );
 
-        sync_ok(&mut m, &DesiredVips::new(), &none).await;
+        sync_ok(&mut m, &DesiredVips::new()).await;
         assert!(
             cidrs(&lan.lb, LB_DEV).contains(&"198.51.100.20/24".to_owned()),
             "host address removed by sync"
         );
 
-        sync_ok(
-            &mut m,
-            &desired(&[("198.51.100.11", &["default/a"])]),
-            &none,
-        )
-        .await;
+        sync_ok(&mut m, &desired(&[("198.51.100.11", &["default/a"])])).await;
         let removed = m
             .cleanup()
             .await
@@ -489,13 +454,8 @@ fn restart_after_sigkill_adopts_wanted_vips_without_flap_and_removes_the_rest() 
     );
 
     block_in(&lan.lb, || async {
-        let mut m = manager(Announce::Link, false).await;
-        let report = sync_ok(
-            &mut m,
-            &desired(&[("198.51.100.10", &["default/a"])]),
-            &BTreeSet::new(),
-        )
-        .await;
+        let mut m = manager(Announce::Link).await;
+        let report = sync_ok(&mut m, &desired(&[("198.51.100.10", &["default/a"])])).await;
         assert_eq!(report.kept, vec![ip("198.51.100.10")]);
         assert!(report.added.is_empty(), "{report:?}");
         assert_eq!(report.removed, vec![ip("198.51.100.11")]);
@@ -535,8 +495,8 @@ fn gratuitous_arp_repoints_a_neighbour_on_add_and_on_adoption() {
 
     seed_wrong_neighbour(&lan, vip);
     block_in(&lan.lb, || async {
-        let mut m = manager(Announce::Link, false).await;
-        sync_ok(&mut m, &wanted, &BTreeSet::new()).await;
+        let mut m = manager(Announce::Link).await;
+        sync_ok(&mut m, &wanted).await;
     });
     assert!(
         eventually(Duration::from_secs(3), || peer_neighbour(&lan, vip)
@@ -549,8 +509,8 @@ fn gratuitous_arp_repoints_a_neighbour_on_add_and_on_adoption() {
     // A new process adopting the VIP announces it again.
     seed_wrong_neighbour(&lan, vip);
     block_in(&lan.lb, || async {
-        let mut m = manager(Announce::Link, false).await;
-        let report = sync_ok(&mut m, &wanted, &BTreeSet::new()).await;
+        let mut m = manager(Announce::Link).await;
+        let report = sync_ok(&mut m, &wanted).await;
         assert_eq!(report.kept, vec![ip(vip)], "adopted, not re-added");
     });
     assert!(
@@ -570,7 +530,7 @@ fn default_source_address_is_unchanged_after_vips_are_added() {
     assert_eq!(route_src(&lan.lb, "198.51.100.77"), LB_ADDR);
 
     block_in(&lan.lb, || async {
-        let mut m = manager(Announce::Link, false).await;
+        let mut m = manager(Announce::Link).await;
         sync_ok(
             &mut m,
             &desired(&[
@@ -578,7 +538,6 @@ fn default_source_address_is_unchanged_after_vips_are_added() {
                 ("198.51.100.10", &["default/b"]),
                 ("198.51.100.11", &["default/c"]),
             ]),
-            &BTreeSet::new(),
         )
         .await;
     });
@@ -624,14 +583,13 @@ fn lo_mode_places_vips_as_32s_on_lo_without_arp() {
     let main_before = lan.lb.run(&["ip", "route", "show", "table", "main"]);
     seed_wrong_neighbour(&lan, "198.51.100.200");
     block_in(&lan.lb, || async {
-        let mut m = manager(Announce::Lo, false).await;
+        let mut m = manager(Announce::Lo).await;
         sync_ok(
             &mut m,
             &desired(&[
                 ("198.51.100.200", &["default/a"]),
                 ("198.51.100.201", &["default/b"]),
             ]),
-            &BTreeSet::new(),
         )
         .await;
         let host = m.host_network().await.unwrap_or_else(|err| panic!("{err}"));
@@ -661,51 +619,6 @@ fn lo_mode_places_vips_as_32s_on_lo_without_arp() {
     );
 }
 
-#[test]
-fn lo_mode_local_only_announces_a_vip_only_while_it_has_a_local_endpoint() {
-    let lan = routed_lan("localonly");
-    let wanted = desired(&[
-        ("198.51.100.200", &["default/a", "default/b"]),
-        ("198.51.100.201", &["default/c"]),
-    ]);
-    block_in(&lan.lb, || async {
-        let mut m = manager(Announce::Lo, true).await;
-        let lo = || {
-            cidrs(&lan.lb, "lo")
-                .into_iter()
-                .filter(|c| c != "127.0.0.1/8")
-                .collect::<Vec<_>>()
-        };
-
-        sync_ok(&mut m, &wanted, &BTreeSet::new()).await;
-        assert!(
-            lo().is_empty(),
-            "no local endpoint, nothing announced: {:?}",
-            lo()
-        );
-
-        sync_ok(&mut m, &wanted, &names(&["default/a"])).await;
-        assert_eq!(lo(), sorted(&["198.51.100.200/32"]));
-
-        sync_ok(
-            &mut m,
-            &wanted,
-            &names(&["default/a", "default/b", "default/c"]),
-        )
-        .await;
-        assert_eq!(lo(), sorted(&["198.51.100.200/32", "198.51.100.201/32"]));
-
-        // default/a's endpoint leaves; default/b still has one here.
-        sync_ok(&mut m, &wanted, &names(&["default/b", "default/c"])).await;
-        assert_eq!(lo(), sorted(&["198.51.100.200/32", "198.51.100.201/32"]));
-
-        // The last local endpoint of .200's Services leaves: withdrawn.
-        let report = sync_ok(&mut m, &wanted, &names(&["default/c"])).await;
-        assert_eq!(report.removed, vec![ip("198.51.100.200")]);
-        assert_eq!(lo(), sorted(&["198.51.100.201/32"]));
-    });
-}
-
 /// The IFA_PROTO mark is what adoption and cleanup go by (the adoption, foreign-address and
 /// cleanup tests fail without it); the label is only for people reading `ip addr` with an
 /// iproute2 older than 6.3, which does not print `proto`.
@@ -713,13 +626,8 @@ fn lo_mode_local_only_announces_a_vip_only_while_it_has_a_local_endpoint() {
 fn xlb_addresses_are_labelled_for_people_reading_ip_addr() {
     let lan = lan("label");
     block_in(&lan.lb, || async {
-        let mut m = manager(Announce::Link, false).await;
-        sync_ok(
-            &mut m,
-            &desired(&[("198.51.100.10", &["default/a"])]),
-            &BTreeSet::new(),
-        )
-        .await;
+        let mut m = manager(Announce::Link).await;
+        sync_ok(&mut m, &desired(&[("198.51.100.10", &["default/a"])])).await;
     });
     let links = json(&lan.lb, &["ip", "-j", "addr", "show", "dev", LB_DEV]);
     let label_of = |local: &str| {

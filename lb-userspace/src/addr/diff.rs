@@ -1,36 +1,8 @@
-//! The pure part of address management: which VIPs to place, and what to add, keep and remove
-//! given what the host has.
+//! The pure part of address management: what to add, keep and remove given the VIPs wanted
+//! and what the host has.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
-
-use super::DesiredVips;
-
-/// The VIPs to place on this node. Without `local_only` that is every wanted VIP. With it
-/// (`--announce lo --announce-local-only`), a VIP is placed only while at least one of its
-/// Services has a ready endpoint on this node (`local_endpoint_services`, `namespace/name`), and
-/// its owners are narrowed to those Services, so it is withdrawn when the last one leaves.
-pub fn vips_to_announce(
-    desired: &DesiredVips,
-    local_endpoint_services: &BTreeSet<String>,
-    local_only: bool,
-) -> DesiredVips {
-    desired
-        .iter()
-        .map(|(&vip, owners)| {
-            let owners: BTreeSet<String> = if local_only {
-                owners
-                    .intersection(local_endpoint_services)
-                    .cloned()
-                    .collect()
-            } else {
-                owners.clone()
-            };
-            (vip, owners)
-        })
-        .filter(|(_, owners)| !owners.is_empty())
-        .collect()
-}
 
 /// An IPv4 address as the kernel reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,10 +62,6 @@ mod tests {
         s.parse().expect("test address")
     }
 
-    fn owners(names: &[&str]) -> BTreeSet<String> {
-        names.iter().map(|n| (*n).to_owned()).collect()
-    }
-
     fn addr(s: &str, prefix_len: u8, ifindex: u32, xlb: bool) -> DeviceAddr {
         DeviceAddr {
             ip: ip(s),
@@ -150,33 +118,5 @@ mod tests {
             plan.add,
             vec![(ip("198.51.100.10"), 32), (ip("198.51.100.11"), 25)]
         );
-    }
-
-    #[test]
-    fn addr_vips_to_announce_keeps_everything_without_local_only() {
-        let desired = DesiredVips::from([
-            (ip("198.51.100.10"), owners(&["default/a", "default/b"])),
-            (ip("198.51.100.11"), owners(&[])),
-        ]);
-        let announced = vips_to_announce(&desired, &BTreeSet::new(), false);
-        assert_eq!(
-            announced,
-            DesiredVips::from([(ip("198.51.100.10"), owners(&["default/a", "default/b"]))]),
-            "a VIP without owners is not wanted"
-        );
-    }
-
-    #[test]
-    fn addr_vips_to_announce_local_only_needs_a_local_endpoint() {
-        let desired = DesiredVips::from([
-            (ip("198.51.100.10"), owners(&["default/a", "default/b"])),
-            (ip("198.51.100.11"), owners(&["default/c"])),
-        ]);
-        let local = owners(&["default/b"]);
-        assert_eq!(
-            vips_to_announce(&desired, &local, true),
-            DesiredVips::from([(ip("198.51.100.10"), owners(&["default/b"]))])
-        );
-        assert!(vips_to_announce(&desired, &BTreeSet::new(), true).is_empty());
     }
 }

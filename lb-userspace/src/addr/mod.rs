@@ -47,7 +47,7 @@ use std::net::Ipv4Addr;
 use crate::config::Announce;
 use crate::model::{HostNetwork, VipRefusal, prefix_mask};
 
-pub use diff::{DeviceAddr, Plan, plan, vips_to_announce};
+pub use diff::{DeviceAddr, Plan, plan};
 pub use netlink::Netlink;
 use netlink::{Link, LinkRef};
 
@@ -66,9 +66,6 @@ pub struct AddrConfig {
     pub link_device: Option<String>,
     /// `--announce` / `ANNOUNCE`.
     pub announce: Announce,
-    /// `--announce-local-only` / `ANNOUNCE_LOCAL_ONLY`: in `lo` mode, announce a VIP only while
-    /// this node hosts a ready endpoint of a Service that uses it (see [`vips_to_announce`]).
-    pub local_only: bool,
 }
 
 /// Errors of the address manager. Each message says what went wrong and what to do.
@@ -100,11 +97,6 @@ pub enum AddrError {
         /// The name or index that was looked up.
         device: String,
     },
-    /// `--announce-local-only` without `--announce lo`.
-    #[error(
-        "--announce-local-only needs --announce lo: on a shared link only one node may answer ARP for a VIP"
-    )]
-    LocalOnlyNeedsLo,
     /// A netlink request failed.
     #[error(
         "{what} failed: {source}; check that xlb runs with CAP_NET_ADMIN in the host's network namespace and that the device exists"
@@ -176,9 +168,6 @@ impl AddrManager {
     /// IPv4 default route) and logs it. Changes nothing on the host: the first [`Self::sync`]
     /// adopts what an earlier run left.
     pub async fn new(config: AddrConfig) -> Result<AddrManager, AddrError> {
-        if config.local_only && config.announce != Announce::Lo {
-            return Err(AddrError::LocalOnlyNeedsLo);
-        }
         netlink::check_kernel()?;
         let netlink = Netlink::open()?;
         let handle = netlink.handle();
@@ -202,7 +191,7 @@ impl AddrManager {
         tracing::info!(
             device = %link.name, ifindex = link.index, chosen_by = how,
             announce = ?config.announce, vip_device = %target.name,
-            local_only = config.local_only, "link device"
+            "link device"
         );
         Ok(AddrManager {
             netlink,
@@ -226,19 +215,18 @@ impl AddrManager {
         self.host_network_from(&present).await
     }
 
-    /// Makes the host carry exactly the wanted VIPs: `desired` with their owning Services, and
-    /// the Services that have a ready endpoint on this node (used only with
-    /// `--announce-local-only`; pass an empty set otherwise). Reads the kernel's addresses,
+    /// Makes the host carry exactly the wanted VIPs: `desired`, each with the Services that use
+    /// it (the plan has already narrowed them to what this node announces). Reads the kernel's addresses,
     /// adds what is missing, removes xlb addresses no longer wanted, leaves the rest alone
     /// (so the first call after a restart adopts without flapping), and sends gratuitous ARP
     /// for VIPs this process has not announced yet. Per-VIP failures are in the report; `Err`
     /// means the host could not be read at all.
-    pub async fn sync(
-        &mut self,
-        desired: &DesiredVips,
-        local_endpoint_services: &BTreeSet<String>,
-    ) -> Result<SyncReport, AddrError> {
-        let desired = vips_to_announce(desired, local_endpoint_services, self.config.local_only);
+    pub async fn sync(&mut self, desired: &DesiredVips) -> Result<SyncReport, AddrError> {
+        let desired: DesiredVips = desired
+            .iter()
+            .filter(|(_, owners)| !owners.is_empty())
+            .map(|(vip, owners)| (*vip, owners.clone()))
+            .collect();
         let present = netlink::addresses(self.netlink.handle()).await?;
         let host = self.host_network_from(&present).await?;
         let mut report = SyncReport::default();
@@ -462,19 +450,5 @@ mod tests {
             ..host
         };
         assert_eq!(lo_mode.check_vip(ip("203.0.113.7")), Ok(()));
-    }
-
-    #[test]
-    fn addr_local_only_needs_lo_mode() {
-        let config = AddrConfig {
-            link_device: Some("eth0".to_owned()),
-            announce: Announce::Link,
-            local_only: true,
-        };
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .expect("tokio runtime");
-        let err = runtime.block_on(AddrManager::new(config)).err();
-        assert!(matches!(err, Some(AddrError::LocalOnlyNeedsLo)), "{err:?}");
     }
 }

@@ -27,7 +27,7 @@ async fn main() {
         .await
         .unwrap_or_else(|err| panic!("{err}"));
     let report = manager
-        .sync(&desired, &BTreeSet::new())
+        .sync(&desired)
         .await
         .unwrap_or_else(|err| panic!("{err}"));
     assert!(report.failed.is_empty(), "sync failed: {:?}", report.failed);

@@ -665,63 +665,25 @@ mod tests {
         assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused, "{error}");
     }
 
+    /// Set in the child process of the descriptor-reserve test.
+    const RESERVE_CHILD: &str = "XLB_TEST_DESCRIPTOR_RESERVE_CHILD";
+
+    /// The open-file limit is per process, so the test runs itself again in a child process
+    /// (a fresh exec: no descriptor of the other tests is inherited) with a low limit.
     #[test]
     fn a_frontend_that_would_eat_the_descriptor_reserve_is_counted_and_retried() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let backend = Backend { ip: VIP, port: 9 };
-        let port = free_port(Protocol::Tcp);
-        let mut proxy = ProxyDataplane::with_handle(runtime.handle().clone());
-        // Fill the descriptor table in a child process only: the limit is per process.
-        // SAFETY: fork(2) in a test binary; the child only calls async-signal-safe functions
-        // and the plain socket code below before _exit.
-        let pid = unsafe { libc::fork() };
-        if pid == 0 {
-            let limit = libc::rlimit {
-                rlim_cur: 200,
-                rlim_max: 200,
-            };
-            let mut filler = Vec::new();
-            // SAFETY: setrlimit(2) on our own struct; dup(2) of stdin until the descriptors
-            // left are the reserve (the table itself is not full).
-            unsafe {
-                libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-                loop {
-                    let fd = libc::dup(0);
-                    if fd < 0 {
-                        break;
-                    }
-                    filler.push(fd);
-                    if i64::from(fd) + 1 >= 200 - RESERVED_DESCRIPTORS as i64 {
-                        break;
-                    }
-                }
-            }
-            let first = proxy.apply(&[service(Protocol::Tcp, port, &[backend])]);
-            let short = proxy.failing().values().next() == Some(&ListenFailure::Descriptors)
-                && proxy.listen_failures().get(&ListenFailure::Descriptors) == Some(&1)
-                && first
-                    .as_ref()
-                    .is_err_and(|error| error.to_string().contains("out of file descriptors"));
-            for fd in filler {
-                // SAFETY: close(2) of a descriptor this child opened.
-                unsafe { libc::close(fd) };
-            }
-            let retried = proxy
-                .apply(&[service(Protocol::Tcp, port, &[backend])])
-                .is_ok()
-                && proxy.failing().is_empty()
-                && proxy.frontends().count() == 1;
-            // SAFETY: _exit(2) ends the child without running the parent's destructors.
-            unsafe { libc::_exit(i32::from(short) + 2 * i32::from(retried)) };
+        const NAME: &str = "dataplane::proxy::tests::a_frontend_that_would_eat_the_descriptor_reserve_is_counted_and_retried";
+        if std::env::var_os(RESERVE_CHILD).is_some() {
+            std::process::exit(reserve_child());
         }
-        let mut status = 0;
-        // SAFETY: waitpid(2) on the child forked above.
-        unsafe { libc::waitpid(pid, &mut status, 0) };
-        assert!(libc::WIFEXITED(status), "the child crashed: {status}");
-        let code = libc::WEXITSTATUS(status);
+        let status = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args(["--exact", NAME, "--test-threads", "1"])
+            .env(RESERVE_CHILD, "1")
+            .status()
+            .expect("run the child");
+        let code = status
+            .code()
+            .unwrap_or_else(|| panic!("the child crashed: {status}"));
         assert!(
             code & 1 == 1,
             "out of descriptors: not reported and counted as such ({code})"
@@ -730,6 +692,52 @@ mod tests {
             code & 2 == 2,
             "descriptors freed: the retry did not listen ({code})"
         );
+    }
+
+    /// The child's part: with every descriptor but the reserve taken, a frontend is refused as
+    /// short of descriptors (bit 1 of the result); once they are freed it listens (bit 2).
+    fn reserve_child() -> i32 {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let backend = Backend { ip: VIP, port: 9 };
+        let port = free_port(Protocol::Tcp);
+        let mut proxy = ProxyDataplane::with_handle(runtime.handle().clone());
+        let limit = libc::rlimit {
+            rlim_cur: 200,
+            rlim_max: 200,
+        };
+        // SAFETY: setrlimit(2) reads the struct we own.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+        let mut filler = Vec::new();
+        loop {
+            // SAFETY: dup(2) of stdin; the descriptor is closed below.
+            let fd = unsafe { libc::dup(0) };
+            if fd < 0 {
+                break;
+            }
+            filler.push(fd);
+            if i64::from(fd) + 1 >= 200 - RESERVED_DESCRIPTORS as i64 {
+                break;
+            }
+        }
+        let first = proxy.apply(&[service(Protocol::Tcp, port, &[backend])]);
+        let short = proxy.failing().values().next() == Some(&ListenFailure::Descriptors)
+            && proxy.listen_failures().get(&ListenFailure::Descriptors) == Some(&1)
+            && first
+                .as_ref()
+                .is_err_and(|error| error.to_string().contains("out of file descriptors"));
+        for fd in filler {
+            // SAFETY: close(2) of a descriptor opened above.
+            unsafe { libc::close(fd) };
+        }
+        let retried = proxy
+            .apply(&[service(Protocol::Tcp, port, &[backend])])
+            .is_ok()
+            && proxy.failing().is_empty()
+            && proxy.frontends().count() == 1;
+        i32::from(short) + 2 * i32::from(retried)
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
