@@ -12,17 +12,19 @@ use kube::Resource as _;
 use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
 
+use crate::addr::probe::PROBE_INTERVAL;
 use crate::addr::{AddrConfig, AddrManager, DesiredVips};
 use crate::backoff::Backoff;
 use crate::config::{Config, DataplaneKind, KubeconfigSource};
 use crate::dataplane::proxy::ProxyDataplane;
 use crate::dataplane::xdp::{XdpConfig, XdpDataplane};
 use crate::dataplane::{Dataplane as _, Layered};
+use crate::group::Group;
 use crate::metrics::Metrics;
 use crate::model::{Allocations, ClusterState, ServiceKey};
 use crate::nodes::NodeTagger;
 use crate::plan::{EventKind, Plan, StatusChange};
-use crate::reconcile::{Settings, reconcile};
+use crate::reconcile::{ANNOUNCED, Peers, Settings, reconcile};
 use crate::source::{file::FileSource, kube as kube_source};
 use crate::status::StatusWriter;
 
@@ -68,6 +70,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let synced = Arc::new(AtomicBool::new(true));
     let mut tagger = None;
     let mut source_task = None;
+    let mut group = None;
     let (mut states, writer) = match &config.manifests {
         Some(dir) => {
             if config.tag_worker_nodes {
@@ -83,7 +86,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 KubeconfigSource::Infer => None,
                 KubeconfigSource::File(path) => Some(path.clone()),
             };
-            let (client, watch_client) = kube_source::clients(kubeconfig).await?;
+            let (client, watch_client) =
+                kube_source::clients(kubeconfig, config.node_name.as_deref()).await?;
             // The first value is a placeholder marked as seen: nothing is reconciled until the
             // watches have listed everything once.
             let (tx, states) = watch::channel(ClusterState::default());
@@ -101,6 +105,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     ),
                 }
             }
+            if let Some(node) = &config.node_name {
+                group = Some(
+                    Group::join(client.clone(), &config, node, &addrs, metrics.clone()).await?,
+                );
+            }
             let writer =
                 StatusWriter::new(client, config.node_name.clone(), config.update_external_ips);
             (states, Some(writer))
@@ -109,6 +118,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let mut controller = Controller {
         settings: Settings::from(&config),
+        group,
+        last_peers: None,
         tagger,
         allocations: Allocations::default(),
         warnings: BTreeSet::new(),
@@ -121,6 +132,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     resync.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut readiness = tokio::time::interval(READINESS_POLL);
     readiness.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // With several LB nodes: how often the live peers are judged again (a peer's ARP
+    // answers stopping is no event of its own).
+    let mut liveness = tokio::time::interval(PROBE_INTERVAL);
+    liveness.set_missed_tick_behavior(MissedTickBehavior::Delay);
     // After an apply that failed, try again soon (a frontend that could not bind, a VIP that
     // could not be placed) rather than at the next resync.
     let mut retry_backoff = Backoff::new(Duration::from_secs(1), RESYNC);
@@ -139,13 +154,24 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
             _ = resync.tick() => {}
             () = &mut retry => {}
+            () = members_changed(&mut controller.group) => {}
+            _ = liveness.tick(), if controller.group.is_some() => {
+                if !controller.peers_changed(&addrs) {
+                    continue;
+                }
+            }
             _ = readiness.tick() => {
                 metrics.set_ready(applied, synced.load(Ordering::Relaxed));
                 continue;
             }
             _ = &mut shutdown => break,
         }
-        if !controller.seen_state {
+        if !controller.seen_state
+            || controller
+                .group
+                .as_ref()
+                .is_some_and(|group| !group.listed())
+        {
             continue;
         }
         // Cloned, so no borrow of the channel is held while the actuators await: the source
@@ -182,6 +208,27 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             Ok(removed) => tracing::info!(removed, "removed xlb's addresses"),
             Err(error) => tracing::warn!(%error, "could not remove xlb's addresses"),
         }
+    }
+    // With several LB nodes the others go on serving: hand the VIPs and the writer role over
+    // at once, and leave the statuses to them. The last one, alone, clears them as a single
+    // instance does.
+    let mut last_of_the_group = true;
+    if let Some(group) = controller.group.take() {
+        last_of_the_group = controller.settings.writer
+            && controller
+                .last_peers
+                .as_ref()
+                .is_none_or(|peers| peers.live.iter().all(|node| *node == peers.me));
+        if tokio::time::timeout(SHUTDOWN_API_TIMEOUT, group.leave())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "could not leave the LB nodes in time: the others take over when this node's Lease expires"
+            );
+        }
+    }
+    if last_of_the_group && !config.keep_on_exit {
         let clearing = controller.clear_statuses(&state);
         if tokio::time::timeout(SHUTDOWN_API_TIMEOUT, clearing)
             .await
@@ -316,6 +363,10 @@ fn open_dataplane(config: &Config, device: &str) -> anyhow::Result<Dataplanes> {
 struct Controller {
     /// What reconcile decides with.
     settings: Settings,
+    /// This instance among several LB nodes, if it is one of them.
+    group: Option<Group>,
+    /// The peers the last reconcile used.
+    last_peers: Option<Peers>,
     /// Writes the node labels the plan asks for (`--tag-worker-nodes`).
     tagger: Option<NodeTagger>,
     /// What the last plan allocated; `reconcile` adopts from status on the first run.
@@ -349,7 +400,27 @@ impl Controller {
                 return false;
             }
         };
+        if let Some(group) = &self.group {
+            let (peers, writer) = group.peers(addrs);
+            self.settings.peers = Some(peers.clone());
+            self.settings.writer = writer;
+            self.last_peers = Some(peers);
+        }
+        self.metrics
+            .writer
+            .store(self.settings.writer, Ordering::Relaxed);
         let plan = reconcile(state, &self.settings, &host, &self.allocations);
+        let moves = plan
+            .events
+            .iter()
+            .filter(|event| event.reason == ANNOUNCED)
+            .count();
+        self.metrics
+            .ownership_changes
+            .fetch_add(moves as u64, Ordering::Relaxed);
+        if let Ok(mut owned) = self.metrics.owned_vips.lock() {
+            *owned = plan.vips.keys().copied().collect();
+        }
         self.metrics.reconciles.fetch_add(1, Ordering::Relaxed);
 
         let desired: DesiredVips = plan
@@ -377,7 +448,7 @@ impl Controller {
             ok = false;
         }
         ok &= self.report(state, &plan).await;
-        if let Some(tagger) = &mut self.tagger {
+        if let Some(tagger) = self.tagger.as_mut().filter(|_| self.settings.writer) {
             tagger.tag(&plan.node_labels).await;
         }
 
@@ -409,6 +480,8 @@ impl Controller {
     /// Logs the plan's events (each Warning once while it lasts), writes statuses and Events.
     async fn report(&mut self, state: &ClusterState, plan: &Plan) -> bool {
         let mut ok = true;
+        // Only the writer writes; the others log what they would have reported.
+        let writer = self.writer.clone().filter(|_| self.settings.writer);
         let mut warnings = BTreeSet::new();
         for event in &plan.events {
             let new = match event.kind {
@@ -427,7 +500,7 @@ impl Controller {
                 }
             };
             if let (true, Some(writer), Some(service)) =
-                (new, &self.writer, state.services.get(&event.service))
+                (new, &writer, state.services.get(&event.service))
                 && let Err(error) = writer
                     .event(
                         &service.object_ref(&()),
@@ -441,7 +514,7 @@ impl Controller {
             }
         }
         self.warnings = warnings;
-        let Some(writer) = self.writer.clone() else {
+        let Some(writer) = writer else {
             return ok;
         };
         for (key, change) in &plan.statuses {
@@ -457,6 +530,13 @@ impl Controller {
             }
         }
         ok
+    }
+
+    /// Whether the live peers differ from those of the last reconcile.
+    fn peers_changed(&self, addrs: &AddrManager) -> bool {
+        self.group
+            .as_ref()
+            .is_some_and(|group| Some(group.peers(addrs).0) != self.last_peers)
     }
 
     /// Logs a failure of this run at ERROR, unless the last run logged the same one.
@@ -487,6 +567,14 @@ impl Controller {
             .collect::<()>()
             .await;
         tracing::info!("cleared the Service statuses xlb wrote");
+    }
+}
+
+/// Resolves when the group's Leases change; never without a group.
+async fn members_changed(group: &mut Option<Group>) {
+    match group {
+        Some(group) => group.changed().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -44,9 +44,25 @@ pub struct Metrics {
     pub proxy_listen_failures: Mutex<Vec<(&'static str, u64)>>,
     /// Frontends the proxy should listen on and does not (the bind failed).
     pub proxy_not_listening: AtomicU64,
+    /// How long the last renewal of this node's Lease took, in microseconds.
+    pub lease_renew_micros: AtomicU64,
+    /// This instance is the one writer (several LB nodes; 1 when alone).
+    pub writer: AtomicBool,
+    /// The VIPs this node announces (puts on its device).
+    pub owned_vips: Mutex<Vec<std::net::Ipv4Addr>>,
+    /// Times the announcer of a VIP changed, as seen by this instance.
+    pub ownership_changes: AtomicU64,
 }
 
 impl Metrics {
+    /// Records how long a Lease renewal took.
+    pub fn set_lease_renew(&self, took: Duration) {
+        self.lease_renew_micros.store(
+            u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
     /// Records what `/readyz` reports.
     pub fn set_ready(&self, applied: bool, synced: bool) {
         self.applied.store(applied, Ordering::Relaxed);
@@ -118,6 +134,32 @@ impl Metrics {
                     }
                 }
                 Err(error) => tracing::debug!(%error, "reading the data plane counters"),
+            }
+        }
+        gauge(
+            &mut out,
+            "xlb_writer",
+            "1 when this instance is the one that allocates and writes Service status and Events",
+            "gauge",
+            self.writer.load(Ordering::Relaxed).into(),
+        );
+        gauge(
+            &mut out,
+            "xlb_ownership_changes_total",
+            "Times the LB node announcing a VIP changed",
+            "counter",
+            self.ownership_changes.load(Ordering::Relaxed),
+        );
+        out.push_str(&format!(
+            "# HELP xlb_lease_renew_seconds How long the last renewal of this node's Lease took\n# TYPE xlb_lease_renew_seconds gauge\nxlb_lease_renew_seconds {:.6}\n",
+            self.lease_renew_micros.load(Ordering::Relaxed) as f64 / 1e6
+        ));
+        out.push_str(
+            "# HELP xlb_vip_owned 1 for each VIP this node announces\n# TYPE xlb_vip_owned gauge\n",
+        );
+        if let Ok(vips) = self.owned_vips.lock() {
+            for vip in vips.iter() {
+                out.push_str(&format!("xlb_vip_owned{{vip=\"{vip}\"}} 1\n"));
             }
         }
         gauge(

@@ -5,8 +5,43 @@
 //! the same inputs without talking to the others, VIPs spread evenly, and a node joining or
 //! leaving moves only the VIPs it wins or held.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
+
+/// One LB node as its Lease shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// Its address on the link device, if it published one.
+    pub link_address: Option<Ipv4Addr>,
+    /// Its Lease changed within `--lease-duration` (on the observer's clock).
+    pub fresh: bool,
+}
+
+/// The LB nodes that can answer for a VIP now: this one (`me`) while its link is up; another
+/// while its kernel answers ARP at its link address (`answers`), whatever its Lease says, so
+/// that a crashed or restarting xlb on a healthy node moves nothing; one that published no
+/// address, while its Lease is fresh. A node with no Lease (stopped with SIGTERM, or never
+/// started) is no candidate.
+pub fn live_nodes(
+    me: &str,
+    link_up: bool,
+    members: &BTreeMap<String, Member>,
+    answers: impl Fn(Ipv4Addr) -> bool,
+) -> BTreeSet<String> {
+    let mut live: BTreeSet<String> = members
+        .iter()
+        .filter(|(node, _)| node.as_str() != me)
+        .filter(|(_, member)| match member.link_address {
+            Some(address) => answers(address),
+            None => member.fresh,
+        })
+        .map(|(node, _)| node.clone())
+        .collect();
+    if link_up {
+        live.insert(me.to_owned());
+    }
+    live
+}
 
 /// The node among `live` that announces `vip`, or `None` when no node is live.
 pub fn owner(vip: Ipv4Addr, live: &BTreeSet<String>) -> Option<&str> {
@@ -86,6 +121,34 @@ mod tests {
             }
         }
         assert!((250..=420).contains(&taken), "lb2 held {taken} of 1,000");
+    }
+
+    #[test]
+    fn liveness_follows_the_data_plane_not_the_lease() {
+        let member = |address: Option<[u8; 4]>, fresh: bool| Member {
+            link_address: address.map(Ipv4Addr::from),
+            fresh,
+        };
+        let members = BTreeMap::from([
+            ("lb1".to_owned(), member(Some([198, 51, 100, 2]), true)),
+            // xlb killed: Lease stale, kernel still answering.
+            ("lb2".to_owned(), member(Some([198, 51, 100, 3]), false)),
+            // Node down: Lease fresh for a moment, no answer.
+            ("lb3".to_owned(), member(Some([198, 51, 100, 4]), true)),
+            // No address published: the Lease decides.
+            ("lb4".to_owned(), member(None, true)),
+            ("lb5".to_owned(), member(None, false)),
+        ]);
+        let answering = |ip: Ipv4Addr| ip != Ipv4Addr::new(198, 51, 100, 4);
+        assert_eq!(
+            live_nodes("lb1", true, &members, answering),
+            nodes(&["lb1", "lb2", "lb4"])
+        );
+        assert_eq!(
+            live_nodes("lb1", false, &members, answering),
+            nodes(&["lb2", "lb4"]),
+            "a node whose link is down answers for nothing"
+        );
     }
 
     #[test]

@@ -56,6 +56,9 @@ pub const EXCLUDE_NODE_LABEL: &str = "node.kubernetes.io/exclude-from-external-l
 /// Service must not crowd out the others.
 pub const MAX_PORTS_PER_SERVICE: usize = 256;
 
+/// The reason of the Event that tells a Service its VIP is announced by another LB node.
+pub const ANNOUNCED: &str = "Announced";
+
 /// What `reconcile` decides with: the part of the configuration about which Services xlb
 /// serves, which backends and addresses they get, and what is written back. Built from
 /// [`Config`] once; nothing else of it reaches the reconciler.
@@ -318,7 +321,7 @@ fn announce(
                         plan.events.push(PlannedEvent {
                             service: service.clone(),
                             kind: EventKind::Normal,
-                            reason: "Announced",
+                            reason: ANNOUNCED,
                             message: format!("{vip} announced by {owner} (was {before})"),
                         });
                     }

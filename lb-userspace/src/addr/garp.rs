@@ -61,6 +61,11 @@ const GARP_LEN: usize = 42;
 /// the VIP, target hardware address zero (RFC 5227 "ARP announcement"). Multi-byte fields are
 /// big-endian, as on the wire.
 fn garp_frame(mac: [u8; 6], vip: Ipv4Addr) -> [u8; GARP_LEN] {
+    request_frame(mac, vip, vip)
+}
+
+/// A broadcast ARP request from `mac`/`sender` for `target`.
+pub(super) fn request_frame(mac: [u8; 6], sender: Ipv4Addr, target: Ipv4Addr) -> [u8; GARP_LEN] {
     let mut frame = [0u8; GARP_LEN];
     frame[0..6].copy_from_slice(&[0xff; 6]); // destination: broadcast
     frame[6..12].copy_from_slice(&mac); // source
@@ -71,20 +76,32 @@ fn garp_frame(mac: [u8; 6], vip: Ipv4Addr) -> [u8; GARP_LEN] {
     frame[19] = 4; // protocol address length
     frame[20..22].copy_from_slice(&1u16.to_be_bytes()); // operation: request
     frame[22..28].copy_from_slice(&mac); // sender hardware address
-    frame[28..32].copy_from_slice(&vip.octets()); // sender protocol address
+    frame[28..32].copy_from_slice(&sender.octets()); // sender protocol address
     // 32..38: target hardware address, zero.
-    frame[38..42].copy_from_slice(&vip.octets()); // target protocol address
+    frame[38..42].copy_from_slice(&target.octets()); // target protocol address
     frame
 }
 
-/// An `AF_PACKET` raw socket bound to one device, for sending whole Ethernet frames.
-struct ArpSocket {
+/// The sender protocol address of an ARP frame (request or reply), if `frame` is one.
+pub(super) fn arp_sender(frame: &[u8]) -> Option<Ipv4Addr> {
+    let is_arp = frame.get(12..14)? == ETH_P_ARP.to_be_bytes()
+        && frame.get(14..20)? == [0, 1, 0x08, 0, 6, 4];
+    if !is_arp {
+        return None;
+    }
+    let sender: [u8; 4] = frame.get(28..32)?.try_into().ok()?;
+    Some(Ipv4Addr::from(sender))
+}
+
+/// An `AF_PACKET` raw socket for ARP on one device, for sending whole Ethernet frames (and,
+/// once bound, receiving them).
+pub(super) struct ArpSocket {
     fd: OwnedFd,
     ifindex: u32,
 }
 
 impl ArpSocket {
-    fn open(ifindex: u32) -> std::io::Result<ArpSocket> {
+    pub(super) fn open(ifindex: u32) -> std::io::Result<ArpSocket> {
         // SAFETY: socket() takes no pointers; the result is checked before use.
         let fd = unsafe {
             libc::socket(
@@ -101,7 +118,67 @@ impl ArpSocket {
         Ok(ArpSocket { fd, ifindex })
     }
 
-    fn send(&self, frame: &[u8]) -> std::io::Result<()> {
+    /// Receives only the ARP frames of this device from now on, waiting at most `timeout`
+    /// for each.
+    pub(super) fn bind_for_receiving(&self, timeout: Duration) -> std::io::Result<()> {
+        // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = ETH_P_ARP.to_be();
+        addr.sll_ifindex = i32::try_from(self.ifindex).map_err(std::io::Error::other)?;
+        // SAFETY: addr is valid for the length passed.
+        let bound = unsafe {
+            libc::bind(
+                self.fd.as_raw_fd(),
+                (&raw const addr).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        if bound < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let timeval = libc::timeval {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+        };
+        // SAFETY: timeval is valid for the length passed.
+        let set = unsafe {
+            libc::setsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&raw const timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if set < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// The next frame, or `None` when none came within the receive timeout.
+    pub(super) fn receive(&self, buffer: &mut [u8]) -> std::io::Result<Option<usize>> {
+        // SAFETY: buffer is valid for writes of its length.
+        let read = unsafe {
+            libc::recv(
+                self.fd.as_raw_fd(),
+                buffer.as_mut_ptr().cast(),
+                buffer.len(),
+                0,
+            )
+        };
+        if read < 0 {
+            let error = std::io::Error::last_os_error();
+            return match error.kind() {
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => Ok(None),
+                _ => Err(error),
+            };
+        }
+        Ok(Some(read as usize))
+    }
+
+    pub(super) fn send(&self, frame: &[u8]) -> std::io::Result<()> {
         // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
         let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         addr.sll_family = libc::AF_PACKET as u16;
@@ -143,5 +220,28 @@ mod tests {
             0, 0, 0, 0, 0, 0, 198, 51, 100, 10, // target
         ];
         assert_eq!(frame, expected);
+    }
+}
+
+#[cfg(test)]
+mod frame_tests {
+    use super::*;
+
+    #[test]
+    fn addr_arp_sender_reads_requests_and_replies_only() {
+        let mac = [0x02, 0, 0, 0, 0, 0x01];
+        let request = request_frame(
+            mac,
+            Ipv4Addr::new(198, 51, 100, 2),
+            Ipv4Addr::new(198, 51, 100, 3),
+        );
+        assert_eq!(arp_sender(&request), Some(Ipv4Addr::new(198, 51, 100, 2)));
+        let mut reply = request;
+        reply[20..22].copy_from_slice(&2u16.to_be_bytes());
+        assert_eq!(arp_sender(&reply), Some(Ipv4Addr::new(198, 51, 100, 2)));
+        let mut ipv4 = request;
+        ipv4[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+        assert_eq!(arp_sender(&ipv4), None);
+        assert_eq!(arp_sender(&request[..20]), None);
     }
 }

@@ -39,6 +39,7 @@
 pub mod diff;
 mod garp;
 mod netlink;
+pub mod probe;
 pub mod route;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -206,6 +207,47 @@ impl AddrManager {
     /// Name of the link device.
     pub fn device(&self) -> &str {
         &self.link.name
+    }
+
+    /// Starts probing other LB nodes' addresses on the link device with ARP, from `own`
+    /// (this node's address there); see [`probe`].
+    pub fn start_prober(&self, own: Ipv4Addr) -> Result<probe::Prober, AddrError> {
+        probe::Prober::start(&self.link, own)
+    }
+
+    /// Whether the link device is up and has a carrier (`IFF_UP` and `IFF_RUNNING`): a node
+    /// whose link is down cannot answer for a VIP.
+    pub fn link_running(&self) -> bool {
+        // SAFETY: socket() takes no pointers; the result is checked.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return false;
+        }
+        // SAFETY: fd was just opened and is owned by nothing else.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        // SAFETY: ifreq is plain old data; all-zero is a valid value.
+        let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (slot, byte) in request
+            .ifr_name
+            .iter_mut()
+            .zip(self.link.name.bytes().take(libc::IFNAMSIZ - 1))
+        {
+            *slot = byte as libc::c_char;
+        }
+        // SAFETY: SIOCGIFFLAGS reads the name from and writes the flags into `request`.
+        let done = unsafe {
+            libc::ioctl(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                libc::SIOCGIFFLAGS,
+                &raw mut request,
+            )
+        };
+        if done < 0 {
+            return false;
+        }
+        // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+        let flags = i32::from(unsafe { request.ifr_ifru.ifru_flags });
+        flags & libc::IFF_UP != 0 && flags & libc::IFF_RUNNING != 0
     }
 
     /// The host's view of the link device, for the reconciler: prefixes, own addresses (not

@@ -59,16 +59,23 @@ pub enum KubeSourceError {
 /// (kube's default). The second, for the watches, does not: the client's retries back off up to
 /// 15 times over minutes without surfacing an error, which would hide an API outage from
 /// `/readyz`; the watchers have their own backoff.
-pub async fn clients(kubeconfig: Option<PathBuf>) -> Result<(Client, Client), KubeSourceError> {
-    let config = config(kubeconfig).await?;
+pub async fn clients(
+    kubeconfig: Option<PathBuf>,
+    node: Option<&str>,
+) -> Result<(Client, Client), KubeSourceError> {
+    let mut config = config(kubeconfig).await?;
+    // With several LB nodes, API server logs (and tests) tell the instances apart.
+    if let Some(agent) = node
+        .and_then(|node| http::HeaderValue::from_str(&format!("{USER_AGENT} (node {node})")).ok())
+    {
+        config
+            .headers
+            .retain(|(name, _)| name != http::header::USER_AGENT);
+        config.headers.push((http::header::USER_AGENT, agent));
+    }
     let mut watch_config = config.clone();
     watch_config.default_retry = false;
     Ok((Client::try_from(config)?, Client::try_from(watch_config)?))
-}
-
-/// Builds a client as [`clients`] does, for writes (with kube's default retries).
-pub async fn client(kubeconfig: Option<PathBuf>) -> Result<Client, KubeSourceError> {
-    Ok(Client::try_from(config(kubeconfig).await?)?)
 }
 
 async fn config(kubeconfig: Option<PathBuf>) -> Result<kube::Config, KubeSourceError> {

@@ -7,13 +7,16 @@ use anyhow::Context as _;
 use clap::Parser;
 
 /// In-memory Kubernetes API server for xlb's demo and tests. Prints a kubeconfig
-/// for it (or writes it to --kubeconfig) and serves on 127.0.0.1 until killed.
+/// for it (or writes it to --kubeconfig) and serves on --addr (127.0.0.1) until killed.
 /// Faults: POST /__fake/drop-watches, /__fake/refuse?seconds=N, /__fake/latency?ms=N,
 /// /__fake/clear, /__fake/compact.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// Port on 127.0.0.1 (0: any free port).
+    /// Address to listen on.
+    #[arg(long, env = "KUBE_FAKE_ADDR", default_value = "127.0.0.1")]
+    addr: std::net::IpAddr,
+    /// Port (0: any free port).
     #[arg(long, env = "KUBE_FAKE_PORT", default_value_t = 0)]
     port: u16,
     /// Write the kubeconfig here instead of printing it.
@@ -34,6 +37,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut config = kube_fake::Config {
+        addr: args.addr,
         port: args.port,
         history_limit: args.history,
         bookmark_interval: Duration::from_secs(args.bookmark_seconds),

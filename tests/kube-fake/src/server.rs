@@ -16,7 +16,10 @@ use crate::store::Store;
 /// How a server is set up.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Port on 127.0.0.1; 0 picks a free one.
+    /// Address to listen on: loopback by default; another (a test namespace's bridge address)
+    /// lets several network namespaces reach one server.
+    pub addr: std::net::IpAddr,
+    /// Port; 0 picks a free one.
     pub port: u16,
     /// How many changes the store keeps for watches and old-version lists. A watch
     /// or list from a version older than that gets `410 Gone`.
@@ -32,6 +35,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
+            addr: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
             port: 0,
             history_limit: 10_000,
             bookmark_interval: Duration::from_secs(60),
@@ -47,8 +51,10 @@ pub enum StartError {
     #[error(transparent)]
     Docs(#[from] DocsError),
     /// The listening socket could not be opened.
-    #[error("cannot listen on 127.0.0.1:{port}: {source}")]
+    #[error("cannot listen on {addr}:{port}: {source}")]
     Listen {
+        /// The address asked for.
+        addr: std::net::IpAddr,
         /// The port asked for.
         port: u16,
         /// Why.
@@ -86,13 +92,15 @@ impl Server {
     /// Starts a server.
     pub async fn start_with(config: Config) -> Result<Server, StartError> {
         let docs = Docs::load(&config.fixtures_dir)?;
-        let listener = TcpListener::bind(("127.0.0.1", config.port))
+        let listener = TcpListener::bind((config.addr, config.port))
             .await
             .map_err(|source| StartError::Listen {
+                addr: config.addr,
                 port: config.port,
                 source,
             })?;
         let addr = listener.local_addr().map_err(|source| StartError::Listen {
+            addr: config.addr,
             port: config.port,
             source,
         })?;
@@ -127,7 +135,7 @@ impl Server {
         self.addr
     }
 
-    /// The base URL, `http://127.0.0.1:PORT`.
+    /// The base URL, `http://ADDR:PORT`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
