@@ -319,6 +319,12 @@ pub struct Api {
 impl Api {
     /// Starts a fresh server on `ns`'s loopback.
     pub fn start(ns: &Netns) -> Api {
+        Api::start_at(ns, Ipv4Addr::LOCALHOST)
+    }
+
+    /// Starts a fresh server in `ns` listening on `addr` (an address of one of its devices,
+    /// so other namespaces can reach it).
+    pub fn start_at(ns: &Netns, addr: Ipv4Addr) -> Api {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -327,7 +333,10 @@ impl Api {
         // The listening socket is created by this thread, inside the namespace.
         let server = ns.enter(|| {
             runtime
-                .block_on(kube_fake::Server::start())
+                .block_on(kube_fake::Server::start_with(kube_fake::Config {
+                    addr: addr.into(),
+                    ..kube_fake::Config::default()
+                }))
                 .unwrap_or_else(|e| panic!("starting the in-memory API server: {e}"))
         });
         let kubeconfig = std::env::temp_dir().join(format!("{}-kubeconfig", ns.name()));

@@ -1,6 +1,7 @@
 //! Fixtures for xlb's end-to-end tests: network-namespace topologies, backends, clients,
 //! crafted packets.
 
+pub mod arp;
 pub mod bpf;
 pub mod cluster;
 pub mod fixture;
