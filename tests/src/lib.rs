@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod fixture;
 pub mod netns;
 pub mod pkt;
+pub mod rbac;
 pub mod servers;
 pub mod spec;
 pub mod synthetic;

@@ -237,6 +237,22 @@ fn one_announcer_per_vip_one_writer_and_failover() {
         .filter_map(|request| request.user_agent)
         .collect();
     assert_eq!(writers.len(), 1, "status written by {writers:?}");
+    // Every request, Leases included, is one deploy/rbac.yaml grants.
+    let granted = xlb_tests::rbac::granted_by_rbac();
+    for request in group.api.faults().requests() {
+        if request
+            .user_agent
+            .as_deref()
+            .is_some_and(|agent| agent.starts_with("xlb/"))
+        {
+            let pair = xlb_tests::rbac::verb_and_resource(&request);
+            assert!(
+                granted.contains(&pair),
+                "{pair:?} is not granted ({})",
+                request.uri
+            );
+        }
+    }
     let leases = group.api.kubectl(&["get", "lease", "-n", "kube-system"]);
     for node in ["lb1", "lb2", "lb3"] {
         assert!(leases.contains(&format!("xlb-node-{node}")), "{leases}");

@@ -10,6 +10,7 @@ use xlb_tests::bpf::PinDir;
 use xlb_tests::cluster::{
     Api, Cluster, METRICS_ADDR, Xlb, node_yaml, service_yaml, wait_for, xlb_binary,
 };
+use xlb_tests::rbac::{granted_by_rbac, verb_and_resource};
 use xlb_tests::servers::spawn_in;
 
 /// How long xlb gets to react to a change.
@@ -92,7 +93,7 @@ fn sigterm_always_exits_and_clears_every_status() {
             "run {run}: a clean exit must not report an API failure\n{log}"
         );
     }
-    let granted = granted_by_cluster_role();
+    let granted = granted_by_rbac();
     let used: std::collections::BTreeSet<(String, String)> = api
         .faults()
         .requests()
@@ -114,130 +115,6 @@ fn sigterm_always_exits_and_clears_every_status() {
             granted.contains(pair),
             "xlb used {pair:?}, which deploy/rbac.yaml does not grant ({granted:?})"
         );
-    }
-}
-
-/// `(verb, resource)` of an API request as RBAC names them (`services/status` for a
-/// subresource).
-fn verb_and_resource(request: &RequestRecord) -> (String, String) {
-    let (path, query) = request.uri.split_once('?').unwrap_or((&request.uri, ""));
-    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
-    // /api/v1/... or /apis/GROUP/VERSION/...; then optionally namespaces/NS.
-    let rest = match parts.first() {
-        Some(&"api") => &parts[2.min(parts.len())..],
-        Some(&"apis") => &parts[3.min(parts.len())..],
-        _ => return (request.method.to_lowercase(), path.to_owned()),
-    };
-    let rest = match rest {
-        ["namespaces", _, tail @ ..] if !tail.is_empty() => tail,
-        other => other,
-    };
-    let (resource, named) = match rest {
-        [resource] => ((*resource).to_owned(), false),
-        [resource, _name] => ((*resource).to_owned(), true),
-        [resource, _name, sub] => (format!("{resource}/{sub}"), true),
-        _ => (path.to_owned(), false),
-    };
-    let verb = match request.method.as_str() {
-        "GET"
-            if query
-                .split('&')
-                .any(|pair| pair == "watch=true" || pair == "watch=1") =>
-        {
-            "watch"
-        }
-        "GET" if named => "get",
-        "GET" => "list",
-        "POST" => "create",
-        "PUT" => "update",
-        "PATCH" => "patch",
-        "DELETE" => "delete",
-        other => other,
-    };
-    (verb.to_owned(), resource)
-}
-
-/// Every `(verb, resource)` the ClusterRole in `deploy/rbac.yaml` grants.
-fn granted_by_cluster_role() -> std::collections::BTreeSet<(String, String)> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/rbac.yaml");
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
-    let mut granted = std::collections::BTreeSet::new();
-    for document in serde_yaml::Deserializer::from_str(&text) {
-        let value = <serde_yaml::Value as serde::Deserialize>::deserialize(document)
-            .unwrap_or_else(|e| panic!("{path}: {e}"));
-        if value.get("kind").and_then(serde_yaml::Value::as_str) != Some("ClusterRole") {
-            continue;
-        }
-        let strings = |rule: &serde_yaml::Value, key: &str| -> Vec<String> {
-            rule.get(key)
-                .and_then(serde_yaml::Value::as_sequence)
-                .into_iter()
-                .flatten()
-                .filter_map(|item| item.as_str().map(str::to_owned))
-                .collect()
-        };
-        for rule in value
-            .get("rules")
-            .and_then(serde_yaml::Value::as_sequence)
-            .into_iter()
-            .flatten()
-        {
-            for resource in strings(rule, "resources") {
-                for verb in strings(rule, "verbs") {
-                    granted.insert((verb, resource.clone()));
-                }
-            }
-        }
-    }
-    granted
-}
-
-/// A second signal during a shutdown that waits on an unanswering API server ends xlb at
-/// once; a shutdown nobody interrupts still ends within its bound.
-#[test]
-fn a_second_signal_exits_at_once_and_a_stuck_shutdown_is_bounded() {
-    let cluster = Cluster::new("rs-sig2", 1, &[30080]);
-    let api = Api::start(&cluster.lb);
-    api.apply(&node_yaml(1, true, true));
-    let names = services(&api, 3);
-    let pins = PinDir::new();
-    for second_signal in [true, false] {
-        let mut xlb = start(&cluster, &api, &pins, &["--dataplane", "proxy"]);
-        wait_for("every Service served", REACT, || {
-            match with_ingress(&api, &names) {
-                n if n == names.len() => Ok(()),
-                n => Err(format!("{n} served")),
-            }
-        });
-        // Every answer now takes a minute: clearing the statuses cannot finish.
-        api.faults().set_latency(Duration::from_secs(60));
-        let signalled = Instant::now();
-        let status = if second_signal {
-            assert!(
-                xlb.stop(Duration::from_secs(1)).is_none(),
-                "still cleaning up"
-            );
-            xlb.stop(Duration::from_secs(3))
-        } else {
-            xlb.stop(EXIT_LIMIT)
-        };
-        let elapsed = signalled.elapsed();
-        api.faults().clear();
-        let status = status.unwrap_or_else(|| {
-            panic!(
-                "xlb still running {elapsed:?} after SIGTERM (second: {second_signal})\n{}",
-                xlb.log()
-            )
-        });
-        println!("second signal {second_signal}: exit {status} after {elapsed:?}");
-        if !second_signal {
-            assert!(
-                xlb.log().contains("gave up clearing Service statuses"),
-                "{}",
-                xlb.log()
-            );
-        }
-        // Statuses were left set: the next run adopts them.
     }
 }
 
