@@ -85,10 +85,7 @@ pub fn plan(wanted: &BTreeMap<Ipv4Addr, u8>, target: u32, present: &[DeviceAddr]
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn ip(s: &str) -> Ipv4Addr {
-        s.parse().expect("test address")
-    }
+    use crate::addr::tests::ip;
 
     fn owners(names: &[&str]) -> BTreeSet<String> {
         names.iter().map(|n| (*n).to_owned()).collect()

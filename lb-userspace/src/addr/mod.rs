@@ -404,7 +404,8 @@ fn join(owners: &BTreeSet<String>) -> String {
 mod tests {
     use super::*;
 
-    fn ip(s: &str) -> Ipv4Addr {
+    /// An address written in a test; also used by the submodules' tests.
+    pub(super) fn ip(s: &str) -> Ipv4Addr {
         s.parse().expect("test address")
     }
 
