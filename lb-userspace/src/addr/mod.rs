@@ -79,6 +79,11 @@ pub enum AddrError {
         "cannot open a netlink socket: {0}; xlb needs CAP_NET_ADMIN (run it as root or grant the capability)"
     )]
     Socket(#[source] std::io::Error),
+    /// The thread that drives the netlink connection could not be started.
+    #[error(
+        "cannot start the thread that serves xlb's netlink connection: {0}; the process is out of threads or memory (check `ulimit -u` and the cgroup's pids.max)"
+    )]
+    NetlinkThread(#[source] std::io::Error),
     /// The kernel cannot mark addresses as xlb's.
     #[error(
         "kernel {release} is too old: xlb marks its addresses with IFA_PROTO, which needs Linux 5.18 or later; upgrade the kernel"
