@@ -1,7 +1,9 @@
-//! The end-to-end topology shared by the namespace tests and `bench_e2e`: client ns — lb ns —
-//! backend namespaces, and the data plane run as a separate process (`xlb_loader`).
+//! The network-namespace topologies of the tests (the controller's cluster is in
+//! [`crate::cluster`]), and the data plane run as a separate process (`xlb_loader`).
 //!
 //! Topologies:
+//! - [`Pair`]: two namespaces joined by one veth, an address on each end (address manager
+//!   and XDP attach tests);
 //! - separate devices: the client behind `l0`, each backend behind its own veth `lb1..lb3`
 //!   (xlb finds and attaches those from the routing table);
 //! - same device: client, LB and backends on one bridge (in a `sw` namespace); the LB has a
@@ -126,6 +128,32 @@ impl Loader {
     /// SIGKILLs the loader (pinned objects stay).
     pub fn kill(self) {
         drop(self);
+    }
+}
+
+/// Two namespaces joined by one veth with an address on each end: the smallest topology.
+#[derive(Debug)]
+pub struct Pair {
+    /// The first namespace, with device `near_dev`.
+    pub near: Netns,
+    /// The second namespace, with device `far_dev`.
+    pub far: Netns,
+}
+
+impl Pair {
+    /// Namespaces `<tag>-n` and `<tag>-f`, joined by a veth `near_dev` — `far_dev`, both up,
+    /// with `near_cidr` and `far_cidr` (`198.51.100.1/24`).
+    pub fn new(
+        tag: &str,
+        (near_dev, near_cidr): (&str, &str),
+        (far_dev, far_cidr): (&str, &str),
+    ) -> Pair {
+        let near = Netns::new(&format!("{tag}-n"));
+        let far = Netns::new(&format!("{tag}-f"));
+        veth(&near, near_dev, &far, far_dev);
+        near.run(&["ip", "addr", "add", near_cidr, "dev", near_dev]);
+        far.run(&["ip", "addr", "add", far_cidr, "dev", far_dev]);
+        Pair { near, far }
     }
 }
 

@@ -14,6 +14,7 @@ use xlb::addr::route::{Route, RouteLookup};
 use xlb::addr::{AddrConfig, AddrError, AddrManager, DesiredVips};
 use xlb::config::Announce;
 use xlb_tests::netns::{ChildGuard, Netns, require_root, veth};
+use xlb_tests::topology::Pair;
 use xlb_tests::wait::{Lines, eventually};
 
 const LB_DEV: &str = "xlb0";
@@ -32,11 +33,10 @@ struct Lan {
 /// being the LB's default gateway `gateway`.
 fn lan_with(tag: &str, lb_cidr: &str, peer_cidr: &str, gateway: &str) -> Lan {
     require_root("this address-manager test");
-    let lb = Netns::new(&format!("{tag}-lb"));
-    let peer = Netns::new(&format!("{tag}-pe"));
-    veth(&lb, LB_DEV, &peer, PEER_DEV);
-    lb.run(&["ip", "addr", "add", lb_cidr, "dev", LB_DEV]);
-    peer.run(&["ip", "addr", "add", peer_cidr, "dev", PEER_DEV]);
+    let Pair {
+        near: lb,
+        far: peer,
+    } = Pair::new(tag, (LB_DEV, lb_cidr), (PEER_DEV, peer_cidr));
     lb.run(&[
         "ip", "route", "add", "default", "via", gateway, "dev", LB_DEV,
     ]);

@@ -9,54 +9,46 @@ use lb_common::{
     ServiceValue, VipValue,
 };
 
-/// Sum of the sizes of the named fields; the destructuring patterns below list every field,
-/// so adding a field without adding it here does not compile.
-macro_rules! field_sizes {
-    ($($field:ident),+) => { 0 $(+ size_of_val(&$field))+ };
+/// Asserts that `$ty`'s size is the sum of its fields' sizes. The destructuring pattern
+/// lists every field, so a field added without being listed here does not compile.
+macro_rules! assert_no_padding {
+    ($ty:ident { $($field:ident),+ $(,)? }) => {{
+        let $ty { $($field),+ } = $ty::default();
+        assert_eq!(
+            size_of::<$ty>(),
+            0 $(+ size_of_val(&$field))+,
+            concat!(stringify!($ty), " has implicit padding")
+        );
+    }};
 }
 
 /// A struct with implicit padding is larger than its fields: the padding bytes are left
 /// uninitialised on the stack, so the kernel would hash and compare garbage in map keys.
 #[test]
 fn map_types_have_no_implicit_padding() {
-    let ServiceKey {
+    assert_no_padding!(ServiceKey {
         vip,
         port,
         proto,
-        _pad,
-    } = ServiceKey::default();
-    assert_eq!(
-        size_of::<ServiceKey>(),
-        field_sizes!(vip, port, proto, _pad)
-    );
-    let ServiceValue {
+        _pad
+    });
+    assert_no_padding!(ServiceValue {
         id,
         backend_count,
-        rr_cursor,
-    } = ServiceValue::default();
-    assert_eq!(
-        size_of::<ServiceValue>(),
-        field_sizes!(id, backend_count, rr_cursor)
-    );
-    let BackendKey { service_id, slot } = BackendKey::default();
-    assert_eq!(size_of::<BackendKey>(), field_sizes!(service_id, slot));
-    let BackendValue { ip, port, _pad } = BackendValue::default();
-    assert_eq!(size_of::<BackendValue>(), field_sizes!(ip, port, _pad));
-    let VipValue { services } = VipValue::default();
-    assert_eq!(size_of::<VipValue>(), field_sizes!(services));
-    let FlowKey {
+        rr_cursor
+    });
+    assert_no_padding!(BackendKey { service_id, slot });
+    assert_no_padding!(BackendValue { ip, port, _pad });
+    assert_no_padding!(VipValue { services });
+    assert_no_padding!(FlowKey {
         src_ip,
         dst_ip,
         src_port,
         dst_port,
         proto,
-        _pad,
-    } = FlowKey::default();
-    assert_eq!(
-        size_of::<FlowKey>(),
-        field_sizes!(src_ip, dst_ip, src_port, dst_port, proto, _pad)
-    );
-    let CtEntry {
+        _pad
+    });
+    assert_no_padding!(CtEntry {
         nat_src_ip,
         nat_dst_ip,
         nat_src_port,
@@ -67,33 +59,26 @@ fn map_types_have_no_implicit_padding() {
         last_seen_ns,
         smac,
         dmac,
-        _pad,
-    } = CtEntry::default();
-    assert_eq!(
-        size_of::<CtEntry>(),
-        field_sizes!(
-            nat_src_ip,
-            nat_dst_ip,
-            nat_src_port,
-            nat_dst_port,
-            service_id,
-            state,
-            ifindex,
-            last_seen_ns,
-            smac,
-            dmac,
-            _pad
-        )
-    );
-    let ServiceStats {
+        _pad
+    });
+    assert_no_padding!(ServiceStats {
         packets,
         bytes,
-        new_flows,
-    } = ServiceStats::default();
-    assert_eq!(
-        size_of::<ServiceStats>(),
-        field_sizes!(packets, bytes, new_flows)
-    );
+        new_flows
+    });
+}
+
+/// The check itself catches padding: a `u8` before a `u32` leaves three bytes of it.
+#[test]
+#[should_panic(expected = "Padded has implicit padding")]
+fn the_padding_check_catches_padding() {
+    #[repr(C)]
+    #[derive(Default)]
+    struct Padded {
+        small: u8,
+        large: u32,
+    }
+    assert_no_padding!(Padded { small, large });
 }
 
 /// Deterministic pseudo-random numbers (xorshift32).

@@ -6,7 +6,7 @@ use xlb::config::XdpMode;
 use xlb::dataplane::xdp::{AttachMode, XdpConfig, XdpDataplane};
 use xlb_tests::bpf::PinDir;
 use xlb_tests::fixture::Fixture;
-use xlb_tests::netns::{Netns, veth};
+use xlb_tests::topology::Pair;
 
 const XDP_PASS: u32 = 2;
 
@@ -102,11 +102,10 @@ fn test_run_counts_frames_by_kind_and_passes_what_is_not_ours() {
 /// exactly the number of echo requests.
 fn ping_through(choice: XdpMode, expected_mode: AttachMode) {
     const PINGS: u64 = 10;
-    let client = Netns::new("fnd-c");
-    let server = Netns::new("fnd-s");
-    veth(&client, "eth0", &server, "eth0");
-    client.run(&["ip", "addr", "add", "192.0.2.1/24", "dev", "eth0"]);
-    server.run(&["ip", "addr", "add", "192.0.2.2/24", "dev", "eth0"]);
+    let Pair {
+        near: client,
+        far: server,
+    } = Pair::new("fnd", ("eth0", "192.0.2.1/24"), ("eth0", "192.0.2.2/24"));
     // Resolve the neighbour first so ARP is not counted against the pings below.
     client.run(&["ping", "-c", "1", "-W", "2", "192.0.2.2"]);
     let pins = PinDir::new();

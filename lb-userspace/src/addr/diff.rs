@@ -57,10 +57,7 @@ pub fn plan(wanted: &BTreeMap<Ipv4Addr, u8>, target: u32, present: &[DeviceAddr]
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn ip(s: &str) -> Ipv4Addr {
-        s.parse().expect("test address")
-    }
+    use crate::addr::tests::ip;
 
     fn addr(s: &str, prefix_len: u8, ifindex: u32, xlb: bool) -> DeviceAddr {
         DeviceAddr {

@@ -77,6 +77,11 @@ pub enum AddrError {
         "cannot open a netlink socket: {0}; xlb needs CAP_NET_ADMIN (run it as root or grant the capability)"
     )]
     Socket(#[source] std::io::Error),
+    /// The thread that drives the netlink connection could not be started.
+    #[error(
+        "cannot start the thread that serves xlb's netlink connection: {0}; the process is out of threads or memory (check `ulimit -u` and the cgroup's pids.max)"
+    )]
+    NetlinkThread(#[source] std::io::Error),
     /// The kernel cannot mark addresses as xlb's.
     #[error(
         "kernel {release} is too old: xlb marks its addresses with IFA_PROTO, which needs Linux 5.18 or later; upgrade the kernel"
@@ -434,7 +439,8 @@ fn join(owners: &BTreeSet<String>) -> String {
 mod tests {
     use super::*;
 
-    fn ip(s: &str) -> Ipv4Addr {
+    /// An address written in a test; also used by the submodules' tests.
+    pub(super) fn ip(s: &str) -> Ipv4Addr {
         s.parse().expect("test address")
     }
 

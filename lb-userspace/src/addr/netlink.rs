@@ -46,7 +46,7 @@ impl Netlink {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .build()
-            .map_err(AddrError::Socket)?;
+            .map_err(AddrError::NetlinkThread)?;
         // The socket registers with the runtime that will drive it, and is created here, on
         // the caller's thread, so it belongs to the caller's network namespace.
         let (connection, handle, _) = {
@@ -64,7 +64,7 @@ impl Netlink {
                     }
                 });
             })
-            .map_err(AddrError::Socket)?;
+            .map_err(AddrError::NetlinkThread)?;
         Ok(Netlink {
             handle,
             _stop: Arc::new(stop),

@@ -127,11 +127,18 @@ pub async fn routes(
         };
         let device = match names.get(&ifindex) {
             Some(name) => name.clone(),
-            None => {
-                let name = find_link(handle, LinkRef::Index(ifindex)).await?.name;
-                names.insert(ifindex, name.clone());
-                name
-            }
+            None => match find_link(handle, LinkRef::Index(ifindex)).await {
+                Ok(link) => {
+                    names.insert(ifindex, link.name.clone());
+                    link.name
+                }
+                Err(AddrError::NoSuchDevice { .. }) => {
+                    // The device went away between the two requests: no route any more.
+                    tracing::debug!(backend = %ip, ifindex, "the route's device is gone");
+                    continue;
+                }
+                Err(err) => return Err(err),
+            },
         };
         let route = Route {
             device,

@@ -18,9 +18,8 @@
 //! xlb attaches to [`XdpConfig::devices`] (the link device) and, with
 //! [`XdpConfig::follow_backend_routes`], to every device through which a backend is routed
 //! (a netlink route lookup, [`crate::addr::route`], re-checked on every [`Dataplane::apply`]
-//! that changes backends). Devices
-//! stay attached until [`XdpDataplane::detach_all`]: a device toward a removed backend may
-//! still carry its draining flows.
+//! that changes backends). Devices stay attached until [`XdpDataplane::detach_all`]: a device
+//! toward a removed backend may still carry its draining flows.
 //!
 //! # Forwarding
 //! The program looks the translated packet's route up in the FIB (`bpf_fib_lookup`). In
