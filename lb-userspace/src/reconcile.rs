@@ -1762,24 +1762,6 @@ mod tests {
     }
 
     #[test]
-    fn reconcile_is_deterministic() {
-        let (state, config, host) = crate::synthetic::cluster(200, 20);
-        let first = reconcile(
-            &state,
-            &Settings::from(&config),
-            &host,
-            &Allocations::default(),
-        );
-        let second = reconcile(
-            &state,
-            &Settings::from(&config),
-            &host,
-            &Allocations::default(),
-        );
-        assert_eq!(first, second);
-    }
-
-    #[test]
     fn a_synthetic_cluster_reconciles_cleanly() {
         let (state, config, host) = crate::synthetic::cluster(1_000, 10);
         let plan = reconcile(

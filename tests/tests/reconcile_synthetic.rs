@@ -1,7 +1,7 @@
 //! `reconcile` on synthetic clusters (`xlb_tests::synthetic`).
 
 use xlb::model::{Allocations, ClusterState};
-use xlb::reconcile::reconcile;
+use xlb::reconcile::{Settings, reconcile};
 use xlb_tests::synthetic::cluster;
 
 /// The same cluster as `state`, built in the opposite order and with every list inside an
@@ -46,6 +46,7 @@ fn reordered(state: &ClusterState) -> ClusterState {
 #[test]
 fn reconcile_is_deterministic() {
     let (state, config, host) = cluster(200, 20);
+    let config = Settings::from(&config);
     let first = reconcile(&state, &config, &host, &Allocations::default());
     assert!(
         first.virtual_services.len() > 200

@@ -118,6 +118,55 @@ fn sigterm_always_exits_and_clears_every_status() {
     }
 }
 
+/// A second signal during a shutdown that waits on an unanswering API server ends xlb at
+/// once; a shutdown nobody interrupts still ends within its bound.
+#[test]
+fn a_second_signal_exits_at_once_and_a_stuck_shutdown_is_bounded() {
+    let cluster = Cluster::new("rs-sig2", 1, &[30080]);
+    let api = Api::start(&cluster.lb);
+    api.apply(&node_yaml(1, true, true));
+    let names = services(&api, 3);
+    let pins = PinDir::new();
+    for second_signal in [true, false] {
+        let mut xlb = start(&cluster, &api, &pins, &["--dataplane", "proxy"]);
+        wait_for("every Service served", REACT, || {
+            match with_ingress(&api, &names) {
+                n if n == names.len() => Ok(()),
+                n => Err(format!("{n} served")),
+            }
+        });
+        // Every answer now takes a minute: clearing the statuses cannot finish.
+        api.faults().set_latency(Duration::from_secs(60));
+        let signalled = Instant::now();
+        let status = if second_signal {
+            assert!(
+                xlb.stop(Duration::from_secs(1)).is_none(),
+                "still cleaning up"
+            );
+            xlb.stop(Duration::from_secs(3))
+        } else {
+            xlb.stop(EXIT_LIMIT)
+        };
+        let elapsed = signalled.elapsed();
+        api.faults().clear();
+        let status = status.unwrap_or_else(|| {
+            panic!(
+                "xlb still running {elapsed:?} after SIGTERM (second: {second_signal})\n{}",
+                xlb.log()
+            )
+        });
+        println!("second signal {second_signal}: exit {status} after {elapsed:?}");
+        if !second_signal {
+            assert!(
+                xlb.log().contains("gave up clearing Service statuses"),
+                "{}",
+                xlb.log()
+            );
+        }
+        // Statuses were left set: the next run adopts them.
+    }
+}
+
 /// xlb's requests during `window`.
 fn xlb_requests(api: &Api, from: Instant, to: Instant) -> Vec<RequestRecord> {
     api.faults()
