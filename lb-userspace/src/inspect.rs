@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
 use lb_common::*;
 
-use crate::dataplane::xdp::sum_service_stats;
+use crate::dataplane::sum_service_stats;
 
 /// What to print.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -102,8 +102,16 @@ impl Request {
 /// Service, the IP it holds with its ports, or why it holds none.
 pub fn allocate(
     settings: IpamSettings<'_>,
-    mut requests: Vec<Request>,
+    requests: Vec<Request>,
 ) -> BTreeMap<ServiceKey, Result<Allocation, IpamError>> {
+    allocate_counting(settings, requests).0
+}
+
+/// [`allocate`], also returning how many pool addresses the run examined for a free one.
+fn allocate_counting(
+    settings: IpamSettings<'_>,
+    mut requests: Vec<Request>,
+) -> (BTreeMap<ServiceKey, Result<Allocation, IpamError>>, u64) {
     requests.sort_by(|a, b| {
         (!a.holds_its_ip(), &a.created, &a.service).cmp(&(
             !b.holds_its_ip(),
@@ -117,8 +125,9 @@ pub fn allocate(
         reuse_from: HashMap::new(),
         next_free: 0,
         exhausted: false,
+        examined: 0,
     };
-    requests
+    let outcome = requests
         .into_iter()
         .map(|request| {
             let outcome = run.place(&request).map(|ip| {
@@ -130,7 +139,8 @@ pub fn allocate(
             });
             (request.service, outcome)
         })
-        .collect()
+        .collect();
+    (outcome, run.examined)
 }
 
 /// The state of one allocation run. IPs and ports are only ever taken during a run, never
@@ -146,6 +156,8 @@ struct Run<'a> {
     next_free: u32,
     /// No pool address is free any more (so no need to scan the pool again).
     exhausted: bool,
+    /// Pool addresses examined for a free one so far.
+    examined: u64,
 }
 
 impl Run<'_> {
@@ -237,14 +249,17 @@ impl Run<'_> {
         if self.exhausted {
             return None;
         }
+        let mut examined = 0;
         let found = self
             .settings
             .pool
             .addresses_from(self.next_free)
             .map(Ipv4Addr::from)
+            .inspect(|_| examined += 1)
             .find(|&ip| {
                 !self.holders.contains_key(&u32::from(ip)) && self.check_usable(ip).is_ok()
             });
+        self.examined += examined;
         match found {
             Some(ip) => self.next_free = u32::from(ip),
             None => self.exhausted = true,
@@ -589,18 +604,29 @@ mod tests {
 
     #[test]
     fn an_unusable_pool_is_scanned_once_per_run() {
-        // A large pool outside the device prefixes: every address is unusable. Scanning it for
-        // each of 1,000 Services would take minutes; once per run takes a blink.
+        // A large pool outside the device prefixes: every address is unusable. It must be
+        // examined once for the whole run, not once for each of the 1,000 Services.
         let pool = pool("10.0.0.0/14");
         let requests = (0..1_000)
             .map(|i| request(&format!("svc{i:04}"), &[tcp(80)]))
             .collect();
-        let outcome = run(&pool, requests);
+        let host = host();
+        let settings = IpamSettings {
+            pool: &pool,
+            host: &host,
+            require_device_prefix: true,
+        };
+        let (outcome, examined) = allocate_counting(settings, requests);
         assert!(
             outcome
                 .values()
                 .all(|result| matches!(result, Err(IpamError::PoolExhausted { .. }))),
             "nothing in 10.0.0.0/14 lies within the device prefix 198.51.100.0/24"
+        );
+        assert_eq!(
+            examined,
+            1 << 18,
+            "each of the 2^18 addresses examined once"
         );
     }
 

@@ -24,6 +24,8 @@ enum What {
     Backends,
     Conntrack,
     Stats,
+    /// The VIPs this node announces now (with several LB nodes: the ones it owns).
+    Vips,
 }
 
 #[tokio::main]
@@ -32,6 +34,7 @@ async fn main() -> anyhow::Result<()> {
     if argv.get(1).is_some_and(|arg| arg == "inspect") {
         let args = InspectArgs::parse_from(argv.iter().skip(1));
         let table = match args.what {
+            What::Vips => return print_vips().await,
             What::Services => inspect::Table::Services,
             What::Backends => inspect::Table::Backends,
             What::Conntrack => inspect::Table::Conntrack,
@@ -66,4 +69,33 @@ fn is_broken_pipe(error: &(dyn std::error::Error + 'static)) -> bool {
         cause = error.source();
     }
     false
+}
+
+/// `xlb inspect vips`: the addresses xlb placed on this host, with their device.
+async fn print_vips() -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let placed = xlb::addr::placed().await?;
+    let mut write = || -> std::io::Result<()> {
+        writeln!(out, "{:<20} DEVICE", "VIP")?;
+        for (ip, prefix, ifindex) in &placed {
+            let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
+            // SAFETY: name has room for IF_NAMESIZE bytes, as if_indextoname requires.
+            let device = unsafe { libc::if_indextoname(*ifindex, name.as_mut_ptr()) };
+            let device = if device.is_null() {
+                ifindex.to_string()
+            } else {
+                // SAFETY: if_indextoname wrote a NUL-terminated name into `name`.
+                unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }
+                    .to_string_lossy()
+                    .into_owned()
+            };
+            writeln!(out, "{:<20} {device}", format!("{ip}/{prefix}"))?;
+        }
+        Ok(())
+    };
+    match write() {
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.map_err(Into::into),
+    }
 }

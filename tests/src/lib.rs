@@ -5,6 +5,7 @@ pub mod arp;
 pub mod bpf;
 pub mod cluster;
 pub mod fixture;
+pub mod lb_group;
 pub mod netns;
 pub mod pkt;
 pub mod rbac;

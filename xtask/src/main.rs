@@ -103,11 +103,19 @@ fn main() -> anyhow::Result<()> {
                 "--bin",
                 "bench_apply",
                 "--bin",
+                "bench_failover",
+                "--bin",
                 "xlb",
             ])?;
             require_root("the data plane benchmark")?;
             let root = workspace_root();
-            for bench in ["bench_xdp", "bench_e2e", "bench_reconcile", "bench_apply"] {
+            for bench in [
+                "bench_xdp",
+                "bench_e2e",
+                "bench_reconcile",
+                "bench_apply",
+                "bench_failover",
+            ] {
                 eprintln!("[xtask] {bench}");
                 let status = Command::new(root.join("target/release").join(bench))
                     .status()

@@ -60,6 +60,18 @@ pub const XLB_ADDR_PROTO: u8 = 0x78;
 /// size of the set is the VIP's reference count. A VIP with an empty set is not wanted.
 pub type DesiredVips = BTreeMap<Ipv4Addr, BTreeSet<String>>;
 
+/// The addresses xlb has placed on this host (those with its mark), as `(address, prefix
+/// length, device index)`: the VIPs this node announces now, for `xlb inspect vips`.
+pub async fn placed() -> Result<Vec<(Ipv4Addr, u8, u32)>, AddrError> {
+    let netlink = Netlink::open()?;
+    Ok(netlink::addresses(netlink.handle())
+        .await?
+        .into_iter()
+        .filter(|address| address.xlb)
+        .map(|address| (address.ip, address.prefix_len, address.ifindex))
+        .collect())
+}
+
 /// What the address manager needs from xlb's configuration.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AddrConfig {

@@ -233,3 +233,17 @@ fn listen_hint(error: &std::io::Error) -> &'static str {
         _ => "it is retried",
     }
 }
+
+/// Sums per-CPU service counters (for the loader and for `xlb inspect`, which reads the pinned
+/// maps without the loader).
+pub fn sum_service_stats<'a>(
+    values: impl Iterator<Item = &'a lb_common::ServiceStats>,
+) -> lb_common::ServiceStats {
+    values.fold(lb_common::ServiceStats::default(), |acc, v| {
+        lb_common::ServiceStats {
+            packets: acc.packets + v.packets,
+            bytes: acc.bytes + v.bytes,
+            new_flows: acc.new_flows + v.new_flows,
+        }
+    })
+}

@@ -41,7 +41,7 @@ use aya::{
 };
 use lb_common::*;
 
-use super::{Dataplane, DataplaneError, devices, pins, sync};
+use super::{Dataplane, DataplaneError, devices, pins, sum_service_stats, sync};
 use crate::addr::route::{Route, RouteLookup};
 use crate::config::XdpMode;
 use crate::model::{Backend, Frontend, Protocol, VirtualService};
@@ -625,15 +625,6 @@ fn service_key(frontend: &Frontend) -> ServiceKey {
         proto: frontend.protocol.number(),
         _pad: 0,
     }
-}
-
-/// Sums per-CPU service counters.
-pub fn sum_service_stats<'a>(values: impl Iterator<Item = &'a ServiceStats>) -> ServiceStats {
-    values.fold(ServiceStats::default(), |acc, v| ServiceStats {
-        packets: acc.packets + v.packets,
-        bytes: acc.bytes + v.bytes,
-        new_flows: acc.new_flows + v.new_flows,
-    })
 }
 
 fn xdp_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DataplaneError> {
