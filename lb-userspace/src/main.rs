@@ -74,8 +74,8 @@ fn is_broken_pipe(error: &(dyn std::error::Error + 'static)) -> bool {
 /// `xlb inspect vips`: the addresses xlb placed on this host, with their device.
 async fn print_vips() -> anyhow::Result<()> {
     use std::io::Write as _;
-    let mut out = std::io::stdout().lock();
     let placed = xlb::addr::placed().await?;
+    let mut out = std::io::stdout().lock();
     let mut write = || -> std::io::Result<()> {
         writeln!(out, "{:<20} DEVICE", "VIP")?;
         for (ip, prefix, ifindex) in &placed {

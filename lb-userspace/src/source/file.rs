@@ -48,6 +48,9 @@ pub enum FileSourceError {
         dir: PathBuf,
         source: std::io::Error,
     },
+    /// The blocking task reading the directory failed (it panicked or was cancelled).
+    #[error("reading the manifest directory failed: {0}")]
+    Task(String),
 }
 
 /// A file or document that was skipped, and why.
@@ -164,7 +167,9 @@ impl FileSource {
                 _ = tick.tick() => {}
                 () = sender.closed() => return,
             }
-            let fingerprint = match self.fingerprint() {
+            // File system calls block: run them off the runtime's threads.
+            let source = self.clone();
+            let fingerprint = match blocking(move || source.fingerprint()).await {
                 Ok(fingerprint) => Some(fingerprint),
                 Err(error) => {
                     // Keep serving the last state; say so once per change of situation.
@@ -186,7 +191,8 @@ impl FileSource {
                 continue;
             }
             last = fingerprint;
-            match self.load() {
+            let source = self.clone();
+            match blocking(move || source.load()).await {
                 Ok(loaded) => {
                     tracing::info!(
                         dir = %self.dir.display(),
@@ -238,6 +244,15 @@ impl FileSource {
 }
 
 type Fingerprint = Vec<(PathBuf, Stamp)>;
+
+/// Runs a directory read on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(
+    read: impl FnOnce() -> Result<T, FileSourceError> + Send + 'static,
+) -> Result<T, FileSourceError> {
+    tokio::task::spawn_blocking(read)
+        .await
+        .unwrap_or_else(|join| Err(FileSourceError::Task(join.to_string())))
+}
 
 fn stamp(path: &Path) -> Stamp {
     std::fs::metadata(path)

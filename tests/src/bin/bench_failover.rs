@@ -128,6 +128,14 @@ fn knock_through(group: &Group, addr: SocketAddr, event: impl FnOnce()) -> Durat
     stop.store(true, Ordering::Relaxed);
     let knocks = knocking.join().expect("knocking thread");
     let after: Vec<&(Instant, bool)> = knocks.iter().filter(|(at, _)| *at >= event_at).collect();
+    if std::env::var_os("XLB_BENCH_DEBUG").is_some() {
+        eprintln!(
+            "{} knocks, {} after the event, {} failed",
+            knocks.len(),
+            after.len(),
+            after.iter().filter(|(_, ok)| !ok).count()
+        );
+    }
     let Some(last_failure) = after.iter().rposition(|(_, ok)| !ok) else {
         return Duration::ZERO;
     };
