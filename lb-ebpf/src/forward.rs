@@ -13,7 +13,7 @@ use lb_common::*;
 use network_types::eth::EthHdr;
 
 use crate::{
-    maps::{XLB_XMIT, count},
+    maps::{XLB_FIB_SCRATCH, XLB_XMIT, count},
     packet::ptr_at,
 };
 
@@ -49,31 +49,37 @@ pub fn route(
     tot_len: u16,
     want_src: bool,
 ) -> Option<Route> {
-    // Zeroed word by word with volatile stores: `mem::zeroed()` (or any zero-fill LLVM
-    // recognises) compiles to a call of the BPF object's byte-loop `memset`, 64 iterations.
-    let mut params = core::mem::MaybeUninit::<bpf_fib_lookup>::uninit();
-    let words = params.as_mut_ptr().cast::<u32>();
+    // The 64-byte parameter block lives in a per-CPU scratch slot, not on the 512-byte BPF
+    // stack. Zeroed word by word with volatile stores: a zero-fill LLVM recognises compiles
+    // to a call of the BPF object's byte-loop `memset`, 64 iterations.
+    let scratch = XLB_FIB_SCRATCH.get_ptr_mut(0)?;
+    let words = scratch.cast::<u32>();
     for i in 0..FIB_PARAMS_WORDS {
-        // SAFETY: i < 16 words of 4 bytes inside the 64-byte, 4-aligned struct.
+        // SAFETY: i < 16 words of 4 bytes inside the 64-byte, 8-aligned map value.
         unsafe { words.add(i).write_volatile(0) };
     }
-    // SAFETY: every byte was written; all-zero is a valid bpf_fib_lookup (plain C data).
-    let mut params = unsafe { params.assume_init() };
-    params.family = AF_INET;
-    params.l4_protocol = proto;
-    params.__bindgen_anon_1.tot_len = tot_len;
-    params.ifindex = ctx.ingress_ifindex() as u32;
-    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+    let params = scratch.cast::<bpf_fib_lookup>();
+    // SAFETY: params points to 64 zeroed, writable bytes (a valid bpf_fib_lookup, plain C
+    // data), private to this CPU while the program runs.
+    unsafe {
+        (*params).family = AF_INET;
+        (*params).l4_protocol = proto;
+        (*params).__bindgen_anon_1.tot_len = tot_len;
+        (*params).ifindex = ctx.ingress_ifindex() as u32;
+        (*params).__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+    }
     let flags = if want_src { BPF_FIB_LOOKUP_SRC } else { 0 };
     // SAFETY: params is a valid, writable bpf_fib_lookup of the size passed.
     let rc = unsafe {
         fib_lookup(
             ctx.as_ptr(),
-            &mut params,
+            params,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             flags,
         )
     };
+    // SAFETY: as above; the kernel filled it in.
+    let params = unsafe { &*params };
     let resolved = rc == BPF_FIB_LKUP_RET_SUCCESS as i64;
     if !resolved && rc != BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
         return None;

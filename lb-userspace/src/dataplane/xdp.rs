@@ -42,7 +42,7 @@ use std::path::{Path, PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{DevMapHash, HashMap, MapData, MapInfo, PerCpuArray, PerCpuValues},
+    maps::{Array, DevMapHash, HashMap, MapData, MapInfo, PerCpuArray, PerCpuValues},
     programs::{
         Xdp, XdpMode as XdpAttachFlags,
         links::{FdLink, PinnedLink},
@@ -152,6 +152,7 @@ pub struct XdpDataplane {
     backends: HashMap<MapData, BackendKey, BackendValue>,
     vips: HashMap<MapData, [u8; 4], VipValue>,
     xmit: DevMapHash<MapData>,
+    dev_macs: Array<MapData, DeviceMac>,
     stats: PerCpuArray<MapData, u64>,
     svc_stats: PerCpuArray<MapData, ServiceStats>,
     installed: sync::InstalledSet,
@@ -166,7 +167,8 @@ fn expected_layout(name: &str) -> Option<(usize, usize)> {
         SERVICES_MAP => (size_of::<ServiceKey>(), size_of::<ServiceValue>()),
         BACKENDS_MAP => (size_of::<BackendKey>(), size_of::<BackendValue>()),
         VIPS_MAP => (4, size_of::<VipValue>()),
-        CT_FWD_MAP | CT_REV_MAP => (size_of::<FlowKey>(), size_of::<CtEntry>()),
+        CT_FWD_MAP | CT_REV_MAP | CT_HALF_MAP => (size_of::<FlowKey>(), size_of::<CtEntry>()),
+        DEV_MACS_MAP => (4, size_of::<DeviceMac>()),
         STATS_MAP => (4, 8),
         SVC_STATS_MAP => (4, size_of::<ServiceStats>()),
         _ => return None,
@@ -208,6 +210,8 @@ impl XdpDataplane {
         let vips = HashMap::try_from(take_map(&mut ebpf, VIPS_MAP)?).map_err(map_err(VIPS_MAP))?;
         let xmit =
             DevMapHash::try_from(take_map(&mut ebpf, XMIT_MAP)?).map_err(map_err(XMIT_MAP))?;
+        let dev_macs =
+            Array::try_from(take_map(&mut ebpf, DEV_MACS_MAP)?).map_err(map_err(DEV_MACS_MAP))?;
         let stats =
             PerCpuArray::try_from(take_map(&mut ebpf, STATS_MAP)?).map_err(map_err(STATS_MAP))?;
         let svc_stats = PerCpuArray::try_from(take_map(&mut ebpf, SVC_STATS_MAP)?)
@@ -219,6 +223,7 @@ impl XdpDataplane {
             backends,
             vips,
             xmit,
+            dev_macs,
             stats,
             svc_stats,
             installed: sync::InstalledSet::new(),
@@ -248,6 +253,30 @@ impl XdpDataplane {
         program
             .try_into()
             .map_err(|source| DataplaneError::Program { name, source })
+    }
+
+    /// Records `mac` as the own MAC of the device `ifindex`: the program translates only frames
+    /// addressed to it that arrive on that device. Done for every attached device; tests of
+    /// `BPF_PROG_TEST_RUN` (whose frames arrive on `lo`) set it themselves.
+    pub fn set_device_mac(&mut self, ifindex: u32, mac: [u8; 6]) -> Result<(), DataplaneError> {
+        let value = DeviceMac {
+            ifindex,
+            mac,
+            _pad: [0; 6],
+        };
+        self.dev_macs
+            .set(ifindex & (MAX_DEVICE_MACS - 1), value, 0)
+            .map_err(map_err(DEV_MACS_MAP))
+    }
+
+    /// Reads `device`'s MAC and records it (see [`Self::set_device_mac`]).
+    fn register_mac(&mut self, device: &str) -> Result<(), DataplaneError> {
+        let ifindex = devices::ifindex(device)?;
+        let mac = device_mac(device).map_err(|source| DataplaneError::Command {
+            command: format!("reading the MAC address of {device} (SIOCGIFHWADDR)"),
+            source,
+        })?;
+        self.set_device_mac(ifindex, mac)
     }
 
     /// The pin directory in use.
@@ -368,6 +397,7 @@ impl XdpDataplane {
             let path = entry.path();
             match self.adopt_link(&path, mode) {
                 Ok(link) => {
+                    self.register_mac(&device)?;
                     tracing::info!(device = %device, ?mode, "adopted pinned XDP link");
                     self.attached.insert(
                         device,
@@ -437,6 +467,7 @@ impl XdpDataplane {
             );
             tracing::info!(device, ?mode, "XDP attached");
         }
+        self.register_mac(device)?;
         if self.config.set_sysctls {
             devices::set_device_sysctls(device)?;
         }
@@ -691,6 +722,47 @@ fn check_pinned_layout(dir: &Path, name: &'static str) -> Result<(), DataplaneEr
         });
     }
     Ok(())
+}
+
+/// `device`'s MAC address (`SIOCGIFHWADDR`, in the caller's network namespace).
+fn device_mac(device: &str) -> std::io::Result<[u8; 6]> {
+    // SAFETY: plain socket call; the fd is owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket we own.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain C data; all-zero is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    let name = device.as_bytes();
+    if name.len() >= req.ifr_name.len() {
+        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    }
+    for (dst, src) in req.ifr_name.iter_mut().zip(name) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: req is a valid ifreq with a NUL-terminated name; the kernel fills ifru_hwaddr.
+    let rc = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            libc::SIOCGIFHWADDR,
+            &mut req,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: SIOCGIFHWADDR wrote the hwaddr arm of the union.
+    let data = unsafe { req.ifr_ifru.ifru_hwaddr.sa_data };
+    Ok([
+        data[0] as u8,
+        data[1] as u8,
+        data[2] as u8,
+        data[3] as u8,
+        data[4] as u8,
+        data[5] as u8,
+    ])
 }
 
 fn xdp_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DataplaneError> {

@@ -27,7 +27,7 @@ use lb_common::{
     STAT_NOT_OURS,
 };
 use xlb::model::Protocol;
-use xlb_tests::fixture::{Fixture, sa, service};
+use xlb_tests::fixture::{Fixture, LO_IFINDEX, host_mac, sa, service};
 use xlb_tests::pkt::{self, ACK, PSH, SYN};
 
 const VIP: [u8; 4] = [198, 51, 100, 10];
@@ -91,7 +91,7 @@ fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(5_000_000);
-    let fx = Fixture::new(
+    let mut fx = Fixture::new(
         "bench",
         &[
             service(
@@ -108,22 +108,36 @@ fn main() {
             ),
         ],
     );
-    // Identity entries: routable destinations (permanent neighbours), so the route is cached.
+    // Identity flows (both entries, so each is whole): routable destinations (permanent
+    // neighbours), so the route is cached.
     let fwd_key = key(CLIENT, 40000, SELF_VIP, 80);
     let rev_key = key(BACKEND, 8080, CLIENT, REPLY_PORT);
-    fx.ct_map(CT_FWD_MAP)
-        .insert(fwd_key, identity(&fwd_key), 0)
-        .expect("insert forward entry");
-    fx.ct_map(CT_REV_MAP)
-        .insert(rev_key, identity(&rev_key), 0)
-        .expect("insert reverse entry");
-    let data = pkt::tcp(sa(CLIENT, 40000), sa(SELF_VIP, 80), ACK | PSH, &[0u8; 64]);
-    let reply = pkt::tcp(
+    for (k, own, other) in [
+        (fwd_key, CT_FWD_MAP, CT_REV_MAP),
+        (rev_key, CT_REV_MAP, CT_FWD_MAP),
+    ] {
+        let peer = identity(&k).peer_key(IPPROTO_TCP);
+        fx.ct_map(own)
+            .insert(k, identity(&k), 0)
+            .expect("insert entry");
+        fx.ct_map(other)
+            .insert(peer, identity(&peer), 0)
+            .expect("insert peer entry");
+    }
+    // The program rewrites the destination MAC to the next hop's, and a frame is translated
+    // only when addressed to the receiving device (`lo` here): each repeated path registers
+    // the MAC its own output carries.
+    let to_self = host_mac(SELF_VIP.into());
+    let to_client = host_mac(CLIENT.into());
+    let mut data = pkt::tcp(sa(CLIENT, 40000), sa(SELF_VIP, 80), ACK | PSH, &[0u8; 64]);
+    data[0..6].copy_from_slice(&to_self);
+    let mut reply = pkt::tcp(
         sa(BACKEND, 8080),
         sa(CLIENT, REPLY_PORT),
         ACK | PSH,
         &[0u8; 64],
     );
+    reply[0..6].copy_from_slice(&to_client);
     let not_ours = pkt::tcp(
         sa(CLIENT, 40000),
         sa([198, 51, 100, 99], 80),
@@ -134,8 +148,10 @@ fn main() {
     arp.extend_from_slice(&[2, 0, 0, 0, 0, 0xcc, 0x08, 0x06]);
     arp.extend_from_slice(&[0u8; 46]);
     // Warm the route caches of both entries.
-    fx.run(PROGRAM_GENERIC, &data);
+    fx.dp.set_device_mac(LO_IFINDEX, to_client).expect("lo MAC");
     fx.run(PROGRAM_GENERIC, &reply);
+    fx.dp.set_device_mac(LO_IFINDEX, to_self).expect("lo MAC");
+    fx.run(PROGRAM_GENERIC, &data);
 
     println!("BPF_PROG_TEST_RUN, kernel-measured mean ns/packet, xlb_skb beside xlb_noop");
     println!(
@@ -148,11 +164,13 @@ fn main() {
         measure(&fx, &data, repeat, STAT_CT_HIT),
         &note,
     );
+    fx.dp.set_device_mac(LO_IFINDEX, to_client).expect("lo MAC");
     row(
         "reply (rev hit)",
         measure(&fx, &reply, repeat, STAT_CT_REPLY),
         &note,
     );
+    fx.dp.set_device_mac(LO_IFINDEX, to_self).expect("lo MAC");
     row(
         "not for us (TCP)",
         measure(&fx, &not_ours, repeat, STAT_NOT_OURS),
@@ -167,7 +185,8 @@ fn main() {
     // New flows, warm: each repeat's output is the next repeat's untracked SYN (see the
     // module doc). Bounded well below the SNAT port range so probes rarely collide.
     let flows = 2000;
-    let syn = pkt::tcp(sa(CLIENT, 40001), sa(SELF_VIP, 80), SYN, &[]);
+    let mut syn = pkt::tcp(sa(CLIENT, 40001), sa(SELF_VIP, 80), SYN, &[]);
+    syn[0..6].copy_from_slice(&to_self);
     row(
         "new flow (SYN)",
         measure(&fx, &syn, flows, STAT_NEW_FLOW),
@@ -178,7 +197,8 @@ fn main() {
     let runs = 2000u16;
     let (mut xlb_total, mut noop_total, mut hit_total) = (0.0, 0.0, 0.0);
     for i in 0..runs {
-        let syn = pkt::tcp(sa(CLIENT, 20000 + i), sa(VIP, 80), SYN, &[]);
+        let mut syn = pkt::tcp(sa(CLIENT, 20000 + i), sa(VIP, 80), SYN, &[]);
+        syn[0..6].copy_from_slice(&to_self);
         noop_total += fx.bench(PROGRAM_NOOP, &syn, 1);
         xlb_total += fx.bench(PROGRAM_GENERIC, &syn, 1);
         hit_total += fx.bench(PROGRAM_GENERIC, &data, 1);
