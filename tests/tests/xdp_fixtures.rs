@@ -1024,3 +1024,126 @@ fn udp_flows_open_once_traffic_went_both_ways() {
     assert_eq!(pkt::endpoints(&out), (sa(VIP, 53), sa(CLIENT, 5002)));
     assert_eq!(fx.stat(STAT_CT_REPLY), 1);
 }
+
+/// Checks that every entry of the open maps has its peer pointing back, and returns how many
+/// flows they hold.
+fn assert_open_flows_whole(fx: &Fixture) -> usize {
+    let fwd = fx.ct_map(CT_FWD_MAP);
+    let rev = fx.ct_map(CT_REV_MAP);
+    let mut flows = 0;
+    for (own, other, what) in [(&fwd, &rev, "forward"), (&rev, &fwd, "reverse")] {
+        for item in own.iter() {
+            let (key, entry) = item.expect("entry");
+            let peer = other
+                .get(&entry.peer_key(key.proto), 0)
+                .unwrap_or_else(|e| panic!("{what} entry {key:?} has no peer: {e}"));
+            assert!(
+                CtEntry::is_peer_of(&key, &peer),
+                "{what} entry {key:?}: its peer points elsewhere"
+            );
+            flows += 1;
+        }
+    }
+    flows / 2
+}
+
+/// A SYN from a spoofed source `10.x.y.z:port` numbered `i`, written into `frame`.
+fn flood_syn(i: u64, frame: &mut Vec<u8>) {
+    let src = [10, (i >> 16) as u8, (i >> 8) as u8, i as u8];
+    let port = 1024 + (i >> 24) as u16 * 7 + (i % 7) as u16;
+    *frame = pkt::tcp(sa(src, port), sa(VIP, 80), SYN, &[]);
+}
+
+/// Item 1 and 2 of issue 14: an idle established flow survives two million distinct flood
+/// SYNs to its own service and keeps translating both ways; the open maps hold only whole
+/// flows afterwards, and no half-open entry left without its peer is ever used.
+#[test]
+fn an_idle_established_flow_survives_two_million_flood_syns() {
+    // 32 backends: 32 × 16,384 SNAT ports, far more than the half-open map holds, so the
+    // flood fills it and its LRU evicts.
+    let mut backends = vec![(Ipv4Addr::from(BACKEND), 8080)];
+    backends.extend((10..41).map(|host| (Ipv4Addr::new(203, 0, 113, host), 8080)));
+    let fx = Fixture::new(
+        "fx-flood",
+        &[service(VIP.into(), 80, Protocol::Tcp, &backends)],
+    );
+    let port = open_flow(&fx, 42000);
+    const FLOOD: u64 = 2_000_000;
+    let verdicts = fx.run_many(PROGRAM_GENERIC, FLOOD, flood_syn);
+    let created = fx.stat(STAT_NEW_FLOW) - 1;
+    eprintln!(
+        "flood of {FLOOD} SYNs: verdicts {verdicts:?}, new flows {created}, early drops {}, half-open timeouts {}, orphans {}, snat exhausted {}, half-open entries at the end {}",
+        fx.stat(STAT_EARLY_DROP),
+        fx.stat(STAT_HALF_OPEN_TIMEOUT),
+        fx.stat(STAT_CT_ORPHAN),
+        fx.stat(STAT_SNAT_EXHAUSTED),
+        fx.ct_map(CT_HALF_MAP).keys().count()
+    );
+    assert!(
+        created > MAX_HALF_OPEN_ENTRIES as u64,
+        "the flood must overflow the half-open map ({created} flows created)"
+    );
+    assert_eq!(fx.stat(STAT_FLOW_OPENED), 1, "no flood SYN opened a flow");
+    assert_eq!(
+        assert_open_flows_whole(&fx),
+        1,
+        "the open maps hold the idle flow only"
+    );
+
+    // The idle flow still translates both ways, on its own SNAT port.
+    let data = pkt::tcp(sa(CLIENT, 42000), sa(VIP, 80), ACK | PSH, b"still there?");
+    let (verdict, out) = fx.run(PROGRAM_GENERIC, &data);
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_translated(
+        &data,
+        &out,
+        sa(LB_BACKEND_IP.octets(), port),
+        sa(BACKEND, 8080),
+        Some((LB_BACKEND_MAC, host_mac(BACKEND.into()))),
+    );
+    let reply = pkt::tcp(
+        sa(BACKEND, 8080),
+        sa(LB_BACKEND_IP.octets(), port),
+        ACK,
+        b"yes",
+    );
+    let (verdict, out) = fx.run(PROGRAM_GENERIC, &reply);
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_eq!(pkt::endpoints(&out), (sa(VIP, 80), sa(CLIENT, 42000)));
+
+    // Half-open entries the LRU left without their peer are deleted when hit, never used.
+    let half = fx.ct_map(CT_HALF_MAP);
+    let mut orphans = Vec::new();
+    for item in half.iter() {
+        let (key, entry) = item.expect("half-open entry");
+        let whole = half
+            .get(&entry.peer_key(key.proto), 0)
+            .is_ok_and(|peer| CtEntry::is_peer_of(&key, &peer));
+        if !whole {
+            orphans.push((key, entry));
+        }
+        if orphans.len() == 200 {
+            break;
+        }
+    }
+    eprintln!("checked {} half-open orphans", orphans.len());
+    for (key, entry) in orphans {
+        let src = sa(key.src_ip, key.src_port);
+        let dst = sa(key.dst_ip, key.dst_port);
+        // A reverse orphan gets the backend's SYN-ACK, a forward one the client's ACK: both
+        // pass untouched.
+        let flags = if entry.dir == CT_DIR_REVERSE {
+            SYN | ACK
+        } else {
+            ACK
+        };
+        let frame = pkt::tcp(src, dst, flags, &[]);
+        let (verdict, out) = fx.run(PROGRAM_GENERIC, &frame);
+        assert_eq!(
+            (verdict, &out),
+            (XDP_PASS, &frame),
+            "orphan {key:?} was used"
+        );
+        assert!(half.get(&key, 0).is_err(), "orphan {key:?} deleted");
+    }
+}
