@@ -191,6 +191,13 @@ pub const CT_TIMEOUT_UDP_HALF_OPEN_NS: u64 = 30 * 1_000_000_000;
 /// "early drop"): a client that has heard nothing for 1 s retransmits its SYN anyway.
 pub const CT_HALF_OPEN_RECLAIM_NS: u64 = 1_000_000_000;
 
+/// Under pressure (every SNAT port a new flow probes is held), the longest idle of the
+/// half-open TCP flows holding them gives its port up if idle at least this long: 100 ms,
+/// far more than a backend on the LB's network takes to answer a SYN, so a flood cannot keep
+/// every port; a legitimate client slower than that to send its ACK may lose its attempt
+/// while a flood lasts (its ACK then finds no flow).
+pub const CT_HALF_OPEN_MIN_RECLAIM_NS: u64 = 100_000_000;
+
 /// Idle timeout of an open TCP flow.
 pub const CT_TIMEOUT_TCP_OPEN_NS: u64 = 3600 * 1_000_000_000;
 /// Idle timeout of a TCP flow in [`CT_STATE_CLOSING`].

@@ -136,7 +136,7 @@ pub fn on_tcp_flags(entry: *mut CtEntry, flags: u8, direction: Direction, now: u
 
 /// Picks the next backend of a service round robin (per-service cursor in the service value). `None` when it has none.
 #[inline(always)]
-pub fn pick_backend(service: *mut ServiceValue) -> Option<BackendValue> {
+pub fn pick_backend(service: *mut ServiceValue) -> Option<&'static BackendValue> {
     // SAFETY: service points into a map value, valid for this program run.
     let (id, count) = unsafe { ((*service).id, (*service).backend_count) };
     if count == 0 || count > MAX_BACKENDS_PER_SERVICE {
@@ -155,8 +155,9 @@ pub fn pick_backend(service: *mut ServiceValue) -> Option<BackendValue> {
         service_id: id,
         slot: (cursor % count as u64) as u32,
     };
-    // SAFETY: the value is copied out at once.
-    XLB_BACKENDS.get_ptr(&key).map(|b| unsafe { *b })
+    // SAFETY: points into a map value, valid for this program run (not copied: the BPF stack
+    // is short).
+    XLB_BACKENDS.get_ptr(&key).map(|b| unsafe { &*b })
 }
 
 /// Whether the Ethernet destination of the frame is the MAC of the device it came in on (as
@@ -232,7 +233,10 @@ pub fn open_peer_ok(direction: Direction, key: &FlowKey, e: &CtEntry, proto: u8)
 /// Whether SNAT port key `key` may be taken from the half-open flow `old` found there (both
 /// its entries are deleted if so): it timed out, lost its forward entry, or is a TCP flow
 /// idle for more than [`CT_HALF_OPEN_RECLAIM_NS`] (an early drop).
-#[inline(always)]
+///
+/// Not inlined (a BPF subprogram): its keys would overflow the caller's share of the
+/// 512-byte BPF stack.
+#[inline(never)]
 fn take_half_open(key: &FlowKey, old: &CtEntry, proto: u8, now: u64) -> bool {
     let idle = now.saturating_sub(old.last_seen_ns);
     if idle >= ct_timeout_ns(proto, old.state) {
@@ -252,7 +256,9 @@ fn take_half_open(key: &FlowKey, old: &CtEntry, proto: u8, now: u64) -> bool {
 
 /// Whether SNAT port key `key` may be taken from the open flow `old` found there in the
 /// reverse map (both its entries are deleted if so): it expired, or lost its forward entry.
-#[inline(always)]
+///
+/// Not inlined, as [`take_half_open`].
+#[inline(never)]
 fn take_open(key: &FlowKey, old: &CtEntry, proto: u8, now: u64) -> bool {
     if !alive(old, proto, now) {
         count(STAT_CT_EXPIRED);
@@ -274,7 +280,10 @@ fn take_open(key: &FlowKey, old: &CtEntry, proto: u8, now: u64) -> bool {
 /// flow's entries are deleted, then the port is claimed with `BPF_NOEXIST`, so of two CPUs
 /// racing for it exactly one wins and the other probes on. The half-open map is checked
 /// before the open map: a flow is written to the open maps before it leaves the half-open
-/// one, so a port cannot slip between the two checks. Returns the forward entry (in a
+/// one, so a port cannot slip between the two checks. When every candidate is held, the one
+/// held by the longest idle half-open TCP flow is taken over if that flow has been idle for
+/// at least [`CT_HALF_OPEN_MIN_RECLAIM_NS`] (an early drop under pressure, as Linux drops an
+/// unassured entry when its table is full). Returns the forward entry (in a
 /// per-CPU scratch slot, valid for this program run), null (counted) when no port or no
 /// entry could be had. Both entries are built in per-CPU scratch slots: the 512-byte BPF
 /// stack is short.
@@ -310,13 +319,22 @@ pub fn create(
         };
     }
     let mut chosen = 0u16;
+    // The longest idle live half-open TCP flow among the candidates, taken over when every
+    // candidate is held (Linux's early_drop when its table is full).
+    // One word, `idle ns << 16 | port`, so it costs one stack slot: idle times are seconds,
+    // far below 2^48 ns.
+    let mut oldest = 0u64;
     for attempt in 0..SNAT_PROBES {
         let port = snat_port(hash, attempt);
         let key = flow_key(backend.ip, snat_ip, backend.port, port, proto);
         if let Some(old) = XLB_CT_HALF.get_ptr(&key) {
-            // SAFETY: points into a map value, copied once.
+            // SAFETY: points into a map value, valid for this program run.
             let old = unsafe { &*old };
             if !take_half_open(&key, old, proto, now) {
+                let candidate = (now.saturating_sub(old.last_seen_ns) << 16) | port as u64;
+                if candidate > oldest {
+                    oldest = candidate;
+                }
                 continue;
             }
         }
@@ -334,6 +352,31 @@ pub fn create(
         {
             chosen = port;
             break;
+        }
+    }
+    if chosen == 0 && proto == IPPROTO_TCP && oldest >> 16 >= CT_HALF_OPEN_MIN_RECLAIM_NS {
+        let oldest_port = oldest as u16;
+        let key = flow_key(backend.ip, snat_ip, backend.port, oldest_port, proto);
+        if let Some(old) = XLB_CT_HALF.get_ptr(&key) {
+            // SAFETY: as above.
+            let old = unsafe { &*old };
+            if now.saturating_sub(old.last_seen_ns) >= CT_HALF_OPEN_MIN_RECLAIM_NS {
+                count(STAT_EARLY_DROP);
+                delete_half_pair(&key, old, proto);
+            }
+        }
+        let open_free = match XLB_CT_REV.get_ptr(&key) {
+            // SAFETY: as above.
+            Some(old) => take_open(&key, unsafe { &*old }, proto, now),
+            None => true,
+        };
+        if open_free
+            && XLB_CT_HALF
+                // SAFETY: as above.
+                .insert(&key, unsafe { &*reverse }, BPF_NOEXIST as u64)
+                .is_ok()
+        {
+            chosen = oldest_port;
         }
     }
     if chosen == 0 {

@@ -147,19 +147,24 @@ fn try_xlb<const GENERIC: bool>(ctx: &XdpContext) -> Result<u32, u32> {
         }
         conntrack::delete_open_pair(Direction::FromClient, &key, e, flow.proto);
     }
-    if let Some(entry) = XLB_CT_HALF.get_ptr_mut(&key) {
-        let verdict = half_open::<GENERIC>(ctx, &flow, &key, entry);
-        if verdict != NOT_HANDLED {
-            return Ok(verdict);
-        }
-    }
+    // Half-open flows: a reverse entry ends in a SNAT port; a forward one is addressed to a
+    // service, so traffic that is neither pays no half-open lookup.
     let service_key = ServiceKey {
         vip: flow.dst,
         port: flow.dst_port,
         proto: flow.proto,
         _pad: 0,
     };
-    let Some(service) = XLB_SERVICES.get_ptr_mut(&service_key) else {
+    let service = XLB_SERVICES.get_ptr_mut(&service_key);
+    if (service.is_some() || in_snat_range(flow.dst_port))
+        && let Some(entry) = XLB_CT_HALF.get_ptr_mut(&key)
+    {
+        let verdict = half_open::<GENERIC>(ctx, &flow, &key, entry);
+        if verdict != NOT_HANDLED {
+            return Ok(verdict);
+        }
+    }
+    let Some(service) = service else {
         // Pass: neither a tracked flow nor a service.
         return pass(STAT_NOT_OURS);
     };
@@ -335,7 +340,7 @@ fn try_new_flow<const GENERIC: bool>(
     };
     // SAFETY: service points into a map value, valid for this program run.
     let service_id = unsafe { (*service).id };
-    let entry = conntrack::create(flow, &backend, &route, now, service_id);
+    let entry = conntrack::create(flow, backend, route, now, service_id);
     if entry.is_null() {
         // Pass: no conntrack entry (counted in create); the proxy may take it.
         return Ok(xdp_action::XDP_PASS);

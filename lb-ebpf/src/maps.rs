@@ -66,6 +66,11 @@ pub static XLB_FIB_SCRATCH: PerCpuArray<[u64; 8], 1> = PerCpuArray::new();
 #[btf_map]
 pub static XLB_CT_SCRATCH: PerCpuArray<CtEntry, 2> = PerCpuArray::new();
 
+/// Per-CPU scratch slot for the result of a FIB lookup (`forward::route`), private to the
+/// program (not pinned).
+#[btf_map]
+pub static XLB_ROUTE_SCRATCH: PerCpuArray<crate::forward::Route, 1> = PerCpuArray::new();
+
 /// Adds one to global counter `index`.
 #[inline(always)]
 pub fn count(index: u32) {

@@ -1147,3 +1147,69 @@ fn an_idle_established_flow_survives_two_million_flood_syns() {
         assert!(half.get(&key, 0).is_err(), "orphan {key:?} deleted");
     }
 }
+
+/// When every candidate SNAT port of a new flow is held by a live half-open flow, the port of
+/// the longest idle one is taken over if it has been idle for 100 ms or more; otherwise the
+/// new flow is refused (passed to the kernel for the proxy).
+#[test]
+fn under_pressure_the_longest_idle_half_open_flow_gives_up_its_port() {
+    let fx = fixture("fx-pressure");
+    let now = xlb::inspect::monotonic_ns();
+    let hash = flow_hash(CLIENT, VIP, 41700, 80, IPPROTO_TCP);
+    // All 16 candidates held by fresh half-open flows (each from its own client port).
+    for attempt in 0..SNAT_PROBES {
+        hold_half_open_from(&fx, snat_port(hash, attempt), 50000 + attempt as u16, now);
+    }
+    let syn = pkt::tcp(sa(CLIENT, 41700), sa(VIP, 80), SYN, &[]);
+    let (verdict, out) = fx.run(PROGRAM_GENERIC, &syn);
+    assert_eq!(
+        (verdict, out),
+        (XDP_PASS, syn.clone()),
+        "all held and fresh: refused"
+    );
+    assert_eq!(fx.stat(STAT_SNAT_EXHAUSTED), 1);
+    // One of them, 300 ms idle (less than the 1 s after which any prober takes it), is the
+    // longest idle: it gives way.
+    let victim = snat_port(hash, 7);
+    hold_half_open_from(&fx, victim, 50007, now.saturating_sub(300_000_000));
+    let (verdict, out) = fx.run(PROGRAM_GENERIC, &syn);
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_eq!(snat_port_of(&out), victim);
+    assert_eq!(fx.stat(STAT_EARLY_DROP), 1);
+    let mut victim_fwd = reverse_entry_peer(victim);
+    victim_fwd.src_port = 50007;
+    assert!(
+        fx.ct_map(CT_HALF_MAP).get(&victim_fwd, 0).is_err(),
+        "the victim's forward entry is gone with it"
+    );
+}
+
+/// Puts a half-open flow from `[192, 0, 2, 9]:client_port` on SNAT `port` toward
+/// `BACKEND:8080`, last seen at `last_seen_ns`.
+fn hold_half_open_from(fx: &Fixture, port: u16, client_port: u16, last_seen_ns: u64) {
+    let reverse = CtEntry {
+        nat_src_ip: VIP,
+        nat_dst_ip: [192, 0, 2, 9],
+        nat_src_port: 80,
+        nat_dst_port: client_port,
+        state: CT_STATE_HALF_OPEN,
+        last_seen_ns,
+        dir: CT_DIR_REVERSE,
+        ..CtEntry::default()
+    };
+    let forward = CtEntry {
+        nat_src_ip: LB_BACKEND_IP.octets(),
+        nat_dst_ip: BACKEND,
+        nat_src_port: port,
+        nat_dst_port: 8080,
+        state: CT_STATE_HALF_OPEN,
+        last_seen_ns,
+        dir: CT_DIR_FORWARD,
+        ..CtEntry::default()
+    };
+    let mut map = fx.ct_map(CT_HALF_MAP);
+    map.insert(reverse_key(port), reverse, 0)
+        .expect("insert reverse entry");
+    map.insert(reverse.peer_key(IPPROTO_TCP), forward, 0)
+        .expect("insert forward entry");
+}
