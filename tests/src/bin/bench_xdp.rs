@@ -20,6 +20,11 @@
 //! prints the share of legitimate SYNs that took the XDP path and the cost of a flood SYN
 //! beside a legitimate one.
 //!
+//! `bench_xdp capacity` instead drives whole flows (TCP closed by the client first; UDP query
+//! and answer) at paced rates toward one backend for three hold times and prints the share
+//! refused (issue 14, item 4); it takes about 4 minutes, so `cargo xtask bench` does not run
+//! it.
+//!
 //! The new-flow figure is also given the old way, as the mean of single runs on distinct SYNs:
 //! there the kernel's fixed per-call cost (timer, context setup: the noop's single-run figure)
 //! and cold caches dominate, so it is printed with that overhead beside it.
@@ -34,7 +39,7 @@ use lb_common::{
 };
 use xlb::model::Protocol;
 use xlb_tests::fixture::{Fixture, LO_IFINDEX, host_mac, sa, service};
-use xlb_tests::pkt::{self, ACK, PSH, RST, SYN};
+use xlb_tests::pkt::{self, ACK, FIN, PSH, RST, SYN};
 
 /// `XDP_REDIRECT`: the translated packet is sent on (the XDP path).
 const XDP_REDIRECT: u32 = 4;
@@ -96,6 +101,17 @@ fn row(name: &str, (xlb, noop): (f64, f64), note: &str) {
 }
 
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("capacity") {
+        // Issue 14, item 4, at rates around the computed capacity (each run lasts 3 hold
+        // times: 30 s for TCP, 90 s for UDP).
+        for rate in [1_500, 3_000] {
+            capacity(Kind::TcpClientCloses, rate, 30);
+        }
+        for rate in [500, 1_000] {
+            capacity(Kind::UdpExchange, rate, 90);
+        }
+        return;
+    }
     let repeat: u32 = std::env::args()
         .nth(1)
         .and_then(|a| a.parse().ok())
@@ -319,5 +335,104 @@ fn flood_share(flood_rate: u64, legit_rate: u64, secs: u64) {
         fx.stat(STAT_EARLY_DROP),
         fx.stat(STAT_SNAT_EXHAUSTED),
         fx.stat(STAT_NEW_FLOW),
+    );
+}
+
+/// What one flow of the capacity bench does.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    /// SYN, SYN-ACK, ACK, the client's FIN, the backend's FIN, the client's last ACK.
+    TcpClientCloses,
+    /// A query and its answer (a DNS exchange).
+    UdpExchange,
+}
+
+/// Issue 14, item 4: whole flows through the program at `rate` new flows per second toward
+/// one backend (so per backend and per LB address), paced by the wall clock for `secs`
+/// seconds; prints how many new flows were refused (passed to the kernel for the proxy:
+/// `snat_exhausted` and the other refusal counters) in the last third, when the ports held by
+/// earlier flows have reached their steady state.
+fn capacity(kind: Kind, rate: u64, secs: u64) {
+    let proto = match kind {
+        Kind::TcpClientCloses => Protocol::Tcp,
+        Kind::UdpExchange => Protocol::Udp,
+    };
+    let fx = Fixture::new(
+        "bench-cap",
+        &[service(
+            VIP.into(),
+            80,
+            proto,
+            &[(Ipv4Addr::from(BACKEND), 8080)],
+        )],
+    );
+    let program = fx.dp.program(PROGRAM_GENERIC).expect("program");
+    let run = |frame: &[u8], out: &mut Vec<u8>| -> u32 {
+        out.resize(frame.len() + 512, 0);
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out[..]),
+                repeat: 1,
+                ..TestRunOptions::default()
+            })
+            .expect("test run");
+        out.truncate(result.data_size_out as usize);
+        result.return_value
+    };
+    let (sent, refused_late, sent_late) = fx.ns.enter(|| {
+        let start = std::time::Instant::now();
+        let mut out = Vec::new();
+        let (mut sent, mut refused_late, mut sent_late) = (0u64, 0u64, 0u64);
+        loop {
+            let t = start.elapsed().as_secs_f64();
+            if t >= secs as f64 {
+                break;
+            }
+            if (sent as f64) >= t * rate as f64 {
+                std::thread::sleep(std::time::Duration::from_micros(200));
+                continue;
+            }
+            // Distinct client tuples: 64 client addresses × ports.
+            let client = [192, 0, 2, 1 + (sent % 3) as u8];
+            let cport = 1024 + ((sent / 3) % 60_000) as u16;
+            let (c, v) = (sa(client, cport), sa(VIP, 80));
+            let late = t >= (secs as f64) * 2.0 / 3.0;
+            let first = match kind {
+                Kind::TcpClientCloses => pkt::tcp(c, v, SYN, &[]),
+                Kind::UdpExchange => pkt::udp(c, v, b"query"),
+            };
+            let verdict = run(&first, &mut out);
+            sent += 1;
+            if late {
+                sent_late += 1;
+            }
+            if verdict != XDP_REDIRECT {
+                if late {
+                    refused_late += 1;
+                }
+                continue;
+            }
+            let (snat, backend) = pkt::endpoints(&out);
+            match kind {
+                Kind::TcpClientCloses => {
+                    run(&pkt::tcp(backend, snat, SYN | ACK, &[]), &mut out);
+                    run(&pkt::tcp(c, v, ACK, &[]), &mut out);
+                    run(&pkt::tcp(c, v, FIN | ACK, &[]), &mut out);
+                    run(&pkt::tcp(backend, snat, FIN | ACK, &[]), &mut out);
+                    run(&pkt::tcp(c, v, ACK, &[]), &mut out);
+                }
+                Kind::UdpExchange => {
+                    run(&pkt::udp(backend, snat, b"answer"), &mut out);
+                }
+            }
+        }
+        (sent, refused_late, sent_late)
+    });
+    println!(
+        "capacity {kind:?}: {rate} new flows/s to one backend for {secs} s ({sent} flows): refused in the last third {refused_late} of {sent_late} ({:.2}%); snat_exhausted {}, ct_insert_failed {}",
+        100.0 * refused_late as f64 / sent_late.max(1) as f64,
+        fx.stat(STAT_SNAT_EXHAUSTED),
+        fx.stat(lb_common::STAT_CT_INSERT_FAILED),
     );
 }
