@@ -173,6 +173,15 @@ pub const CT_STATE_HALF_OPEN: u32 = 3;
 /// the client's next packet (TCP: an ACK without SYN) makes it open.
 pub const CT_STATE_HALF_OPEN_REPLIED: u32 = 4;
 
+/// [`CtEntry::state`]: the client sent the first FIN and the backend its FIN after it: the
+/// backend's socket closes on the client's last ACK, without TIME_WAIT (the client keeps it,
+/// on its own tuple), so the SNAT port may serve a new flow after
+/// [`CT_TIMEOUT_TCP_CLOSED_NS`].
+pub const CT_STATE_CLOSED: u32 = 5;
+/// Idle timeout of a TCP flow in [`CT_STATE_CLOSED`]: 2 s, time for the client's last ACK
+/// and, if it is lost, the backend's FIN retransmissions (from 200 ms on) and their answers.
+pub const CT_TIMEOUT_TCP_CLOSED_NS: u64 = 2 * 1_000_000_000;
+
 /// [`CtEntry::dir`]: the entry translates client → VIP packets (forward).
 pub const CT_DIR_FORWARD: u8 = 0;
 /// [`CtEntry::dir`]: the entry translates backend → SNAT packets (reverse).
@@ -224,6 +233,8 @@ pub const fn ct_timeout_ns(proto: u8, state: u32) -> u64 {
         CT_TIMEOUT_HALF_OPEN_NS
     } else if state == CT_STATE_CLOSING {
         CT_TIMEOUT_TCP_CLOSING_NS
+    } else if state == CT_STATE_CLOSED {
+        CT_TIMEOUT_TCP_CLOSED_NS
     } else if state == CT_STATE_TIME_WAIT {
         CT_TIMEOUT_TCP_TIME_WAIT_NS
     } else {
@@ -249,7 +260,8 @@ pub struct CtEntry {
     pub nat_dst_port: u16,
     /// Service the flow belongs to (for per-service counters).
     pub service_id: u32,
-    /// [`CT_STATE_OPEN`], [`CT_STATE_CLOSING`] or [`CT_STATE_TIME_WAIT`] in the open maps;
+    /// [`CT_STATE_OPEN`], [`CT_STATE_CLOSING`], [`CT_STATE_CLOSED`] or [`CT_STATE_TIME_WAIT`]
+    /// in the open maps;
     /// [`CT_STATE_HALF_OPEN`] or [`CT_STATE_HALF_OPEN_REPLIED`] in [`CT_HALF_MAP`].
     pub state: u32,
     /// Cached egress ifindex from the last FIB lookup; 0 when none is cached.

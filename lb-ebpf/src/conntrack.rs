@@ -103,7 +103,8 @@ pub fn alive(entry: &CtEntry, proto: u8, now: u64) -> bool {
 
 /// Moves the flow of `entry` (a packet going `direction`) and its peer entry out of the open
 /// state on the flow's first TCP FIN or RST, so both expire soon after the connection ends: to
-/// [`CT_STATE_TIME_WAIT`] when the backend sent that FIN, to [`CT_STATE_CLOSING`] otherwise.
+/// [`CT_STATE_TIME_WAIT`] when the backend sent that FIN, to [`CT_STATE_CLOSING`] otherwise;
+/// and from [`CT_STATE_CLOSING`] to [`CT_STATE_CLOSED`] on the backend's FIN.
 #[inline(always)]
 pub fn on_tcp_flags(entry: *mut CtEntry, flags: u8, direction: Direction, now: u64) {
     if flags & (TCP_FIN | TCP_RST) == 0 {
@@ -111,14 +112,20 @@ pub fn on_tcp_flags(entry: *mut CtEntry, flags: u8, direction: Direction, now: u
     }
     // SAFETY: entry points into a map value, valid for this program run.
     let (state, peer_key) = unsafe { ((*entry).state, (*entry).peer_key(IPPROTO_TCP)) };
-    if state != CT_STATE_OPEN {
+    let backend_fin = matches!(direction, Direction::FromBackend) && flags & TCP_RST == 0;
+    let (state, peer_map) = if state == CT_STATE_OPEN {
+        count(STAT_TCP_CLOSE);
+        match direction {
+            Direction::FromBackend if backend_fin => (CT_STATE_TIME_WAIT, &XLB_CT_FWD),
+            Direction::FromBackend => (CT_STATE_CLOSING, &XLB_CT_FWD),
+            Direction::FromClient => (CT_STATE_CLOSING, &XLB_CT_REV),
+        }
+    } else if state == CT_STATE_CLOSING && backend_fin {
+        // The client closed first and now the backend too: the backend's socket ends with the
+        // client's last ACK, without TIME_WAIT, so the port can serve again soon.
+        (CT_STATE_CLOSED, &XLB_CT_FWD)
+    } else {
         return;
-    }
-    count(STAT_TCP_CLOSE);
-    let (state, peer_map) = match direction {
-        Direction::FromBackend if flags & TCP_RST == 0 => (CT_STATE_TIME_WAIT, &XLB_CT_FWD),
-        Direction::FromBackend => (CT_STATE_CLOSING, &XLB_CT_FWD),
-        Direction::FromClient => (CT_STATE_CLOSING, &XLB_CT_REV),
     };
     // SAFETY: as above; plain stores to the value.
     unsafe {

@@ -152,6 +152,7 @@ pub fn print(pin_dir: &Path, table: Table, out: &mut impl Write) -> Result<(), I
                     let state = match (e.state, live) {
                         (_, false) => "expired",
                         (CT_STATE_CLOSING, _) => "closing",
+                        (CT_STATE_CLOSED, _) => "closed",
                         (CT_STATE_TIME_WAIT, _) => "time-wait",
                         (CT_STATE_HALF_OPEN, _) => "half-open",
                         (CT_STATE_HALF_OPEN_REPLIED, _) => "half-open-replied",

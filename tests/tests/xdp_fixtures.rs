@@ -1213,3 +1213,87 @@ fn hold_half_open_from(fx: &Fixture, port: u16, client_port: u16, last_seen_ns: 
     map.insert(reverse.peer_key(IPPROTO_TCP), forward, 0)
         .expect("insert forward entry");
 }
+
+/// The client closes first, then the backend: the backend's end closes without TIME_WAIT, so
+/// the flow's SNAT port serves again 2 s later (not 10 s); a backend that closes first keeps
+/// TIME_WAIT whatever the client does after.
+#[test]
+fn a_flow_both_sides_closed_client_first_frees_its_port_after_2_s() {
+    let fx = fixture("fx-closed");
+    let port = open_flow(&fx, 41800);
+    fx.run(
+        PROGRAM_GENERIC,
+        &pkt::tcp(sa(CLIENT, 41800), sa(VIP, 80), FIN | ACK, &[]),
+    );
+    let backend_fin = pkt::tcp(
+        sa(BACKEND, 8080),
+        sa(LB_BACKEND_IP.octets(), port),
+        FIN | ACK,
+        &[],
+    );
+    let (verdict, out) = fx.run(PROGRAM_GENERIC, &backend_fin);
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_eq!(pkt::endpoints(&out), (sa(VIP, 80), sa(CLIENT, 41800)));
+    let fwd = fx
+        .ct_map(CT_FWD_MAP)
+        .get(&forward_key(41800), 0)
+        .expect("forward");
+    let rev = fx
+        .ct_map(CT_REV_MAP)
+        .get(&reverse_key(port), 0)
+        .expect("reverse");
+    assert_eq!((fwd.state, rev.state), (CT_STATE_CLOSED, CT_STATE_CLOSED));
+    // The last ACK still goes through.
+    let (verdict, _) = fx.run(
+        PROGRAM_GENERIC,
+        &pkt::tcp(sa(CLIENT, 41800), sa(VIP, 80), ACK, &[]),
+    );
+    assert_eq!(verdict, XDP_REDIRECT);
+
+    // A closed flow idle past 2 s gives its port to a new flow; one in TIME_WAIT as long does
+    // not.
+    let now = xlb::inspect::monotonic_ns();
+    let past_closed = now.saturating_sub(CT_TIMEOUT_TCP_CLOSED_NS + 500_000_000);
+    let hash = flow_hash(CLIENT, VIP, 41801, 80, IPPROTO_TCP);
+    hold_snat_port(&fx, snat_port(hash, 0), CT_STATE_CLOSED, past_closed);
+    let (_, out) = fx.run(
+        PROGRAM_GENERIC,
+        &pkt::tcp(sa(CLIENT, 41801), sa(VIP, 80), SYN, &[]),
+    );
+    assert_eq!(
+        snat_port_of(&out),
+        snat_port(hash, 0),
+        "the closed flow's port is reused"
+    );
+    let hash = flow_hash(CLIENT, VIP, 41802, 80, IPPROTO_TCP);
+    hold_snat_port(&fx, snat_port(hash, 0), CT_STATE_TIME_WAIT, past_closed);
+    let (_, out) = fx.run(
+        PROGRAM_GENERIC,
+        &pkt::tcp(sa(CLIENT, 41802), sa(VIP, 80), SYN, &[]),
+    );
+    assert_eq!(
+        snat_port_of(&out),
+        snat_port(hash, 1),
+        "a TIME_WAIT port is kept"
+    );
+    // Backend first, then the client: TIME_WAIT stays.
+    let port = open_flow(&fx, 41803);
+    fx.run(
+        PROGRAM_GENERIC,
+        &pkt::tcp(
+            sa(BACKEND, 8080),
+            sa(LB_BACKEND_IP.octets(), port),
+            FIN | ACK,
+            &[],
+        ),
+    );
+    fx.run(
+        PROGRAM_GENERIC,
+        &pkt::tcp(sa(CLIENT, 41803), sa(VIP, 80), FIN | ACK, &[]),
+    );
+    let fwd = fx
+        .ct_map(CT_FWD_MAP)
+        .get(&forward_key(41803), 0)
+        .expect("forward");
+    assert_eq!(fwd.state, CT_STATE_TIME_WAIT);
+}
