@@ -98,7 +98,8 @@ pub const STAT_EARLY_DROP: u32 = 35;
 pub const STAT_CT_ORPHAN: u32 = 36;
 /// A TCP SYN on the tuple of a closing flow replaced that flow (both entries deleted).
 pub const STAT_CT_REPLACED: u32 = 37;
-/// Pass: inserting the open entries of a completed handshake failed; the flow stays half-open.
+/// Inserting the open entries of a completed handshake failed: the flow stays half-open and
+/// its packet is translated with the half-open entry.
 pub const STAT_OPEN_INSERT_FAILED: u32 = 38;
 
 /// Number of counters in [`STATS_MAP`].
