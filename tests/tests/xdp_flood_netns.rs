@@ -154,3 +154,81 @@ fn a_spoofed_syn_flood_leaves_real_and_idle_connections_alone() {
     loader.kill();
     drop(backends);
 }
+
+/// Issue 14, item 5 (the part that fits a test run): several client threads open short
+/// connections as fast as they can through XDP (both CPUs busy), the client reusing ports
+/// quickly (`ip_local_port_range 10000 65000`, `tcp_tw_reuse=1`), until the connections
+/// outnumber the SNAT ports of all three backends three times over, so every SNAT port is
+/// reused several times; every connection must get its backend's greeting: no reset, no
+/// refusal, no timeout.
+#[test]
+fn short_connections_reusing_ports_see_no_reset() {
+    let topology = Topology::separate("ctst");
+    topology
+        .client
+        .run(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=10000 65000"]);
+    topology
+        .client
+        .run(&["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"]);
+    let backends = topology.start_backends();
+    let pins = PinDir::new();
+    let dir = tempdir();
+    let file = dir.join("services");
+    std::fs::write(&file, topology.services(&[0, 1, 2])).expect("services file");
+    let loader = xlb_tests::topology::Loader::start(
+        Path::new(env!("CARGO_BIN_EXE_xlb_loader")),
+        &topology.lb,
+        &pins,
+        "l0",
+        "generic",
+        &file,
+    );
+    const THREADS: usize = 4;
+    let total = 3 * 3 * lb_common::SNAT_PORT_COUNT as usize;
+    let limit = Duration::from_secs(240);
+    let workers: Vec<_> = (0..THREADS)
+        .map(|_| {
+            xlb_tests::servers::spawn_in(&topology.client, move || {
+                let start = Instant::now();
+                let (mut ok, mut errors) = (0usize, Vec::new());
+                while ok + errors.len() < total / THREADS && start.elapsed() < limit {
+                    match xlb_tests::servers::tcp_name(vip()) {
+                        Ok(name) if name.starts_with('b') => ok += 1,
+                        Ok(other) => errors.push(format!("unexpected greeting {other:?}")),
+                        Err(e) => errors.push(e),
+                    }
+                }
+                (ok, errors)
+            })
+        })
+        .collect();
+    let (mut ok, mut errors) = (0usize, Vec::new());
+    for worker in workers {
+        let (n, e) = worker.join().expect("client thread");
+        ok += n;
+        errors.extend(e);
+    }
+    eprintln!(
+        "{ok} connections, {} errors; new_flow {}, flow_opened {}, early_drop {}, snat_exhausted {}, ct_miss_non_syn {}, ct_replaced {}",
+        errors.len(),
+        counter(&pins, "new_flow"),
+        counter(&pins, "flow_opened"),
+        counter(&pins, "early_drop"),
+        counter(&pins, "snat_exhausted"),
+        counter(&pins, "ct_miss_non_syn"),
+        counter(&pins, "ct_replaced"),
+    );
+    assert!(
+        errors.is_empty(),
+        "{} of {} connections failed, first: {:?}",
+        errors.len(),
+        ok + errors.len(),
+        &errors[..errors.len().min(5)]
+    );
+    assert!(
+        ok >= total / 2,
+        "too few connections in {limit:?} to cycle the SNAT ports: {ok}"
+    );
+    loader.kill();
+    drop(backends);
+}
