@@ -16,17 +16,29 @@ pub const VIPS_MAP: &str = "XLB_VIPS";
 pub const CT_FWD_MAP: &str = "XLB_CT_FWD";
 /// Reverse conntrack: LRU hash [`FlowKey`] (backend → SNAT tuple) → [`CtEntry`].
 pub const CT_REV_MAP: &str = "XLB_CT_REV";
+/// Half-open conntrack: LRU hash [`FlowKey`] → [`CtEntry`] holding *both* directions of each
+/// flow that has not completed its handshake yet (TCP: no ACK from the client after the
+/// backend's SYN-ACK; UDP: the client has not sent again after a reply). [`CtEntry::dir`] says
+/// which direction an entry is. Kept apart from the open flows so a SYN flood can only push
+/// out other half-open flows, never an established one.
+pub const CT_HALF_MAP: &str = "XLB_CT_HALF";
+/// Each attached device's own MAC: array of [`DeviceMac`] indexed by
+/// `ifindex % MAX_DEVICE_MACS`. A frame whose destination MAC is not the receiving device's
+/// is never translated. Written by userspace when it attaches.
+pub const DEV_MACS_MAP: &str = "XLB_DEV_MACS";
 /// Devices that can take frames from native XDP (`XDP_TX`/`XDP_REDIRECT`): a `DEVMAP_HASH`
 /// keyed by ifindex (value: the same ifindex). A translated packet whose egress device is missing here is passed to the kernel.
 pub const XMIT_MAP: &str = "XLB_XMIT";
 
 /// Every map the program defines, for pinning and `xlb inspect`.
-pub const ALL_MAPS: [&str; 8] = [
+pub const ALL_MAPS: [&str; 10] = [
     SERVICES_MAP,
     BACKENDS_MAP,
     VIPS_MAP,
     CT_FWD_MAP,
     CT_REV_MAP,
+    CT_HALF_MAP,
+    DEV_MACS_MAP,
     XMIT_MAP,
     crate::STATS_MAP,
     crate::SVC_STATS_MAP,
@@ -40,6 +52,11 @@ pub const MAX_BACKENDS_PER_SERVICE: u32 = 1024;
 pub const MAX_BACKENDS: u32 = 65536;
 /// Entries in each conntrack map (LRU: the least recently used flow is evicted when full).
 pub const MAX_FLOWS: u32 = 262_144;
+/// Entries in the half-open map (two per flow, so 65,536 half-open flows). When it is full the
+/// least recently used half-open entries go first; open flows live in the other two maps.
+pub const MAX_HALF_OPEN_ENTRIES: u32 = 131_072;
+/// Slots in [`DEV_MACS_MAP`] (a power of two).
+pub const MAX_DEVICE_MACS: u32 = 1024;
 /// Entries in the xmit devmap (a `DEVMAP_HASH` keyed by ifindex).
 pub const MAX_XMIT_DEVICES: u32 = 256;
 
@@ -126,6 +143,18 @@ pub struct FlowKey {
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 
+/// Value of [`DEV_MACS_MAP`]: the MAC of the device with `ifindex`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeviceMac {
+    /// The device's ifindex (0: slot unused). Checked, since the slot is `ifindex % N`.
+    pub ifindex: u32,
+    /// Its MAC address.
+    pub mac: [u8; 6],
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<DeviceMac>() == 16);
+
 /// [`CtEntry::state`]: TCP flow open (or UDP flow active).
 pub const CT_STATE_OPEN: u32 = 0;
 /// [`CtEntry::state`]: the client sent the first FIN, or either side a RST: the backend keeps
@@ -136,6 +165,47 @@ pub const CT_STATE_CLOSING: u32 = 1;
 /// bare ACK until then; the entry (and the port) is kept as long as Linux conntrack keeps a
 /// TIME_WAIT flow.
 pub const CT_STATE_TIME_WAIT: u32 = 2;
+
+/// [`CtEntry::state`] of a half-open flow ([`CT_HALF_MAP`]): TCP SYN forwarded, no SYN-ACK from
+/// the backend yet; UDP: first datagram forwarded, no reply yet.
+pub const CT_STATE_HALF_OPEN: u32 = 3;
+/// [`CtEntry::state`] of a half-open flow whose backend has answered (TCP SYN-ACK, UDP reply);
+/// the client's next packet (TCP: an ACK without SYN) makes it open.
+pub const CT_STATE_HALF_OPEN_REPLIED: u32 = 4;
+
+/// [`CtEntry::state`]: the client sent the first FIN and the backend its FIN after it: the
+/// backend's socket closes on the client's last ACK, without TIME_WAIT (the client keeps it,
+/// on its own tuple), so the SNAT port may serve a new flow after
+/// [`CT_TIMEOUT_TCP_CLOSED_NS`].
+pub const CT_STATE_CLOSED: u32 = 5;
+/// Idle timeout of a TCP flow in [`CT_STATE_CLOSED`]: 2 s, time for the client's last ACK
+/// and, if it is lost, the backend's FIN retransmissions (from 200 ms on) and their answers.
+pub const CT_TIMEOUT_TCP_CLOSED_NS: u64 = 2 * 1_000_000_000;
+
+/// [`CtEntry::dir`]: the entry translates client → VIP packets (forward).
+pub const CT_DIR_FORWARD: u8 = 0;
+/// [`CtEntry::dir`]: the entry translates backend → SNAT packets (reverse).
+pub const CT_DIR_REVERSE: u8 = 1;
+
+/// Idle timeout of a half-open TCP flow: 5 s. Long enough for a client's SYN retransmissions
+/// at 1 s and 3 s (Linux's initial RTO is 1 s) and for any backend's SYN-ACK; short, because
+/// a half-open flow costs a SNAT port and spoofed SYNs never complete. (Linux conntrack keeps
+/// SYN_SENT 120 s but drops such unassured entries first when its table is full; here they
+/// live in their own table and also give their port up early, see
+/// [`CT_HALF_OPEN_RECLAIM_NS`].)
+pub const CT_TIMEOUT_HALF_OPEN_NS: u64 = 5 * 1_000_000_000;
+/// Idle timeout of a UDP flow that has not gone both ways twice (Linux's UDP timeout).
+pub const CT_TIMEOUT_UDP_HALF_OPEN_NS: u64 = 30 * 1_000_000_000;
+/// A half-open TCP flow idle this long gives its SNAT port to a new flow that needs it (an
+/// "early drop"): a client that has heard nothing for 1 s retransmits its SYN anyway.
+pub const CT_HALF_OPEN_RECLAIM_NS: u64 = 1_000_000_000;
+
+/// Under pressure (every SNAT port a new flow probes is held), the longest idle of the
+/// half-open TCP flows holding them gives its port up if idle at least this long: 100 ms,
+/// far more than a backend on the LB's network takes to answer a SYN, so a flood cannot keep
+/// every port; a legitimate client slower than that to send its ACK may lose its attempt
+/// while a flood lasts (its ACK then finds no flow).
+pub const CT_HALF_OPEN_MIN_RECLAIM_NS: u64 = 100_000_000;
 
 /// Idle timeout of an open TCP flow.
 pub const CT_TIMEOUT_TCP_OPEN_NS: u64 = 3600 * 1_000_000_000;
@@ -152,10 +222,19 @@ pub const CT_REFRESH_NS: u64 = 1_000_000_000;
 /// Idle timeout for a flow of protocol `proto` in state `state`.
 #[inline(always)]
 pub const fn ct_timeout_ns(proto: u8, state: u32) -> u64 {
+    let half_open = state == CT_STATE_HALF_OPEN || state == CT_STATE_HALF_OPEN_REPLIED;
     if proto == IPPROTO_UDP {
-        CT_TIMEOUT_UDP_NS
+        if half_open {
+            CT_TIMEOUT_UDP_HALF_OPEN_NS
+        } else {
+            CT_TIMEOUT_UDP_NS
+        }
+    } else if half_open {
+        CT_TIMEOUT_HALF_OPEN_NS
     } else if state == CT_STATE_CLOSING {
         CT_TIMEOUT_TCP_CLOSING_NS
+    } else if state == CT_STATE_CLOSED {
+        CT_TIMEOUT_TCP_CLOSED_NS
     } else if state == CT_STATE_TIME_WAIT {
         CT_TIMEOUT_TCP_TIME_WAIT_NS
     } else {
@@ -181,7 +260,9 @@ pub struct CtEntry {
     pub nat_dst_port: u16,
     /// Service the flow belongs to (for per-service counters).
     pub service_id: u32,
-    /// [`CT_STATE_OPEN`], [`CT_STATE_CLOSING`] or [`CT_STATE_TIME_WAIT`].
+    /// [`CT_STATE_OPEN`], [`CT_STATE_CLOSING`], [`CT_STATE_CLOSED`] or [`CT_STATE_TIME_WAIT`]
+    /// in the open maps;
+    /// [`CT_STATE_HALF_OPEN`] or [`CT_STATE_HALF_OPEN_REPLIED`] in [`CT_HALF_MAP`].
     pub state: u32,
     /// Cached egress ifindex from the last FIB lookup; 0 when none is cached.
     pub ifindex: u32,
@@ -191,11 +272,23 @@ pub struct CtEntry {
     pub smac: [u8; 6],
     /// Cached destination MAC (next hop).
     pub dmac: [u8; 6],
-    pub _pad: [u8; 4],
+    /// [`CT_DIR_FORWARD`] or [`CT_DIR_REVERSE`].
+    pub dir: u8,
+    pub _pad: [u8; 3],
 }
 const _: () = assert!(core::mem::size_of::<CtEntry>() == 48);
 
 impl CtEntry {
+    /// Whether `peer` (found at the peer key of an entry stored at `key`) points back to `key`:
+    /// the two are one flow's two directions.
+    #[inline(always)]
+    pub fn is_peer_of(key: &FlowKey, peer: &CtEntry) -> bool {
+        peer.nat_dst_ip == key.src_ip
+            && peer.nat_src_ip == key.dst_ip
+            && peer.nat_dst_port == key.src_port
+            && peer.nat_src_port == key.dst_port
+    }
+
     /// Key of the peer entry (the other direction of the same flow).
     #[inline(always)]
     pub const fn peer_key(&self, proto: u8) -> FlowKey {
@@ -254,12 +347,14 @@ mod pod {
     unsafe impl aya::Pod for CtEntry {}
     // SAFETY: as above.
     unsafe impl aya::Pod for crate::ServiceStats {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for DeviceMac {}
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use core::mem::{align_of, offset_of, size_of};
+    use core::mem::offset_of;
 
     /// The kernel reads these structs byte for byte: every field must sit where the BPF side
     /// and `bpftool` expect it, with no implicit padding.
@@ -313,20 +408,5 @@ mod tests {
             ),
             (0, 8, 12, 24, 32, 38)
         );
-    }
-
-    #[test]
-    fn map_types_have_no_implicit_padding() {
-        // The sum of the field sizes equals the struct size, so nothing is left uninitialised.
-        assert_eq!(size_of::<ServiceKey>(), 4 + 2 + 1 + 1);
-        assert_eq!(size_of::<ServiceValue>(), 4 + 4 + 8);
-        assert_eq!(size_of::<BackendKey>(), 4 + 4);
-        assert_eq!(size_of::<BackendValue>(), 4 + 2 + 2);
-        assert_eq!(size_of::<FlowKey>(), 4 + 4 + 2 + 2 + 1 + 3);
-        assert_eq!(
-            size_of::<CtEntry>(),
-            4 + 4 + 2 + 2 + 4 + 4 + 4 + 8 + 6 + 6 + 4
-        );
-        assert!(align_of::<FlowKey>() <= 4, "flow keys hash as raw bytes");
     }
 }

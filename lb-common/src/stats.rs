@@ -46,7 +46,7 @@ pub const STAT_CT_REPLY: u32 = 14;
 pub const STAT_CT_MISS_SYN: u32 = 15;
 /// Pass: conntrack miss on a TCP non-SYN to a service; the kernel (proxy fallback) owns it.
 pub const STAT_CT_MISS_NON_SYN: u32 = 16;
-/// A new flow was created (forward and reverse entries inserted).
+/// A new flow was created (forward and reverse half-open entries inserted).
 pub const STAT_NEW_FLOW: u32 = 17;
 /// Pass: the service has no backends.
 pub const STAT_NO_BACKEND: u32 = 18;
@@ -68,8 +68,42 @@ pub const STAT_TCP_CLOSE: u32 = 24;
 /// A conntrack entry was found but had expired; it is treated as a miss.
 pub const STAT_CT_EXPIRED: u32 = 25;
 
+/// Pass: a packet of a tracked flow or to a service whose destination MAC is not the receiving
+/// device's own (a bridge flooding another host's unicast, broadcast, multicast), or that came
+/// in on a device whose MAC xlb has not registered: never translated.
+pub const STAT_NOT_OUR_MAC: u32 = 26;
+/// Drop: packet to a VIP whose IPv4 header checksum is wrong (passed when not to a VIP).
+pub const STAT_DROP_BAD_IP_CSUM: u32 = 27;
+/// Drop: packet to a VIP with a TCP data offset below 5 or past the segment, or a UDP length
+/// below 8 or past the IP payload.
+pub const STAT_DROP_BAD_L4_HDR: u32 = 28;
+/// Pass: a TCP SYN carrying FIN or RST to a service: creates no flow.
+pub const STAT_BAD_TCP_FLAGS: u32 = 29;
+/// Pass: a would-be new flow from a martian source (0/8, 127/8, 224/4 and 240/4 including
+/// broadcast): creates no flow.
+pub const STAT_MARTIAN_SRC: u32 = 30;
+/// Pass: a would-be new flow with TTL ≤ 1: creates no flow.
+pub const STAT_TTL_EXPIRED: u32 = 31;
+/// A packet of a half-open flow was translated (SYN retransmission, SYN-ACK, UDP reply).
+pub const STAT_HALF_OPEN_HIT: u32 = 32;
+/// A half-open flow became open (TCP: the client's ACK after the backend's SYN-ACK; UDP: the
+/// client's datagram after a reply) and moved to the open maps.
+pub const STAT_FLOW_OPENED: u32 = 33;
+/// A half-open flow was found past its timeout (and deleted).
+pub const STAT_HALF_OPEN_TIMEOUT: u32 = 34;
+/// Early drop: a new flow took the SNAT port of a half-open TCP flow idle for more than
+/// `CT_HALF_OPEN_RECLAIM_NS` (both its entries deleted).
+pub const STAT_EARLY_DROP: u32 = 35;
+/// An entry whose peer (other direction) was missing was found and deleted.
+pub const STAT_CT_ORPHAN: u32 = 36;
+/// A TCP SYN on the tuple of a closing flow replaced that flow (both entries deleted).
+pub const STAT_CT_REPLACED: u32 = 37;
+/// Inserting the open entries of a completed handshake failed: the flow stays half-open and
+/// its packet is translated with the half-open entry.
+pub const STAT_OPEN_INSERT_FAILED: u32 = 38;
+
 /// Number of counters in [`STATS_MAP`].
-pub const STAT_COUNT: u32 = 26;
+pub const STAT_COUNT: u32 = 39;
 
 /// Human-readable name of each counter, indexed like the map (for `xlb inspect stats`).
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
@@ -99,6 +133,19 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "xmit_pass",
     "tcp_close",
     "ct_expired",
+    "not_our_mac",
+    "drop_bad_ip_csum",
+    "drop_bad_l4_hdr",
+    "bad_tcp_flags",
+    "martian_src",
+    "ttl_expired",
+    "half_open_hit",
+    "flow_opened",
+    "half_open_timeout",
+    "early_drop",
+    "ct_orphan",
+    "ct_replaced",
+    "open_insert_failed",
 ];
 
 /// Per-service counters, one per CPU in [`SVC_STATS_MAP`] at the service's id.

@@ -1,22 +1,37 @@
 //! Connection tracking: flow lookup with expiry, new flows (backend choice, SNAT port),
-//! FIN/RST handling.
+//! half-open flows and their promotion, FIN/RST handling.
+//!
+//! A flow starts half-open: both its entries (forward, keyed by the client tuple; reverse,
+//! keyed by the backend → SNAT tuple) go to `XLB_CT_HALF`, a small LRU of its own. It becomes
+//! open when the handshake completes (TCP: the client's ACK after the backend's SYN-ACK, which
+//! a spoofed source never sends; UDP: the client's datagram after a reply) and then moves to
+//! `XLB_CT_FWD` / `XLB_CT_REV`. A flood of SYNs thus fills and evicts only the half-open map.
+//! Every lookup that finds an entry whose peer is missing deletes it (forward and reverse
+//! live and die together), and every deletion deletes both.
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
+    programs::XdpContext,
 };
 use lb_common::*;
 
 use crate::{
     forward::Route,
-    maps::{XLB_BACKENDS, XLB_CLOCK, XLB_CT_FWD, XLB_CT_REV, count},
-    packet::Flow,
+    maps::{
+        XLB_BACKENDS, XLB_CLOCK, XLB_CT_FWD, XLB_CT_HALF, XLB_CT_REV, XLB_CT_SCRATCH, XLB_DEV_MACS,
+        count,
+    },
+    packet::{Flow, ptr_at},
 };
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
+
+/// TCP flags that decide how a segment moves a flow.
+pub const TCP_CONTROL: u8 = TCP_FIN | TCP_SYN | TCP_RST | TCP_ACK;
 
 /// Which way a tracked packet goes: its entry is in the forward map (from the client) or in
 /// the reverse map (from the backend); the peer entry is in the other.
@@ -88,7 +103,8 @@ pub fn alive(entry: &CtEntry, proto: u8, now: u64) -> bool {
 
 /// Moves the flow of `entry` (a packet going `direction`) and its peer entry out of the open
 /// state on the flow's first TCP FIN or RST, so both expire soon after the connection ends: to
-/// [`CT_STATE_TIME_WAIT`] when the backend sent that FIN, to [`CT_STATE_CLOSING`] otherwise.
+/// [`CT_STATE_TIME_WAIT`] when the backend sent that FIN, to [`CT_STATE_CLOSING`] otherwise;
+/// and from [`CT_STATE_CLOSING`] to [`CT_STATE_CLOSED`] on the backend's FIN.
 #[inline(always)]
 pub fn on_tcp_flags(entry: *mut CtEntry, flags: u8, direction: Direction, now: u64) {
     if flags & (TCP_FIN | TCP_RST) == 0 {
@@ -96,14 +112,20 @@ pub fn on_tcp_flags(entry: *mut CtEntry, flags: u8, direction: Direction, now: u
     }
     // SAFETY: entry points into a map value, valid for this program run.
     let (state, peer_key) = unsafe { ((*entry).state, (*entry).peer_key(IPPROTO_TCP)) };
-    if state != CT_STATE_OPEN {
+    let backend_fin = matches!(direction, Direction::FromBackend) && flags & TCP_RST == 0;
+    let (state, peer_map) = if state == CT_STATE_OPEN {
+        count(STAT_TCP_CLOSE);
+        match direction {
+            Direction::FromBackend if backend_fin => (CT_STATE_TIME_WAIT, &XLB_CT_FWD),
+            Direction::FromBackend => (CT_STATE_CLOSING, &XLB_CT_FWD),
+            Direction::FromClient => (CT_STATE_CLOSING, &XLB_CT_REV),
+        }
+    } else if state == CT_STATE_CLOSING && backend_fin {
+        // The client closed first and now the backend too: the backend's socket ends with the
+        // client's last ACK, without TIME_WAIT, so the port can serve again soon.
+        (CT_STATE_CLOSED, &XLB_CT_FWD)
+    } else {
         return;
-    }
-    count(STAT_TCP_CLOSE);
-    let (state, peer_map) = match direction {
-        Direction::FromBackend if flags & TCP_RST == 0 => (CT_STATE_TIME_WAIT, &XLB_CT_FWD),
-        Direction::FromBackend => (CT_STATE_CLOSING, &XLB_CT_FWD),
-        Direction::FromClient => (CT_STATE_CLOSING, &XLB_CT_REV),
     };
     // SAFETY: as above; plain stores to the value.
     unsafe {
@@ -121,7 +143,7 @@ pub fn on_tcp_flags(entry: *mut CtEntry, flags: u8, direction: Direction, now: u
 
 /// Picks the next backend of a service round robin (per-service cursor in the service value). `None` when it has none.
 #[inline(always)]
-pub fn pick_backend(service: *mut ServiceValue) -> Option<BackendValue> {
+pub fn pick_backend(service: *mut ServiceValue) -> Option<&'static BackendValue> {
     // SAFETY: service points into a map value, valid for this program run.
     let (id, count) = unsafe { ((*service).id, (*service).backend_count) };
     if count == 0 || count > MAX_BACKENDS_PER_SERVICE {
@@ -140,75 +162,286 @@ pub fn pick_backend(service: *mut ServiceValue) -> Option<BackendValue> {
         service_id: id,
         slot: (cursor % count as u64) as u32,
     };
-    // SAFETY: the value is copied out at once.
-    XLB_BACKENDS.get_ptr(&key).map(|b| unsafe { *b })
+    // SAFETY: points into a map value, valid for this program run (not copied: the BPF stack
+    // is short).
+    XLB_BACKENDS.get_ptr(&key).map(|b| unsafe { &*b })
 }
 
-/// Creates the forward and reverse entries of a new flow to `backend` over `route`, translated
-/// from the route's source address; the forward entry caches the route when its neighbour is
-/// resolved. The SNAT port is the first of [`SNAT_PROBES`] candidates (derived from the
-/// client tuple's hash) whose reverse key `(backend, snat_ip, backend port, port)` is free or
-/// expired, so two flows to the same backend never share a port. Returns the forward entry.
+/// Whether the Ethernet destination of the frame is the MAC of the device it came in on (as
+/// registered by userspace in `XLB_DEV_MACS`). A frame for another host (a bridge flooding
+/// unknown unicast), a broadcast or multicast frame, or a frame on an unregistered device is
+/// never translated.
+#[inline(always)]
+pub fn to_our_mac(ctx: &XdpContext) -> bool {
+    let ifindex = ctx.ingress_ifindex() as u32;
+    let Some(dev) = XLB_DEV_MACS.get_ptr(ifindex & (MAX_DEVICE_MACS - 1)) else {
+        return false;
+    };
+    let Some(eth) = ptr_at::<[u8; 6]>(ctx, 0) else {
+        return false;
+    };
+    // SAFETY: dev points into a map value and eth into the frame (bounds checked); both are
+    // read once.
+    let (dev, dst) = unsafe { (*dev, *eth) };
+    let mut diff = 0u8;
+    for i in 0..6 {
+        diff |= dst[i] ^ dev.mac[i];
+    }
+    dev.ifindex == ifindex && diff == 0
+}
+
+/// Deletes the open flow whose entry `e` sits at `key` in the map of `direction`, and its peer
+/// in the other open map when that peer points back to `key`: open flows live and die whole.
+#[inline(always)]
+pub fn delete_open_pair(direction: Direction, key: &FlowKey, e: &CtEntry, proto: u8) {
+    let (own, peer_map) = match direction {
+        Direction::FromClient => (&XLB_CT_FWD, &XLB_CT_REV),
+        Direction::FromBackend => (&XLB_CT_REV, &XLB_CT_FWD),
+    };
+    let peer_key = e.peer_key(proto);
+    if let Some(peer) = peer_map.get_ptr(&peer_key)
+        // SAFETY: points into a map value, read once.
+        && CtEntry::is_peer_of(key, unsafe { &*peer })
+    {
+        let _ = peer_map.remove(&peer_key);
+    }
+    let _ = own.remove(key);
+}
+
+/// Deletes the half-open flow whose entry `e` sits at `key`, and its peer when that peer
+/// points back to `key`.
+#[inline(always)]
+pub fn delete_half_pair(key: &FlowKey, e: &CtEntry, proto: u8) {
+    let peer_key = e.peer_key(proto);
+    if let Some(peer) = XLB_CT_HALF.get_ptr(&peer_key)
+        // SAFETY: points into a map value, read once.
+        && CtEntry::is_peer_of(key, unsafe { &*peer })
+    {
+        let _ = XLB_CT_HALF.remove(&peer_key);
+    }
+    let _ = XLB_CT_HALF.remove(key);
+}
+
+/// Whether the open flow whose entry `e` sits at `key` in the map of `direction` has its peer
+/// in the other open map, pointing back.
+#[inline(always)]
+pub fn open_peer_ok(direction: Direction, key: &FlowKey, e: &CtEntry, proto: u8) -> bool {
+    let peer_map = match direction {
+        Direction::FromClient => &XLB_CT_REV,
+        Direction::FromBackend => &XLB_CT_FWD,
+    };
+    match peer_map.get_ptr(&e.peer_key(proto)) {
+        // SAFETY: points into a map value, read once.
+        Some(peer) => CtEntry::is_peer_of(key, unsafe { &*peer }),
+        None => false,
+    }
+}
+
+/// Whether SNAT port key `key` may be taken from the half-open flow `old` found there (both
+/// its entries are deleted if so): it timed out, lost its forward entry, or is a TCP flow
+/// idle for more than [`CT_HALF_OPEN_RECLAIM_NS`] (an early drop).
+///
+/// Not inlined (a BPF subprogram): its keys would overflow the caller's share of the
+/// 512-byte BPF stack.
+#[inline(never)]
+fn take_half_open(key: &FlowKey, old: &CtEntry, proto: u8, now: u64) -> bool {
+    let idle = now.saturating_sub(old.last_seen_ns);
+    if idle >= ct_timeout_ns(proto, old.state) {
+        count(STAT_HALF_OPEN_TIMEOUT);
+    } else if proto == IPPROTO_TCP && idle > CT_HALF_OPEN_RECLAIM_NS {
+        count(STAT_EARLY_DROP);
+    } else {
+        match XLB_CT_HALF.get_ptr(&old.peer_key(proto)) {
+            // SAFETY: points into a map value, read once.
+            Some(peer) if CtEntry::is_peer_of(key, unsafe { &*peer }) => return false,
+            _ => count(STAT_CT_ORPHAN),
+        }
+    }
+    delete_half_pair(key, old, proto);
+    true
+}
+
+/// Whether SNAT port key `key` may be taken from the open flow `old` found there in the
+/// reverse map (both its entries are deleted if so): it expired, or lost its forward entry.
+///
+/// Not inlined, as [`take_half_open`].
+#[inline(never)]
+fn take_open(key: &FlowKey, old: &CtEntry, proto: u8, now: u64) -> bool {
+    if !alive(old, proto, now) {
+        count(STAT_CT_EXPIRED);
+    } else if open_peer_ok(Direction::FromBackend, key, old, proto) {
+        return false;
+    } else {
+        count(STAT_CT_ORPHAN);
+    }
+    delete_open_pair(Direction::FromBackend, key, old, proto);
+    true
+}
+
+/// Creates the half-open forward and reverse entries of a new flow to `backend` over `route`,
+/// translated from the route's source address; the forward entry caches the route when its
+/// neighbour is resolved. The SNAT port is the first of [`SNAT_PROBES`] candidates (derived
+/// from the client tuple's hash) whose reverse key `(backend, snat_ip, backend port, port)`
+/// is held by no live flow, half-open or open. A candidate held by a flow that timed out, lost
+/// its peer, or (TCP) stayed half-open past [`CT_HALF_OPEN_RECLAIM_NS`] is taken over: that
+/// flow's entries are deleted, then the port is claimed with `BPF_NOEXIST`, so of two CPUs
+/// racing for it exactly one wins and the other probes on. The half-open map is checked
+/// before the open map: a flow is written to the open maps before it leaves the half-open
+/// one, so a port cannot slip between the two checks. When every candidate is held, the one
+/// held by the longest idle half-open TCP flow is taken over if that flow has been idle for
+/// at least [`CT_HALF_OPEN_MIN_RECLAIM_NS`] (an early drop under pressure, as Linux drops an
+/// unassured entry when its table is full). Returns the forward entry (in a
+/// per-CPU scratch slot, valid for this program run), null (counted) when no port or no
+/// entry could be had. Both entries are built in per-CPU scratch slots: the 512-byte BPF
+/// stack is short.
 #[inline(always)]
 pub fn create(
     flow: &Flow,
-    service_id: u32,
     backend: &BackendValue,
     route: &Route,
     now: u64,
-) -> Result<CtEntry, u32> {
-    let snat_ip = route.src;
-    let hash = flow_hash(flow.src, flow.dst, flow.src_port, flow.dst_port, flow.proto);
-    let reverse = CtEntry {
-        nat_src_ip: flow.dst,
-        nat_dst_ip: flow.src,
-        nat_src_port: flow.dst_port,
-        nat_dst_port: flow.src_port,
-        service_id,
-        state: CT_STATE_OPEN,
-        last_seen_ns: now,
-        ..CtEntry::default()
+    service_id: u32,
+) -> *const CtEntry {
+    let null = core::ptr::null();
+    let (Some(reverse), Some(forward)) =
+        (XLB_CT_SCRATCH.get_ptr_mut(0), XLB_CT_SCRATCH.get_ptr_mut(1))
+    else {
+        return null;
     };
+    let snat_ip = route.src;
+    let proto = flow.proto;
+    let hash = flow_hash(flow.src, flow.dst, flow.src_port, flow.dst_port, proto);
+    // SAFETY: per-CPU scratch slot, private to this CPU while the program runs.
+    unsafe {
+        *reverse = CtEntry {
+            nat_src_ip: flow.dst,
+            nat_dst_ip: flow.src,
+            nat_src_port: flow.dst_port,
+            nat_dst_port: flow.src_port,
+            service_id,
+            state: CT_STATE_HALF_OPEN,
+            last_seen_ns: now,
+            dir: CT_DIR_REVERSE,
+            ..CtEntry::default()
+        };
+    }
     let mut chosen = 0u16;
+    // The longest idle live half-open TCP flow among the candidates, taken over when every
+    // candidate is held (Linux's early_drop when its table is full).
+    // One word, `idle ns << 16 | port`, so it costs one stack slot: idle times are seconds,
+    // far below 2^48 ns.
+    let mut oldest = 0u64;
     for attempt in 0..SNAT_PROBES {
         let port = snat_port(hash, attempt);
-        let key = flow_key(backend.ip, snat_ip, backend.port, port, flow.proto);
-        let flags = match XLB_CT_REV.get_ptr(&key) {
-            None => BPF_NOEXIST,
-            // SAFETY: points into a map value, read once.
-            Some(old) if !alive(unsafe { &*old }, flow.proto, now) => BPF_ANY,
-            Some(_) => continue,
-        };
-        if XLB_CT_REV.insert(&key, &reverse, flags as u64).is_ok() {
+        let key = flow_key(backend.ip, snat_ip, backend.port, port, proto);
+        if let Some(old) = XLB_CT_HALF.get_ptr(&key) {
+            // SAFETY: points into a map value, valid for this program run.
+            let old = unsafe { &*old };
+            if !take_half_open(&key, old, proto, now) {
+                let candidate = (now.saturating_sub(old.last_seen_ns) << 16) | port as u64;
+                if candidate > oldest {
+                    oldest = candidate;
+                }
+                continue;
+            }
+        }
+        if let Some(old) = XLB_CT_REV.get_ptr(&key) {
+            // SAFETY: as above.
+            let old = unsafe { &*old };
+            if !take_open(&key, old, proto, now) {
+                continue;
+            }
+        }
+        if XLB_CT_HALF
+            // SAFETY: per-CPU scratch slot, private to this CPU while the program runs.
+            .insert(&key, unsafe { &*reverse }, BPF_NOEXIST as u64)
+            .is_ok()
+        {
             chosen = port;
             break;
         }
     }
+    if chosen == 0 && proto == IPPROTO_TCP && oldest >> 16 >= CT_HALF_OPEN_MIN_RECLAIM_NS {
+        let oldest_port = oldest as u16;
+        let key = flow_key(backend.ip, snat_ip, backend.port, oldest_port, proto);
+        if let Some(old) = XLB_CT_HALF.get_ptr(&key) {
+            // SAFETY: as above.
+            let old = unsafe { &*old };
+            if now.saturating_sub(old.last_seen_ns) >= CT_HALF_OPEN_MIN_RECLAIM_NS {
+                count(STAT_EARLY_DROP);
+                delete_half_pair(&key, old, proto);
+            }
+        }
+        let open_free = match XLB_CT_REV.get_ptr(&key) {
+            // SAFETY: as above.
+            Some(old) => take_open(&key, unsafe { &*old }, proto, now),
+            None => true,
+        };
+        if open_free
+            && XLB_CT_HALF
+                // SAFETY: as above.
+                .insert(&key, unsafe { &*reverse }, BPF_NOEXIST as u64)
+                .is_ok()
+        {
+            chosen = oldest_port;
+        }
+    }
     if chosen == 0 {
         count(STAT_SNAT_EXHAUSTED);
-        return Err(STAT_SNAT_EXHAUSTED);
+        return null;
     }
-    let forward = CtEntry {
+    // SAFETY: as above.
+    let forward = unsafe { &mut *forward };
+    *forward = CtEntry {
         nat_src_ip: snat_ip,
         nat_dst_ip: backend.ip,
         nat_src_port: chosen,
         nat_dst_port: backend.port,
         service_id,
-        state: CT_STATE_OPEN,
+        state: CT_STATE_HALF_OPEN,
         last_seen_ns: now,
         // 0 (no cached route): the flow's next packet looks the route up again.
         ifindex: if route.resolved { route.ifindex } else { 0 },
         smac: route.smac,
         dmac: route.dmac,
+        dir: CT_DIR_FORWARD,
         ..CtEntry::default()
     };
-    if XLB_CT_FWD
-        .insert(&key_of(flow), &forward, BPF_ANY as u64)
+    if XLB_CT_HALF
+        .insert(&key_of(flow), &*forward, BPF_ANY as u64)
         .is_err()
     {
-        let _ = XLB_CT_REV.remove(&forward.peer_key(flow.proto));
+        let _ = XLB_CT_HALF.remove(&forward.peer_key(proto));
         count(STAT_CT_INSERT_FAILED);
-        return Err(STAT_CT_INSERT_FAILED);
+        return null;
     }
-    Ok(forward)
+    forward
+}
+
+/// Moves a half-open flow (forward entry `fwd` at `fwd_key`, reverse entry `rev` at its peer
+/// key) to the open maps: reverse entry first, then forward, then both half-open entries are
+/// deleted (see [`create`] for why in that order). `false` (counted) when an insert failed;
+/// the flow then stays half-open.
+#[inline(always)]
+pub fn open(fwd_key: &FlowKey, fwd: &CtEntry, rev: &CtEntry, proto: u8, now: u64) -> bool {
+    let rev_key = fwd.peer_key(proto);
+    let mut rev = *rev;
+    rev.state = CT_STATE_OPEN;
+    rev.last_seen_ns = now;
+    let mut fwd = *fwd;
+    fwd.state = CT_STATE_OPEN;
+    fwd.last_seen_ns = now;
+    if XLB_CT_REV.insert(&rev_key, &rev, BPF_ANY as u64).is_err() {
+        count(STAT_OPEN_INSERT_FAILED);
+        return false;
+    }
+    if XLB_CT_FWD.insert(fwd_key, &fwd, BPF_ANY as u64).is_err() {
+        let _ = XLB_CT_REV.remove(&rev_key);
+        count(STAT_OPEN_INSERT_FAILED);
+        return false;
+    }
+    let _ = XLB_CT_HALF.remove(fwd_key);
+    let _ = XLB_CT_HALF.remove(&rev_key);
+    count(STAT_FLOW_OPENED);
+    true
 }

@@ -13,7 +13,7 @@ use lb_common::*;
 use network_types::eth::EthHdr;
 
 use crate::{
-    maps::{XLB_XMIT, count},
+    maps::{XLB_FIB_SCRATCH, XLB_ROUTE_SCRATCH, XLB_XMIT, count},
     packet::ptr_at,
 };
 
@@ -26,7 +26,10 @@ const GENERIC_MAX_XMIT_FRAME: usize = EthHdr::LEN + 1500;
 const FIB_PARAMS_WORDS: usize = core::mem::size_of::<bpf_fib_lookup>() / 4;
 const _: () = assert!(core::mem::size_of::<bpf_fib_lookup>() == 64);
 
-/// Result of a FIB lookup toward a destination.
+/// Result of a FIB lookup toward a destination (kept in a per-CPU scratch slot, see
+/// [`route`]).
+#[repr(C)]
+#[derive(Clone, Copy)]
 pub struct Route {
     /// Egress ifindex (also set when the neighbour is unresolved).
     pub ifindex: u32,
@@ -40,7 +43,8 @@ pub struct Route {
 
 /// Looks up the route to `dst` as the kernel would forward it from the ingress device.
 /// `want_src` also asks for the source address the kernel would use (BPF_FIB_LOOKUP_SRC,
-/// Linux 6.7+). `None` when there is no usable route.
+/// Linux 6.7+). `None` when there is no usable route. The result lives in a per-CPU scratch
+/// slot (the 512-byte BPF stack is short), valid until the next call on this CPU.
 #[inline(always)]
 pub fn route(
     ctx: &XdpContext,
@@ -48,44 +52,55 @@ pub fn route(
     dst: [u8; 4],
     tot_len: u16,
     want_src: bool,
-) -> Option<Route> {
-    // Zeroed word by word with volatile stores: `mem::zeroed()` (or any zero-fill LLVM
-    // recognises) compiles to a call of the BPF object's byte-loop `memset`, 64 iterations.
-    let mut params = core::mem::MaybeUninit::<bpf_fib_lookup>::uninit();
-    let words = params.as_mut_ptr().cast::<u32>();
+) -> Option<&'static Route> {
+    // The 64-byte parameter block lives in a per-CPU scratch slot, not on the 512-byte BPF
+    // stack. Zeroed word by word with volatile stores: a zero-fill LLVM recognises compiles
+    // to a call of the BPF object's byte-loop `memset`, 64 iterations.
+    let scratch = XLB_FIB_SCRATCH.get_ptr_mut(0)?;
+    let words = scratch.cast::<u32>();
     for i in 0..FIB_PARAMS_WORDS {
-        // SAFETY: i < 16 words of 4 bytes inside the 64-byte, 4-aligned struct.
+        // SAFETY: i < 16 words of 4 bytes inside the 64-byte, 8-aligned map value.
         unsafe { words.add(i).write_volatile(0) };
     }
-    // SAFETY: every byte was written; all-zero is a valid bpf_fib_lookup (plain C data).
-    let mut params = unsafe { params.assume_init() };
-    params.family = AF_INET;
-    params.l4_protocol = proto;
-    params.__bindgen_anon_1.tot_len = tot_len;
-    params.ifindex = ctx.ingress_ifindex() as u32;
-    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+    let params = scratch.cast::<bpf_fib_lookup>();
+    // SAFETY: params points to 64 zeroed, writable bytes (a valid bpf_fib_lookup, plain C
+    // data), private to this CPU while the program runs.
+    unsafe {
+        (*params).family = AF_INET;
+        (*params).l4_protocol = proto;
+        (*params).__bindgen_anon_1.tot_len = tot_len;
+        (*params).ifindex = ctx.ingress_ifindex() as u32;
+        (*params).__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+    }
     let flags = if want_src { BPF_FIB_LOOKUP_SRC } else { 0 };
     // SAFETY: params is a valid, writable bpf_fib_lookup of the size passed.
     let rc = unsafe {
         fib_lookup(
             ctx.as_ptr(),
-            &mut params,
+            params,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             flags,
         )
     };
+    // SAFETY: as above; the kernel filled it in.
+    let params = unsafe { &*params };
     let resolved = rc == BPF_FIB_LKUP_RET_SUCCESS as i64;
     if !resolved && rc != BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
         return None;
     }
-    Some(Route {
-        ifindex: params.ifindex,
-        // SAFETY: the ipv4_src arm of the union is the one the kernel writes for AF_INET.
-        src: unsafe { params.__bindgen_anon_3.ipv4_src }.to_ne_bytes(),
-        smac: params.smac,
-        dmac: params.dmac,
-        resolved,
-    })
+    let out = XLB_ROUTE_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: per-CPU scratch slot, private to this CPU while the program runs.
+    unsafe {
+        *out = Route {
+            ifindex: params.ifindex,
+            // SAFETY: the ipv4_src arm of the union is the one the kernel writes for AF_INET.
+            src: params.__bindgen_anon_3.ipv4_src.to_ne_bytes(),
+            smac: params.smac,
+            dmac: params.dmac,
+            resolved,
+        };
+        Some(&*out)
+    }
 }
 
 /// Sends the (already translated) packet out of `ifindex` with the given MACs.

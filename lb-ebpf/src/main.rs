@@ -1,12 +1,14 @@
 //! xlb's XDP data plane: connection-tracked full-NAT load balancing of IPv4 TCP/UDP.
 //!
-//! Per packet: parse (packet.rs) → conntrack (conntrack.rs): the reverse map when the
+//! Per packet: parse (packet.rs) → open flows (conntrack.rs): the reverse map when the
 //! destination port is a SNAT port (a backend reply, translated back to `VIP → client`), then
 //! the forward map (client → VIP, translated to `SNAT → backend`, nat.rs) → cached route or
-//! FIB lookup, and transmit (forward.rs). Only on a conntrack miss is `VIP:port/proto` looked
-//! up in `XLB_SERVICES`: a TCP SYN / UDP datagram to a service starts a new flow (backend,
-//! SNAT port, both entries). Everything else passes to the kernel untouched. A tracked packet
-//! thus costs one hash lookup.
+//! FIB lookup, and transmit (forward.rs). A tracked packet thus costs one hash lookup. On a
+//! miss `VIP:port/proto` is looked up in `XLB_SERVICES`, and a packet to a service or to a
+//! SNAT port is looked up in the half-open map (flows whose handshake is not complete); a
+//! sane TCP SYN / UDP datagram to a service without a flow starts a new half-open flow
+//! (backend, SNAT port, both entries). Everything else passes to the kernel untouched. Only
+//! frames addressed to the receiving device's MAC are translated.
 //!
 //! Two entry points share the code: `xlb` for native (driver) XDP and `xlb_skb` for generic
 //! (skb) XDP; they differ only in how a translated packet is transmitted (see
@@ -24,8 +26,8 @@ use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::*;
 
 use crate::{
-    conntrack::{Direction, TCP_ACK, TCP_SYN},
-    maps::{XLB_CT_FWD, XLB_CT_REV, XLB_SERVICES, XLB_VIPS, count, count_service},
+    conntrack::{Direction, TCP_ACK, TCP_CONTROL, TCP_FIN, TCP_RST, TCP_SYN},
+    maps::{XLB_CT_FWD, XLB_CT_HALF, XLB_CT_REV, XLB_SERVICES, XLB_VIPS, count, count_service},
     packet::{Flow, Parsed, parse},
 };
 
@@ -86,14 +88,16 @@ fn try_xlb<const GENERIC: bool>(ctx: &XdpContext) -> Result<u32, u32> {
                 count(reason);
                 return Err(xdp_action::XDP_DROP);
             }
-            // Pass: not ours.
+            // Pass: not ours (a bad checksum among them: the kernel drops it, nothing here
+            // forwards it).
             return pass(STAT_NOT_L4);
         }
     };
-    // Conntrack first, so a packet of a tracked flow costs one hash lookup. The service map is
-    // consulted only on a conntrack miss: removing a service stops its new flows at once while
-    // its established flows drain (as removing a backend does).
+    // Open flows first, so a packet of a tracked flow costs one hash lookup. The service map is
+    // consulted only on a miss: removing a service stops its new flows at once while its
+    // established flows drain (as removing a backend does).
     let key = conntrack::key_of(&flow);
+    let syn_only = flow.proto == IPPROTO_TCP && flow.tcp_flags & TCP_CONTROL == TCP_SYN;
     if in_snat_range(flow.dst_port)
         && let Some(entry) = XLB_CT_REV.get_ptr_mut(&key)
     {
@@ -101,45 +105,186 @@ fn try_xlb<const GENERIC: bool>(ctx: &XdpContext) -> Result<u32, u32> {
         // other port skips this lookup.
         let now = conntrack::now_ns();
         // SAFETY: entry points into a map value, valid for this program run.
-        if conntrack::alive(unsafe { &*entry }, flow.proto, now) {
-            count(STAT_CT_REPLY);
-            return translate::<GENERIC>(ctx, &flow, entry, Direction::FromBackend, now);
+        let e = unsafe { &*entry };
+        if conntrack::alive(e, flow.proto, now) {
+            return translate::<GENERIC>(
+                ctx,
+                &flow,
+                &key,
+                entry,
+                Direction::FromBackend,
+                now,
+                true,
+            );
         }
-        // Expired: treated as a miss; the packet is looked at as a client packet below.
+        // Expired: deleted with its peer; the packet is looked at afresh below.
         count(STAT_CT_EXPIRED);
+        conntrack::delete_open_pair(Direction::FromBackend, &key, e, flow.proto);
     }
-    let is_new = flow.proto == IPPROTO_UDP || flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     if let Some(entry) = XLB_CT_FWD.get_ptr_mut(&key) {
         // Client → VIP of a tracked flow.
         let now = conntrack::now_ns();
         // SAFETY: entry points into a map value, valid for this program run.
-        let state = unsafe { (*entry).state };
-        // SAFETY: as above.
-        if conntrack::alive(unsafe { &*entry }, flow.proto, now) {
-            // A SYN on a closing flow is a new connection reusing the tuple.
-            if !(is_new && flow.proto == IPPROTO_TCP && state != CT_STATE_OPEN) {
-                count(STAT_CT_HIT);
-                return translate::<GENERIC>(ctx, &flow, entry, Direction::FromClient, now);
+        let e = unsafe { &*entry };
+        if conntrack::alive(e, flow.proto, now) {
+            // A SYN on a closing flow is a new connection reusing the tuple: it replaces the
+            // flow (as Linux conntrack does), wherever the new flow then goes.
+            if !(syn_only && e.state != CT_STATE_OPEN) {
+                return translate::<GENERIC>(
+                    ctx,
+                    &flow,
+                    &key,
+                    entry,
+                    Direction::FromClient,
+                    now,
+                    true,
+                );
             }
+            if !conntrack::to_our_mac(ctx) {
+                return pass(STAT_NOT_OUR_MAC);
+            }
+            count(STAT_CT_REPLACED);
         } else {
             count(STAT_CT_EXPIRED);
         }
+        conntrack::delete_open_pair(Direction::FromClient, &key, e, flow.proto);
     }
+    // Half-open flows: a reverse entry ends in a SNAT port; a forward one is addressed to a
+    // service, so traffic that is neither pays no half-open lookup.
     let service_key = ServiceKey {
         vip: flow.dst,
         port: flow.dst_port,
         proto: flow.proto,
         _pad: 0,
     };
-    let Some(service) = XLB_SERVICES.get_ptr_mut(&service_key) else {
+    let service = XLB_SERVICES.get_ptr_mut(&service_key);
+    if (service.is_some() || in_snat_range(flow.dst_port))
+        && let Some(entry) = XLB_CT_HALF.get_ptr_mut(&key)
+    {
+        let verdict = half_open::<GENERIC>(ctx, &flow, &key, entry);
+        if verdict != NOT_HANDLED {
+            return Ok(verdict);
+        }
+    }
+    let Some(service) = service else {
         // Pass: neither a tracked flow nor a service.
         return pass(STAT_NOT_OURS);
     };
-    if !is_new {
+    if flow.proto == IPPROTO_TCP && !syn_only {
+        if flow.tcp_flags & TCP_SYN != 0 && flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            // Pass: SYN with FIN or RST is no connection attempt; the kernel drops it.
+            return pass(STAT_BAD_TCP_FLAGS);
+        }
         // Pass: a TCP segment of a flow we do not track; the proxy fallback owns it.
         return pass(STAT_CT_MISS_NON_SYN);
     }
-    new_flow::<GENERIC>(ctx, &flow, service)
+    Ok(new_flow::<GENERIC>(ctx, &flow, service))
+}
+
+/// [`half_open`]'s answer when the entry was dead: not an XDP action.
+const NOT_HANDLED: u32 = u32::MAX;
+
+/// The XDP action of a `Result` whose both arms are actions.
+#[inline(always)]
+fn action(result: Result<u32, u32>) -> u32 {
+    match result {
+        Ok(action) | Err(action) => action,
+    }
+}
+
+/// A packet whose tuple is in the half-open map (`entry` at `key`). [`NOT_HANDLED`] when the
+/// entry was dead (timed out, or its peer is gone: both deleted); the packet is then looked
+/// at as untracked. Otherwise the packet is translated with the half-open entry, after moving the
+/// flow along: the backend's SYN-ACK (or first UDP reply) marks it replied, and the client's
+/// next packet (TCP: an ACK without SYN) makes it open. A RST from either side ends it (its
+/// entries expire at once). Returns the XDP action.
+///
+/// Not inlined (a BPF subprogram): the whole program inlined exceeds the 512-byte BPF stack.
+#[inline(never)]
+fn half_open<const GENERIC: bool>(
+    ctx: &XdpContext,
+    flow: &Flow,
+    key: &FlowKey,
+    entry: *mut CtEntry,
+) -> u32 {
+    let now = conntrack::now_ns();
+    // SAFETY: entry points into a map value, valid for this program run.
+    let e = unsafe { &*entry };
+    if !conntrack::alive(e, flow.proto, now) {
+        count(STAT_HALF_OPEN_TIMEOUT);
+        conntrack::delete_half_pair(key, e, flow.proto);
+        return NOT_HANDLED;
+    }
+    let Some(peer) = XLB_CT_HALF.get_ptr_mut(&e.peer_key(flow.proto)) else {
+        count(STAT_CT_ORPHAN);
+        let _ = XLB_CT_HALF.remove(key);
+        return NOT_HANDLED;
+    };
+    // SAFETY: as above.
+    let p = unsafe { &*peer };
+    if !CtEntry::is_peer_of(key, p) {
+        count(STAT_CT_ORPHAN);
+        let _ = XLB_CT_HALF.remove(key);
+        return NOT_HANDLED;
+    }
+    if !conntrack::to_our_mac(ctx) {
+        return action(pass(STAT_NOT_OUR_MAC));
+    }
+    let tcp = flow.proto == IPPROTO_TCP;
+    let flags = flow.tcp_flags;
+    // Any packet of the attempt keeps both entries fresh (the SNAT port is probed at the
+    // reverse one, a client's retransmitted SYN arrives at the forward one).
+    // SAFETY: plain stores to map values.
+    unsafe {
+        (*entry).last_seen_ns = now;
+        (*peer).last_seen_ns = now;
+    }
+    if tcp && flags & TCP_RST != 0 {
+        // The attempt is over: both entries expire now (the RST itself is translated).
+        // SAFETY: plain stores to map values.
+        unsafe {
+            (*entry).last_seen_ns = 0;
+            (*peer).last_seen_ns = 0;
+        }
+        count(STAT_HALF_OPEN_HIT);
+        return action(translate_copy::<GENERIC>(ctx, flow, e));
+    }
+    let direction = if e.dir == CT_DIR_REVERSE {
+        if !tcp || flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK) {
+            // SAFETY: plain stores to map values.
+            unsafe {
+                (*entry).state = CT_STATE_HALF_OPEN_REPLIED;
+                (*peer).state = CT_STATE_HALF_OPEN_REPLIED;
+            }
+        }
+        Direction::FromBackend
+    } else {
+        let completes = if tcp {
+            flags & (TCP_SYN | TCP_ACK) == TCP_ACK
+        } else {
+            true
+        };
+        if e.state == CT_STATE_HALF_OPEN_REPLIED
+            && completes
+            && conntrack::open(key, e, p, flow.proto, now)
+            && let Some(open) = XLB_CT_FWD.get_ptr_mut(key)
+        {
+            return action(translate::<GENERIC>(
+                ctx,
+                flow,
+                key,
+                open,
+                Direction::FromClient,
+                now,
+                true,
+            ));
+        }
+        Direction::FromClient
+    };
+    count(STAT_HALF_OPEN_HIT);
+    action(translate::<GENERIC>(
+        ctx, flow, key, entry, direction, now, false,
+    ))
 }
 
 /// Whether `port` (host order) is in the SNAT port range, where every reverse key's
@@ -149,14 +294,41 @@ fn in_snat_range(port: u16) -> bool {
     port.wrapping_sub(SNAT_PORT_MIN) < SNAT_PORT_COUNT as u16
 }
 
-/// A TCP SYN or UDP datagram to `service` without a live conntrack entry: picks a backend,
-/// creates both entries and sends the translated packet on.
+/// Whether `src` (network order) is a martian source that must not start a flow: 0.0.0.0/8
+/// ("this network"), 127.0.0.0/8 (loopback), 224.0.0.0/4 (multicast) and 240.0.0.0/4
+/// (reserved, with the limited broadcast 255.255.255.255).
 #[inline(always)]
-fn new_flow<const GENERIC: bool>(
+fn martian(src: [u8; 4]) -> bool {
+    src[0] == 0 || src[0] == 127 || src[0] >= 224
+}
+
+/// A TCP SYN or UDP datagram to `service` without a live conntrack entry: picks a backend,
+/// creates both half-open entries and sends the translated packet on. Returns the XDP action.
+///
+/// Not inlined (a BPF subprogram): the whole program inlined exceeds the 512-byte BPF stack.
+#[inline(never)]
+fn new_flow<const GENERIC: bool>(ctx: &XdpContext, flow: &Flow, service: *mut ServiceValue) -> u32 {
+    action(try_new_flow::<GENERIC>(ctx, flow, service))
+}
+
+#[inline(always)]
+fn try_new_flow<const GENERIC: bool>(
     ctx: &XdpContext,
     flow: &Flow,
     service: *mut ServiceValue,
 ) -> Result<u32, u32> {
+    if !conntrack::to_our_mac(ctx) {
+        // Pass: not addressed to this host; the kernel drops it.
+        return pass(STAT_NOT_OUR_MAC);
+    }
+    if martian(flow.src) {
+        // Pass: the kernel drops martians (and logs them with log_martians).
+        return pass(STAT_MARTIAN_SRC);
+    }
+    if flow.ttl <= 1 {
+        // Pass: the kernel answers with ICMP time exceeded, as a router must.
+        return pass(STAT_TTL_EXPIRED);
+    }
     count(STAT_CT_MISS_SYN);
     let now = conntrack::now_ns();
     let Some(backend) = conntrack::pick_backend(service) else {
@@ -170,14 +342,16 @@ fn new_flow<const GENERIC: bool>(
     };
     // SAFETY: service points into a map value, valid for this program run.
     let service_id = unsafe { (*service).id };
-    let entry = match conntrack::create(flow, service_id, &backend, &route, now) {
-        Ok(entry) => entry,
+    let entry = conntrack::create(flow, backend, route, now, service_id);
+    if entry.is_null() {
         // Pass: no conntrack entry (counted in create); the proxy may take it.
-        Err(_) => return Ok(xdp_action::XDP_PASS),
-    };
+        return Ok(xdp_action::XDP_PASS);
+    }
+    // SAFETY: points into a per-CPU scratch slot, valid for this program run.
+    let entry = unsafe { &*entry };
     count(STAT_NEW_FLOW);
     count_service(service_id, (ctx.data_end() - ctx.data()) as u64, 1);
-    nat::rewrite(ctx, flow, &entry)?;
+    nat::rewrite(ctx, flow, entry)?;
     if !route.resolved {
         // Pass: the kernel forwards the translated packet and resolves the neighbour.
         return pass(STAT_FIB_NO_NEIGH);
@@ -185,24 +359,67 @@ fn new_flow<const GENERIC: bool>(
     forward::xmit::<GENERIC>(ctx, route.ifindex, route.smac, route.dmac)
 }
 
-/// Translates a packet of a tracked flow per `entry` and sends it on, refreshing the entry
-/// (timestamp and cached route) at most once per `CT_REFRESH_NS`.
+/// Translates a packet per the copied entry `e` without touching any map (the last packet of
+/// an ended half-open flow) and sends it on.
+#[inline(always)]
+fn translate_copy<const GENERIC: bool>(
+    ctx: &XdpContext,
+    flow: &Flow,
+    e: &CtEntry,
+) -> Result<u32, u32> {
+    count_service(e.service_id, (ctx.data_end() - ctx.data()) as u64, 0);
+    nat::rewrite(ctx, flow, e)?;
+    let tot_len = flow.l4_len + (flow.l4_offset - network_types::eth::EthHdr::LEN) as u16;
+    let Some(route) = forward::route(ctx, flow.proto, e.nat_dst_ip, tot_len, false) else {
+        return pass(STAT_FIB_FAILED);
+    };
+    if !route.resolved {
+        return pass(STAT_FIB_NO_NEIGH);
+    }
+    forward::xmit::<GENERIC>(ctx, route.ifindex, route.smac, route.dmac)
+}
+
+/// Translates a packet of a tracked flow per `entry` (found at `key`) and sends it on,
+/// refreshing the entry (timestamp and cached route) at most once per `CT_REFRESH_NS`. For an
+/// `open` flow (open maps) FIN/RST move its state, and each refresh also checks that the
+/// peer entry is still there: an entry found without its peer is deleted and the packet
+/// passed untouched, so no flow ever translates one way only.
 #[inline(always)]
 fn translate<const GENERIC: bool>(
     ctx: &XdpContext,
     flow: &Flow,
+    key: &FlowKey,
     entry: *mut CtEntry,
     direction: Direction,
     now: u64,
+    open: bool,
 ) -> Result<u32, u32> {
-    if flow.proto == IPPROTO_TCP {
-        conntrack::on_tcp_flags(entry, flow.tcp_flags, direction, now);
+    if !conntrack::to_our_mac(ctx) {
+        // Pass: a frame for another host (or a broadcast) that happens to match a flow.
+        return pass(STAT_NOT_OUR_MAC);
     }
-    // SAFETY: entry points into a map value, valid for this program run; copied out once.
-    let mut e = unsafe { *entry };
+    // SAFETY: entry points into a map value, valid for this program run (not copied: the BPF
+    // stack is small).
+    let e = unsafe { &*entry };
+    let refresh = now.saturating_sub(e.last_seen_ns) > CT_REFRESH_NS || e.ifindex == 0;
+    if open {
+        if refresh && !conntrack::open_peer_ok(direction, key, e, flow.proto) {
+            // Pass: the flow lost its other half; this half goes too, and the packet is
+            // treated as untracked (the proxy fallback or a RST answers).
+            conntrack::delete_open_pair(direction, key, e, flow.proto);
+            return pass(STAT_CT_ORPHAN);
+        }
+        count(match direction {
+            Direction::FromClient => STAT_CT_HIT,
+            Direction::FromBackend => STAT_CT_REPLY,
+        });
+        if flow.proto == IPPROTO_TCP {
+            conntrack::on_tcp_flags(entry, flow.tcp_flags, direction, now);
+        }
+    }
     count_service(e.service_id, (ctx.data_end() - ctx.data()) as u64, 0);
-    nat::rewrite(ctx, flow, &e)?;
-    if now.saturating_sub(e.last_seen_ns) > CT_REFRESH_NS || e.ifindex == 0 {
+    nat::rewrite(ctx, flow, e)?;
+    if refresh {
         let tot_len = flow.l4_len + (flow.l4_offset - network_types::eth::EthHdr::LEN) as u16;
         let route = forward::route(ctx, flow.proto, e.nat_dst_ip, tot_len, false);
         // SAFETY: as above; plain stores to the value.
@@ -224,11 +441,10 @@ fn translate<const GENERIC: bool>(
             (*entry).smac = route.smac;
             (*entry).dmac = route.dmac;
         }
-        e.ifindex = route.ifindex;
-        e.smac = route.smac;
-        e.dmac = route.dmac;
     }
-    forward::xmit::<GENERIC>(ctx, e.ifindex, e.smac, e.dmac)
+    // SAFETY: as above; read after the refresh.
+    let (ifindex, smac, dmac) = unsafe { ((*entry).ifindex, (*entry).smac, (*entry).dmac) };
+    forward::xmit::<GENERIC>(ctx, ifindex, smac, dmac)
 }
 
 #[cfg(not(test))]

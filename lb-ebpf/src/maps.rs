@@ -2,7 +2,7 @@
 //! and value BTF and `bpftool map dump` prints readable keys. Layouts live in `lb-common`.
 
 use aya_ebpf::{
-    btf_maps::{DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::*;
@@ -29,6 +29,16 @@ pub static XLB_CT_FWD: LruHashMap<FlowKey, CtEntry, { MAX_FLOWS as usize }> = Lr
 #[btf_map]
 pub static XLB_CT_REV: LruHashMap<FlowKey, CtEntry, { MAX_FLOWS as usize }> = LruHashMap::new();
 
+/// Half-open conntrack: both directions of flows whose handshake is not complete, apart from
+/// the open flows so that a flood of them evicts only its own kind.
+#[btf_map]
+pub static XLB_CT_HALF: LruHashMap<FlowKey, CtEntry, { MAX_HALF_OPEN_ENTRIES as usize }> =
+    LruHashMap::new();
+
+/// Each attached device's MAC, at `ifindex % MAX_DEVICE_MACS` (filled by userspace).
+#[btf_map]
+pub static XLB_DEV_MACS: Array<DeviceMac, { MAX_DEVICE_MACS as usize }> = Array::new();
+
 /// Devices that accept frames from native XDP, by ifindex (filled by userspace).
 #[btf_map]
 pub static XLB_XMIT: DevMapHash<{ MAX_XMIT_DEVICES as usize }> = DevMapHash::new();
@@ -45,6 +55,21 @@ pub static XLB_SVC_STATS: PerCpuArray<ServiceStats, { MAX_SERVICES as usize }> =
 /// `[jiffies, CLOCK_MONOTONIC_COARSE ns read at that jiffy]`, see `conntrack::now_ns`.
 #[btf_map]
 pub static XLB_CLOCK: PerCpuArray<[u64; 2], 1> = PerCpuArray::new();
+
+/// Per-CPU scratch space for the 64-byte `bpf_fib_lookup` parameters (kept off the 512-byte
+/// BPF stack), private to the program (not pinned).
+#[btf_map]
+pub static XLB_FIB_SCRATCH: PerCpuArray<[u64; 8], 1> = PerCpuArray::new();
+
+/// Per-CPU scratch space where a new flow's two entries are built (off the BPF stack),
+/// private to the program (not pinned).
+#[btf_map]
+pub static XLB_CT_SCRATCH: PerCpuArray<CtEntry, 2> = PerCpuArray::new();
+
+/// Per-CPU scratch slot for the result of a FIB lookup (`forward::route`), private to the
+/// program (not pinned).
+#[btf_map]
+pub static XLB_ROUTE_SCRATCH: PerCpuArray<crate::forward::Route, 1> = PerCpuArray::new();
 
 /// Adds one to global counter `index`.
 #[inline(always)]

@@ -16,7 +16,7 @@ pub enum Table {
     Services,
     /// `(service id, slot) → backend`.
     Backends,
-    /// Both conntrack maps.
+    /// The conntrack maps: open flows (forward and reverse) then half-open flows.
     Conntrack,
     /// Global counters and per-service counters.
     Stats,
@@ -147,7 +147,7 @@ pub fn print(pin_dir: &Path, table: Table, out: &mut impl Write) -> Result<(), I
             let now = monotonic_ns();
             writeln!(
                 out,
-                "{:<4} {:<5} {:<44} {:<44} {:<9} {:>7} {:>4} {:>7}",
+                "{:<4} {:<5} {:<44} {:<44} {:<17} {:>7} {:>4} {:>7}",
                 "DIR",
                 "PROTO",
                 "PACKET (SRC -> DST)",
@@ -157,21 +157,29 @@ pub fn print(pin_dir: &Path, table: Table, out: &mut impl Write) -> Result<(), I
                 "SVC",
                 "IFINDEX"
             )?;
-            for (dir, name) in [("fwd", CT_FWD_MAP), ("rev", CT_REV_MAP)] {
+            for (table, name) in [("fwd", CT_FWD_MAP), ("rev", CT_REV_MAP), ("", CT_HALF_MAP)] {
                 let map: HashMap<_, FlowKey, CtEntry> =
                     HashMap::try_from(open(pin_dir, name)?).map_err(read_err(name))?;
                 for item in map.iter() {
                     let (k, e) = item.map_err(read_err(name))?;
+                    let dir = match (table, e.dir) {
+                        ("", CT_DIR_REVERSE) => "rev",
+                        ("", _) => "fwd",
+                        (table, _) => table,
+                    };
                     let live = now.saturating_sub(e.last_seen_ns) < ct_timeout_ns(k.proto, e.state);
                     let state = match (e.state, live) {
                         (_, false) => "expired",
                         (CT_STATE_CLOSING, _) => "closing",
+                        (CT_STATE_CLOSED, _) => "closed",
                         (CT_STATE_TIME_WAIT, _) => "time-wait",
+                        (CT_STATE_HALF_OPEN, _) => "half-open",
+                        (CT_STATE_HALF_OPEN_REPLIED, _) => "half-open-replied",
                         _ => "open",
                     };
                     writeln!(
                         out,
-                        "{dir:<4} {:<5} {:<44} {:<44} {state:<9} {:>7} {:>4} {:>7}",
+                        "{dir:<4} {:<5} {:<44} {:<44} {state:<17} {:>7} {:>4} {:>7}",
                         proto_name(k.proto),
                         format!(
                             "{}:{} -> {}:{}",
@@ -195,9 +203,9 @@ pub fn print(pin_dir: &Path, table: Table, out: &mut impl Write) -> Result<(), I
             }
         }
         Table::Stats => {
-            writeln!(out, "{:<18} {:>16}", "COUNTER", "VALUE")?;
+            writeln!(out, "{:<20} {:>16}", "COUNTER", "VALUE")?;
             for (name, value) in counters(pin_dir)? {
-                writeln!(out, "{name:<18} {value:>16}")?;
+                writeln!(out, "{name:<20} {value:>16}")?;
             }
             let services: HashMap<_, ServiceKey, ServiceValue> =
                 HashMap::try_from(open(pin_dir, SERVICES_MAP)?).map_err(read_err(SERVICES_MAP))?;

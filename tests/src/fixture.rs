@@ -28,6 +28,12 @@ pub const LB_BACKEND_MAC: [u8; 6] = [2, 0, 0, 0, 1, 0x0b];
 /// MAC of the LB's client-facing device.
 pub const LB_CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 1, 0x0c];
 
+/// The destination MAC of crafted frames (`pkt::frame`): registered as the own MAC of `lo`,
+/// the device test runs arrive on, so the program takes them as addressed to the LB.
+pub const LB_TEST_RUN_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0xaa];
+/// `lo`'s ifindex in every network namespace.
+pub const LO_IFINDEX: u32 = 1;
+
 /// The permanent neighbour MAC of a host address in the fixture.
 pub fn host_mac(ip: Ipv4Addr) -> [u8; 6] {
     let o = ip.octets();
@@ -100,6 +106,8 @@ impl Fixture {
             XdpDataplane::open(config).unwrap_or_else(|e| panic!("loading the data plane: {e}"));
         dp.apply(services)
             .unwrap_or_else(|e| panic!("applying services: {e}"));
+        dp.set_device_mac(LO_IFINDEX, LB_TEST_RUN_MAC)
+            .unwrap_or_else(|e| panic!("registering lo's MAC: {e}"));
         Fixture { dp, pins, ns }
     }
 
@@ -118,6 +126,36 @@ impl Fixture {
         let result = result.unwrap_or_else(|e| panic!("test run of {name}: {e}"));
         out.truncate(result.data_size_out as usize);
         (result.return_value, out)
+    }
+
+    /// Runs program `name` once on each of `count` frames that `make(i, frame)` writes (the
+    /// buffer holds the previous frame), inside the namespace entered once; returns how many
+    /// runs ended with each verdict (indexed by XDP action, 0..=4).
+    pub fn run_many(
+        &self,
+        name: &'static str,
+        count: u64,
+        mut make: impl FnMut(u64, &mut Vec<u8>) + Send,
+    ) -> [u64; 5] {
+        let program = self.dp.program(name).unwrap_or_else(|e| panic!("{e}"));
+        let mut verdicts = [0u64; 5];
+        let mut frame = Vec::new();
+        let mut out = vec![0u8; 2048];
+        self.ns.enter(|| {
+            for i in 0..count {
+                make(i, &mut frame);
+                let result = program
+                    .test_run(TestRunOptions {
+                        data_in: Some(&frame),
+                        data_out: Some(&mut out),
+                        repeat: 1,
+                        ..TestRunOptions::default()
+                    })
+                    .unwrap_or_else(|e| panic!("test run {i} of {name}: {e}"));
+                verdicts[(result.return_value as usize).min(4)] += 1;
+            }
+        });
+        verdicts
     }
 
     /// Runs program `name` `repeat` times on `frame`; returns the kernel's mean ns per run.

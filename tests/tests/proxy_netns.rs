@@ -12,8 +12,8 @@ use std::ops::Deref;
 use std::time::{Duration, Instant};
 
 use lb_common::{
-    CT_REV_MAP, CtEntry, FlowKey, IPPROTO_TCP, SNAT_PROBES, STAT_CT_MISS_NON_SYN, STAT_NEW_FLOW,
-    STAT_SNAT_EXHAUSTED, flow_hash, snat_port,
+    CT_DIR_REVERSE, CT_FWD_MAP, CT_REV_MAP, CtEntry, FlowKey, IPPROTO_TCP, SNAT_PROBES,
+    STAT_CT_MISS_NON_SYN, STAT_NEW_FLOW, STAT_SNAT_EXHAUSTED, flow_hash, snat_port,
 };
 use xlb::config::XdpMode;
 use xlb::dataplane::Dataplane as _;
@@ -443,9 +443,12 @@ fn a_new_flow_xdp_cannot_take_lands_on_the_proxy() {
     let xdp = open_xdp(&topology.lb, &pins, &services);
 
     // Hold every candidate port of the flow from CLIENT_PORT toward every backend, with live
-    // reverse entries as if other clients' flows had them.
+    // open flows (both entries: an entry without its peer would be taken over) as if other
+    // clients had them.
     let hash = flow_hash([192, 0, 2, 1], VIP.octets(), CLIENT_PORT, PORT, IPPROTO_TCP);
     let mut reverse = pins.ct_map(CT_REV_MAP);
+    let mut forward = pins.ct_map(CT_FWD_MAP);
+    let mut other_port = 50_000u16;
     for (_, backend) in &topology.backends {
         // The LB's end of the backend's /30: the source address of flows toward it.
         let snat = Ipv4Addr::from(u32::from(*backend) - 1);
@@ -458,13 +461,29 @@ fn a_new_flow_xdp_cannot_take_lands_on_the_proxy() {
                 proto: IPPROTO_TCP,
                 _pad: [0; 3],
             };
+            other_port += 1;
+            let now = xlb::inspect::monotonic_ns();
             let held = CtEntry {
                 nat_src_ip: VIP.octets(),
                 nat_dst_ip: [192, 0, 2, 99],
-                last_seen_ns: xlb::inspect::monotonic_ns(),
+                nat_src_port: PORT,
+                nat_dst_port: other_port,
+                last_seen_ns: now,
+                dir: CT_DIR_REVERSE,
+                ..CtEntry::default()
+            };
+            let peer = CtEntry {
+                nat_src_ip: snat.octets(),
+                nat_dst_ip: backend.octets(),
+                nat_src_port: key.dst_port,
+                nat_dst_port: BACKEND_PORT,
+                last_seen_ns: now,
                 ..CtEntry::default()
             };
             reverse.insert(key, held, 0).expect("hold a SNAT port");
+            forward
+                .insert(held.peer_key(IPPROTO_TCP), peer, 0)
+                .expect("hold a SNAT port (forward entry)");
         }
     }
 

@@ -5,8 +5,8 @@ use core::mem::{size_of, size_of_val};
 
 use lb_common::csum::{fold, is_partial, l4_checksum, pseudo_header_sum};
 use lb_common::{
-    BackendKey, BackendValue, CtEntry, FlowKey, IPPROTO_TCP, IPPROTO_UDP, ServiceKey, ServiceStats,
-    ServiceValue, VipValue,
+    BackendKey, BackendValue, CtEntry, DeviceMac, FlowKey, IPPROTO_TCP, IPPROTO_UDP, ServiceKey,
+    ServiceStats, ServiceValue, VipValue,
 };
 
 /// Asserts that `$ty`'s size is the sum of its fields' sizes. The destructuring pattern
@@ -59,8 +59,10 @@ fn map_types_have_no_implicit_padding() {
         last_seen_ns,
         smac,
         dmac,
+        dir,
         _pad
     });
+    assert_no_padding!(DeviceMac { ifindex, mac, _pad });
     assert_no_padding!(ServiceStats {
         packets,
         bytes,

@@ -13,7 +13,8 @@ use lb_common::*;
 use xlb::dataplane::Dataplane as _;
 use xlb::model::Protocol;
 use xlb_tests::fixture::{
-    Fixture, LB_BACKEND_IP, LB_BACKEND_MAC, LB_CLIENT_MAC, host_mac, sa, service,
+    Fixture, LB_BACKEND_IP, LB_BACKEND_MAC, LB_CLIENT_MAC, LB_TEST_RUN_MAC, LO_IFINDEX, host_mac,
+    sa, service,
 };
 use xlb_tests::pkt::{self, ACK, FIN, PSH, RST, SYN};
 
@@ -99,25 +100,11 @@ fn tcp_flow_syn_next_packet_and_reply_are_translated() {
     assert_eq!(fx.stat(STAT_NEW_FLOW), 1);
     assert_eq!(fx.stat(STAT_CT_MISS_SYN), 1);
 
-    // The next packet of the flow hits conntrack and takes the same translation.
-    let data = pkt::tcp(
-        sa(CLIENT, 40000),
-        sa(VIP, 80),
-        ACK | PSH,
-        b"GET / HTTP/1.0\r\n\r\n",
-    );
-    let (verdict, out) = fx.run(PROGRAM_GENERIC, &data);
-    assert_eq!(verdict, XDP_REDIRECT);
-    assert_translated(
-        &data,
-        &out,
-        sa(LB_BACKEND_IP.octets(), port),
-        sa(BACKEND, 8080),
-        to_backend,
-    );
-    assert_eq!(fx.stat(STAT_CT_HIT), 1);
+    assert_eq!(fx.stat(STAT_NEW_FLOW), 1);
+    assert_eq!(fx.stat(STAT_CT_MISS_SYN), 1);
+    assert_eq!(half_open_states(&fx), vec![CT_STATE_HALF_OPEN; 2]);
 
-    // The backend's reply comes back to the SNAT address and goes out as VIP → client.
+    // The backend's SYN-ACK comes back to the SNAT address and goes out as VIP → client.
     let reply = pkt::tcp(
         sa(BACKEND, 8080),
         sa(LB_BACKEND_IP.octets(), port),
@@ -133,6 +120,36 @@ fn tcp_flow_syn_next_packet_and_reply_are_translated() {
         sa(CLIENT, 40000),
         Some((LB_CLIENT_MAC, host_mac(CLIENT.into()))),
     );
+    assert_eq!(fx.stat(STAT_HALF_OPEN_HIT), 1);
+    assert_eq!(half_open_states(&fx), vec![CT_STATE_HALF_OPEN_REPLIED; 2]);
+
+    // The client's ACK (with data) completes the handshake: the flow moves to the open maps
+    // and the packet takes the same translation.
+    let data = pkt::tcp(
+        sa(CLIENT, 40000),
+        sa(VIP, 80),
+        ACK | PSH,
+        b"GET / HTTP/1.0\r\n\r\n",
+    );
+    let (verdict, out) = fx.run(PROGRAM_GENERIC, &data);
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_translated(
+        &data,
+        &out,
+        sa(LB_BACKEND_IP.octets(), port),
+        sa(BACKEND, 8080),
+        to_backend,
+    );
+    assert_eq!(fx.stat(STAT_FLOW_OPENED), 1);
+    assert_eq!(fx.stat(STAT_CT_HIT), 1);
+    assert!(
+        half_open_states(&fx).is_empty(),
+        "the half-open entries are gone"
+    );
+    assert_eq!(fx.ct_map(CT_FWD_MAP).keys().count(), 1);
+    assert_eq!(fx.ct_map(CT_REV_MAP).keys().count(), 1);
+    let (verdict, _) = fx.run(PROGRAM_GENERIC, &reply);
+    assert_eq!(verdict, XDP_REDIRECT);
     assert_eq!(fx.stat(STAT_CT_REPLY), 1);
 
     // The native program passes translated packets for veth egress, with MACs untouched.
@@ -153,7 +170,49 @@ fn tcp_flow_syn_next_packet_and_reply_are_translated() {
     }]
         .id;
     let stats = fx.dp.service_stats(svc).expect("service stats");
-    assert_eq!((stats.packets, stats.new_flows), (4, 1));
+    assert_eq!((stats.packets, stats.new_flows), (5, 1));
+}
+
+/// The states of the entries in the half-open map.
+fn half_open_states(fx: &Fixture) -> Vec<u32> {
+    fx.ct_map(CT_HALF_MAP)
+        .iter()
+        .map(|item| item.expect("half-open entry").1.state)
+        .collect()
+}
+
+/// Opens a TCP flow from `CLIENT:client_port` to `VIP:80` (SYN, the backend's SYN-ACK, the
+/// client's ACK) and returns its SNAT port.
+fn open_flow(fx: &Fixture, client_port: u16) -> u16 {
+    let (verdict, out) = fx.run(
+        PROGRAM_GENERIC,
+        &pkt::tcp(sa(CLIENT, client_port), sa(VIP, 80), SYN, &[]),
+    );
+    assert_eq!(verdict, XDP_REDIRECT, "SYN from port {client_port}");
+    let port = snat_port_of(&out);
+    let (verdict, out) = fx.run(
+        PROGRAM_GENERIC,
+        &pkt::tcp(
+            sa(BACKEND, 8080),
+            sa(LB_BACKEND_IP.octets(), port),
+            SYN | ACK,
+            &[],
+        ),
+    );
+    assert_eq!(verdict, XDP_REDIRECT, "SYN-ACK to port {port}");
+    assert_eq!(pkt::endpoints(&out), (sa(VIP, 80), sa(CLIENT, client_port)));
+    let opened = fx.stat(STAT_FLOW_OPENED);
+    let (verdict, _) = fx.run(
+        PROGRAM_GENERIC,
+        &pkt::tcp(sa(CLIENT, client_port), sa(VIP, 80), ACK, &[]),
+    );
+    assert_eq!(verdict, XDP_REDIRECT, "ACK from port {client_port}");
+    assert_eq!(
+        fx.stat(STAT_FLOW_OPENED),
+        opened + 1,
+        "the handshake opens the flow"
+    );
+    port
 }
 
 #[test]
@@ -406,19 +465,35 @@ fn reverse_key(port: u16) -> FlowKey {
     }
 }
 
-/// Makes SNAT `port` toward `BACKEND:8080` held by another client's reverse entry.
+/// Makes SNAT `port` toward `BACKEND:8080` held by another client's open flow (both entries).
 fn hold_snat_port(fx: &Fixture, port: u16, state: u32, last_seen_ns: u64) {
+    let other = [192, 0, 2, 9];
     let key = reverse_key(port);
-    let entry = CtEntry {
-        nat_src_ip: [192, 0, 2, 9],
-        nat_dst_ip: VIP,
+    let reverse = CtEntry {
+        nat_src_ip: VIP,
+        nat_dst_ip: other,
+        nat_src_port: 80,
+        nat_dst_port: 50000,
+        state,
+        last_seen_ns,
+        dir: CT_DIR_REVERSE,
+        ..CtEntry::default()
+    };
+    let forward = CtEntry {
+        nat_src_ip: LB_BACKEND_IP.octets(),
+        nat_dst_ip: BACKEND,
+        nat_src_port: port,
+        nat_dst_port: 8080,
         state,
         last_seen_ns,
         ..CtEntry::default()
     };
     fx.ct_map(CT_REV_MAP)
-        .insert(key, entry, 0)
+        .insert(key, reverse, 0)
         .expect("insert reverse entry");
+    fx.ct_map(CT_FWD_MAP)
+        .insert(reverse.peer_key(IPPROTO_TCP), forward, 0)
+        .expect("insert forward entry");
 }
 
 /// Opens a flow from `client_port`, lets `first_close` (the flags of the first FIN or RST, sent
@@ -430,11 +505,7 @@ fn states_after_close(
     first_close: u8,
     from_backend: bool,
 ) -> (u32, u32) {
-    let (_, out) = fx.run(
-        PROGRAM_GENERIC,
-        &pkt::tcp(sa(CLIENT, client_port), sa(VIP, 80), SYN, &[]),
-    );
-    let port = snat_port_of(&out);
+    let port = open_flow(fx, client_port);
     let close = if from_backend {
         pkt::tcp(
             sa(BACKEND, 8080),
@@ -554,4 +625,675 @@ fn removed_backend_drains_and_removed_service_stops_new_flows() {
     let syn = pkt::tcp(sa(CLIENT, 40040), sa(VIP, 80), SYN, &[]);
     let (verdict, out) = fx.run(PROGRAM_GENERIC, &syn);
     assert_eq!((verdict, out), (XDP_PASS, syn));
+}
+
+/// The forward conntrack key of `CLIENT:client_port → VIP:80`.
+fn forward_key(client_port: u16) -> FlowKey {
+    FlowKey {
+        src_ip: CLIENT,
+        dst_ip: VIP,
+        src_port: client_port,
+        dst_port: 80,
+        proto: IPPROTO_TCP,
+        _pad: [0; 3],
+    }
+}
+
+#[test]
+fn syn_with_fin_or_rst_creates_no_flow() {
+    let fx = fixture("fx-flags");
+    for (i, flags) in [SYN | FIN, SYN | RST, SYN | FIN | RST]
+        .into_iter()
+        .enumerate()
+    {
+        let frame = pkt::tcp(sa(CLIENT, 41000 + i as u16), sa(VIP, 80), flags, &[]);
+        let (verdict, out) = fx.run(PROGRAM_GENERIC, &frame);
+        assert_eq!((verdict, out), (XDP_PASS, frame), "flags {flags:#x}");
+    }
+    assert_eq!(fx.stat(STAT_BAD_TCP_FLAGS), 3);
+    // A SYN-ACK to a VIP is a segment of a flow we do not track.
+    let frame = pkt::tcp(sa(CLIENT, 41010), sa(VIP, 80), SYN | ACK, &[]);
+    let (verdict, out) = fx.run(PROGRAM_GENERIC, &frame);
+    assert_eq!((verdict, out), (XDP_PASS, frame));
+    assert_eq!(fx.stat(STAT_CT_MISS_NON_SYN), 1);
+    assert_eq!(fx.stat(STAT_NEW_FLOW), 0);
+    assert_eq!(fx.ct_map(CT_HALF_MAP).keys().count(), 0);
+}
+
+#[test]
+fn bad_headers_and_ip_checksums_are_dropped_never_forwarded() {
+    let fx = fixture("fx-badhdr");
+    let syn = pkt::tcp(sa(CLIENT, 41100), sa(VIP, 80), SYN, &[]);
+    let mut cases = Vec::new();
+    let mut short_doff = syn.clone();
+    short_doff[pkt::L4 + 12] = 0x40; // data offset 4 words
+    pkt::fix_checksums(&mut short_doff);
+    cases.push(("data offset 4", short_doff, STAT_DROP_BAD_L4_HDR));
+    let mut long_doff = syn.clone();
+    long_doff[pkt::L4 + 12] = 0x60; // 24 bytes, past the 20-byte segment
+    pkt::fix_checksums(&mut long_doff);
+    cases.push((
+        "data offset past the segment",
+        long_doff,
+        STAT_DROP_BAD_L4_HDR,
+    ));
+    let query = pkt::udp(sa(CLIENT, 5001), sa(VIP, 53), b"query");
+    for (what, len) in [("UDP length 7", 7u16), ("UDP length past the payload", 14)] {
+        let mut bad = query.clone();
+        bad[pkt::L4 + 4..pkt::L4 + 6].copy_from_slice(&len.to_be_bytes());
+        pkt::fix_checksums(&mut bad);
+        cases.push((what, bad, STAT_DROP_BAD_L4_HDR));
+    }
+    let mut bad_csum = syn.clone();
+    bad_csum[pkt::IP + 10] ^= 0x01;
+    cases.push(("IP checksum", bad_csum, STAT_DROP_BAD_IP_CSUM));
+    for (what, frame, counter) in &cases {
+        let before = fx.stat(*counter);
+        let (verdict, _) = fx.run(PROGRAM_GENERIC, frame);
+        assert_eq!(verdict, XDP_DROP, "{what}");
+        assert_eq!(fx.stat(*counter), before + 1, "{what} counted");
+    }
+    assert_eq!(fx.stat(STAT_NEW_FLOW), 0);
+
+    // A packet of an open flow whose IP checksum is wrong is not forwarded either way.
+    let port = open_flow(&fx, 41101);
+    let mut data = pkt::tcp(sa(CLIENT, 41101), sa(VIP, 80), ACK, b"x");
+    data[pkt::IP + 10] ^= 0x01;
+    let (verdict, _) = fx.run(PROGRAM_GENERIC, &data);
+    assert_eq!(verdict, XDP_DROP, "to the VIP: dropped");
+    let mut reply = pkt::tcp(
+        sa(BACKEND, 8080),
+        sa(LB_BACKEND_IP.octets(), port),
+        ACK,
+        b"y",
+    );
+    reply[pkt::IP + 10] ^= 0x01;
+    let (verdict, out) = fx.run(PROGRAM_GENERIC, &reply);
+    assert_eq!(
+        (verdict, out),
+        (XDP_PASS, reply),
+        "to the SNAT address: passed untouched (the kernel drops it)"
+    );
+}
+
+#[test]
+fn martian_sources_and_ttl_1_create_no_flow() {
+    let fx = fixture("fx-martian");
+    for src in [
+        [0, 0, 0, 0],
+        [127, 0, 0, 1],
+        [224, 0, 0, 1],
+        [240, 0, 0, 1],
+        [255, 255, 255, 255],
+    ] {
+        let frame = pkt::tcp(sa(src, 41200), sa(VIP, 80), SYN, &[]);
+        let (verdict, out) = fx.run(PROGRAM_GENERIC, &frame);
+        assert_eq!((verdict, out), (XDP_PASS, frame), "source {src:?}");
+        let frame = pkt::udp(sa(src, 41200), sa(VIP, 53), b"q");
+        let (verdict, out) = fx.run(PROGRAM_GENERIC, &frame);
+        assert_eq!((verdict, out), (XDP_PASS, frame), "UDP source {src:?}");
+    }
+    assert_eq!(fx.stat(STAT_MARTIAN_SRC), 10);
+    for ttl in [0u8, 1] {
+        let mut frame = pkt::tcp(sa(CLIENT, 41201), sa(VIP, 80), SYN, &[]);
+        frame[pkt::IP + 8] = ttl;
+        pkt::fix_checksums(&mut frame);
+        let (verdict, out) = fx.run(PROGRAM_GENERIC, &frame);
+        assert_eq!((verdict, out), (XDP_PASS, frame), "TTL {ttl}");
+    }
+    assert_eq!(fx.stat(STAT_TTL_EXPIRED), 2);
+    assert_eq!(fx.stat(STAT_NEW_FLOW), 0);
+    // TTL 2 is fine.
+    let mut frame = pkt::tcp(sa(CLIENT, 41202), sa(VIP, 80), SYN, &[]);
+    frame[pkt::IP + 8] = 2;
+    pkt::fix_checksums(&mut frame);
+    let (verdict, _) = fx.run(PROGRAM_GENERIC, &frame);
+    assert_eq!(verdict, XDP_REDIRECT);
+}
+
+#[test]
+fn frames_not_addressed_to_the_device_are_never_translated() {
+    let mut fx = fixture("fx-mac");
+    let other_host = [2, 0, 0, 0, 0, 0xbb];
+    let broadcast = [0xff; 6];
+    for mac in [other_host, broadcast] {
+        let mut syn = pkt::tcp(sa(CLIENT, 41300), sa(VIP, 80), SYN, &[]);
+        syn[0..6].copy_from_slice(&mac);
+        let (verdict, out) = fx.run(PROGRAM_GENERIC, &syn);
+        assert_eq!((verdict, out), (XDP_PASS, syn), "SYN to {mac:02x?}");
+    }
+    assert_eq!(fx.stat(STAT_NOT_OUR_MAC), 2);
+    assert_eq!(fx.stat(STAT_NEW_FLOW), 0);
+    // Packets of an open flow, both ways, addressed to another host.
+    let port = open_flow(&fx, 41301);
+    let mut data = pkt::tcp(sa(CLIENT, 41301), sa(VIP, 80), ACK, b"x");
+    data[0..6].copy_from_slice(&other_host);
+    let (verdict, out) = fx.run(PROGRAM_GENERIC, &data);
+    assert_eq!((verdict, out), (XDP_PASS, data));
+    let mut reply = pkt::tcp(
+        sa(BACKEND, 8080),
+        sa(LB_BACKEND_IP.octets(), port),
+        ACK,
+        b"y",
+    );
+    reply[0..6].copy_from_slice(&other_host);
+    let (verdict, out) = fx.run(PROGRAM_GENERIC, &reply);
+    assert_eq!((verdict, out), (XDP_PASS, reply));
+    // A FIN addressed to another host does not close the flow.
+    let mut fin = pkt::tcp(sa(CLIENT, 41301), sa(VIP, 80), FIN | ACK, &[]);
+    fin[0..6].copy_from_slice(&other_host);
+    fx.run(PROGRAM_GENERIC, &fin);
+    let entry = fx
+        .ct_map(CT_FWD_MAP)
+        .get(&forward_key(41301), 0)
+        .expect("open entry");
+    assert_eq!(entry.state, CT_STATE_OPEN);
+    assert_eq!(fx.stat(STAT_NOT_OUR_MAC), 5);
+    // A device whose MAC is not registered translates nothing.
+    fx.dp
+        .set_device_mac(LO_IFINDEX + 1024, LB_TEST_RUN_MAC)
+        .expect("register");
+    let data = pkt::tcp(sa(CLIENT, 41301), sa(VIP, 80), ACK, b"x");
+    let (verdict, out) = fx.run(PROGRAM_GENERIC, &data);
+    assert_eq!(
+        (verdict, out),
+        (XDP_PASS, data),
+        "slot taken by another ifindex"
+    );
+}
+
+/// Puts a half-open flow from `[192, 0, 2, 9]:50000` on SNAT `port` toward `BACKEND:8080`,
+/// last seen at `last_seen_ns`.
+fn hold_half_open(fx: &Fixture, port: u16, state: u32, last_seen_ns: u64) {
+    let other = [192, 0, 2, 9];
+    let key = reverse_key(port);
+    let reverse = CtEntry {
+        nat_src_ip: VIP,
+        nat_dst_ip: other,
+        nat_src_port: 80,
+        nat_dst_port: 50000,
+        state,
+        last_seen_ns,
+        dir: CT_DIR_REVERSE,
+        ..CtEntry::default()
+    };
+    let forward = CtEntry {
+        nat_src_ip: LB_BACKEND_IP.octets(),
+        nat_dst_ip: BACKEND,
+        nat_src_port: port,
+        nat_dst_port: 8080,
+        state,
+        last_seen_ns,
+        dir: CT_DIR_FORWARD,
+        ..CtEntry::default()
+    };
+    let map = fx.ct_map(CT_HALF_MAP);
+    let mut map = map;
+    map.insert(key, reverse, 0).expect("insert reverse entry");
+    map.insert(reverse.peer_key(IPPROTO_TCP), forward, 0)
+        .expect("insert forward entry");
+}
+
+#[test]
+fn half_open_flows_time_out_and_stale_ones_give_up_their_port() {
+    let fx = fixture("fx-halfopen");
+    let now = xlb::inspect::monotonic_ns();
+    let cases = [
+        // (client port, idle, state, taken over?, counter)
+        (
+            41400,
+            CT_TIMEOUT_HALF_OPEN_NS + 1_000_000_000,
+            CT_STATE_HALF_OPEN_REPLIED,
+            true,
+            STAT_HALF_OPEN_TIMEOUT,
+        ),
+        (
+            41401,
+            CT_HALF_OPEN_RECLAIM_NS + 500_000_000,
+            CT_STATE_HALF_OPEN,
+            true,
+            STAT_EARLY_DROP,
+        ),
+        (
+            41402,
+            CT_HALF_OPEN_RECLAIM_NS + 500_000_000,
+            CT_STATE_HALF_OPEN_REPLIED,
+            true,
+            STAT_EARLY_DROP,
+        ),
+        (41403, 0, CT_STATE_HALF_OPEN, false, STAT_EARLY_DROP),
+    ];
+    for (client_port, idle, state, taken, counter) in cases {
+        let hash = flow_hash(CLIENT, VIP, client_port, 80, IPPROTO_TCP);
+        let first = snat_port(hash, 0);
+        hold_half_open(&fx, first, state, now.saturating_sub(idle));
+        let before = fx.stat(counter);
+        let (_, out) = fx.run(
+            PROGRAM_GENERIC,
+            &pkt::tcp(sa(CLIENT, client_port), sa(VIP, 80), SYN, &[]),
+        );
+        let port = snat_port_of(&out);
+        if taken {
+            assert_eq!(port, first, "port {client_port}: taken over");
+            assert_eq!(fx.stat(counter), before + 1);
+            // The old flow is gone whole: its forward entry too.
+            let old_fwd = reverse_entry_peer(first);
+            assert!(
+                fx.ct_map(CT_HALF_MAP).get(&old_fwd, 0).is_err(),
+                "old forward entry deleted"
+            );
+        } else {
+            assert_eq!(
+                port,
+                snat_port(hash, 1),
+                "a fresh half-open flow keeps its port"
+            );
+            assert_eq!(fx.stat(counter), before);
+        }
+        // The backend's answer on the port reaches the new client.
+        let back = backend_answer(&fx, port);
+        assert_eq!(
+            pkt::endpoints(&back),
+            (sa(VIP, 80), sa(CLIENT, client_port))
+        );
+    }
+}
+
+/// The forward key of the flow `hold_half_open` / `hold_snat_port` put on SNAT `port`.
+fn reverse_entry_peer(_port: u16) -> FlowKey {
+    FlowKey {
+        src_ip: [192, 0, 2, 9],
+        dst_ip: VIP,
+        src_port: 50000,
+        dst_port: 80,
+        proto: IPPROTO_TCP,
+        _pad: [0; 3],
+    }
+}
+
+#[test]
+fn a_new_syn_on_a_closing_flow_replaces_it_whole() {
+    let fx = fixture("fx-replace");
+    let old_port = open_flow(&fx, 41500);
+    fx.run(
+        PROGRAM_GENERIC,
+        &pkt::tcp(sa(CLIENT, 41500), sa(VIP, 80), FIN | ACK, &[]),
+    );
+    let (verdict, out) = fx.run(
+        PROGRAM_GENERIC,
+        &pkt::tcp(sa(CLIENT, 41500), sa(VIP, 80), SYN, &[]),
+    );
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_eq!(fx.stat(STAT_CT_REPLACED), 1);
+    assert!(
+        fx.ct_map(CT_FWD_MAP).get(&forward_key(41500), 0).is_err(),
+        "old forward entry gone"
+    );
+    assert!(
+        fx.ct_map(CT_REV_MAP)
+            .get(&reverse_key(old_port), 0)
+            .is_err(),
+        "old reverse entry gone"
+    );
+    let new_port = snat_port_of(&out);
+    // The new attempt completes and both directions translate.
+    let back = backend_answer(&fx, new_port);
+    assert_eq!(pkt::endpoints(&back), (sa(VIP, 80), sa(CLIENT, 41500)));
+    // A SYN on an *open* flow does not replace it (a retransmission or a stray).
+    open_flow(&fx, 41501);
+    fx.run(
+        PROGRAM_GENERIC,
+        &pkt::tcp(sa(CLIENT, 41501), sa(VIP, 80), SYN, &[]),
+    );
+    assert_eq!(fx.stat(STAT_CT_REPLACED), 1);
+}
+
+#[test]
+fn an_entry_without_its_peer_is_deleted_never_used() {
+    let fx = fixture("fx-orphan");
+    let now = xlb::inspect::monotonic_ns();
+    // A live reverse entry without forward entry holds the first-choice port of a new flow.
+    let hash = flow_hash(CLIENT, VIP, 41600, 80, IPPROTO_TCP);
+    let first = snat_port(hash, 0);
+    hold_snat_port(&fx, first, CT_STATE_OPEN, now);
+    fx.ct_map(CT_FWD_MAP)
+        .remove(&reverse_entry_peer(first))
+        .expect("remove the forward entry");
+    let (_, out) = fx.run(
+        PROGRAM_GENERIC,
+        &pkt::tcp(sa(CLIENT, 41600), sa(VIP, 80), SYN, &[]),
+    );
+    assert_eq!(snat_port_of(&out), first, "the orphan's port is taken over");
+    assert_eq!(fx.stat(STAT_CT_ORPHAN), 1);
+
+    // An open forward entry whose reverse entry is gone: the next packet that refreshes it
+    // (at most a second later) finds that, deletes it and passes the packet untouched.
+    let port = open_flow(&fx, 41601);
+    fx.ct_map(CT_REV_MAP)
+        .remove(&reverse_key(port))
+        .expect("remove the reverse entry");
+    let mut fwd = fx.ct_map(CT_FWD_MAP);
+    let mut entry = fwd.get(&forward_key(41601), 0).expect("forward entry");
+    entry.last_seen_ns = now.saturating_sub(2 * CT_REFRESH_NS);
+    fwd.insert(forward_key(41601), entry, 0)
+        .expect("age the entry");
+    let data = pkt::tcp(sa(CLIENT, 41601), sa(VIP, 80), ACK, b"x");
+    let (verdict, out) = fx.run(PROGRAM_GENERIC, &data);
+    assert_eq!((verdict, out), (XDP_PASS, data));
+    assert_eq!(fx.stat(STAT_CT_ORPHAN), 2);
+    assert!(fx.ct_map(CT_FWD_MAP).get(&forward_key(41601), 0).is_err());
+
+    // A half-open reverse entry without its forward entry is not used for a SYN-ACK.
+    let (_, out) = fx.run(
+        PROGRAM_GENERIC,
+        &pkt::tcp(sa(CLIENT, 41602), sa(VIP, 80), SYN, &[]),
+    );
+    let port = snat_port_of(&out);
+    fx.ct_map(CT_HALF_MAP)
+        .remove(&forward_key(41602))
+        .expect("remove half-open forward");
+    let syn_ack = pkt::tcp(
+        sa(BACKEND, 8080),
+        sa(LB_BACKEND_IP.octets(), port),
+        SYN | ACK,
+        &[],
+    );
+    let (verdict, out) = fx.run(PROGRAM_GENERIC, &syn_ack);
+    assert_eq!((verdict, out), (XDP_PASS, syn_ack));
+    assert_eq!(fx.stat(STAT_CT_ORPHAN), 3);
+}
+
+#[test]
+fn udp_flows_open_once_traffic_went_both_ways() {
+    let fx = fixture("fx-udp-open");
+    let query = pkt::udp(sa(CLIENT, 5002), sa(VIP, 53), b"q1");
+    let (_, out) = fx.run(PROGRAM_GENERIC, &query);
+    let port = snat_port_of(&out);
+    assert_eq!(half_open_states(&fx), vec![CT_STATE_HALF_OPEN; 2]);
+    let answer = pkt::udp(sa(BACKEND, 5353), sa(LB_BACKEND_IP.octets(), port), b"a1");
+    let (verdict, _) = fx.run(PROGRAM_GENERIC, &answer);
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_eq!(half_open_states(&fx), vec![CT_STATE_HALF_OPEN_REPLIED; 2]);
+    let (verdict, out) = fx.run(PROGRAM_GENERIC, &query);
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_eq!(snat_port_of(&out), port);
+    assert_eq!(fx.stat(STAT_FLOW_OPENED), 1);
+    assert!(half_open_states(&fx).is_empty());
+    let (verdict, out) = fx.run(PROGRAM_GENERIC, &answer);
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_eq!(pkt::endpoints(&out), (sa(VIP, 53), sa(CLIENT, 5002)));
+    assert_eq!(fx.stat(STAT_CT_REPLY), 1);
+}
+
+/// Checks that every entry of the open maps has its peer pointing back, and returns how many
+/// flows they hold.
+fn assert_open_flows_whole(fx: &Fixture) -> usize {
+    let fwd = fx.ct_map(CT_FWD_MAP);
+    let rev = fx.ct_map(CT_REV_MAP);
+    let mut flows = 0;
+    for (own, other, what) in [(&fwd, &rev, "forward"), (&rev, &fwd, "reverse")] {
+        for item in own.iter() {
+            let (key, entry) = item.expect("entry");
+            let peer = other
+                .get(&entry.peer_key(key.proto), 0)
+                .unwrap_or_else(|e| panic!("{what} entry {key:?} has no peer: {e}"));
+            assert!(
+                CtEntry::is_peer_of(&key, &peer),
+                "{what} entry {key:?}: its peer points elsewhere"
+            );
+            flows += 1;
+        }
+    }
+    flows / 2
+}
+
+/// A SYN from a spoofed source `10.x.y.z:port` numbered `i`, written into `frame`.
+fn flood_syn(i: u64, frame: &mut Vec<u8>) {
+    let src = [10, (i >> 16) as u8, (i >> 8) as u8, i as u8];
+    let port = 1024 + (i >> 24) as u16 * 7 + (i % 7) as u16;
+    *frame = pkt::tcp(sa(src, port), sa(VIP, 80), SYN, &[]);
+}
+
+/// Item 1 and 2 of issue 14: an idle established flow survives two million distinct flood
+/// SYNs to its own service and keeps translating both ways; the open maps hold only whole
+/// flows afterwards, and no half-open entry left without its peer is ever used.
+#[test]
+fn an_idle_established_flow_survives_two_million_flood_syns() {
+    // 32 backends: 32 × 16,384 SNAT ports, far more than the half-open map holds, so the
+    // flood fills it and its LRU evicts.
+    let mut backends = vec![(Ipv4Addr::from(BACKEND), 8080)];
+    backends.extend((10..41).map(|host| (Ipv4Addr::new(203, 0, 113, host), 8080)));
+    let fx = Fixture::new(
+        "fx-flood",
+        &[service(VIP.into(), 80, Protocol::Tcp, &backends)],
+    );
+    let port = open_flow(&fx, 42000);
+    const FLOOD: u64 = 2_000_000;
+    let verdicts = fx.run_many(PROGRAM_GENERIC, FLOOD, flood_syn);
+    let created = fx.stat(STAT_NEW_FLOW) - 1;
+    eprintln!(
+        "flood of {FLOOD} SYNs: verdicts {verdicts:?}, new flows {created}, early drops {}, half-open timeouts {}, orphans {}, snat exhausted {}, half-open entries at the end {}",
+        fx.stat(STAT_EARLY_DROP),
+        fx.stat(STAT_HALF_OPEN_TIMEOUT),
+        fx.stat(STAT_CT_ORPHAN),
+        fx.stat(STAT_SNAT_EXHAUSTED),
+        fx.ct_map(CT_HALF_MAP).keys().count()
+    );
+    assert!(
+        created > MAX_HALF_OPEN_ENTRIES as u64,
+        "the flood must overflow the half-open map ({created} flows created)"
+    );
+    assert_eq!(fx.stat(STAT_FLOW_OPENED), 1, "no flood SYN opened a flow");
+    assert_eq!(
+        assert_open_flows_whole(&fx),
+        1,
+        "the open maps hold the idle flow only"
+    );
+
+    // The idle flow still translates both ways, on its own SNAT port.
+    let data = pkt::tcp(sa(CLIENT, 42000), sa(VIP, 80), ACK | PSH, b"still there?");
+    let (verdict, out) = fx.run(PROGRAM_GENERIC, &data);
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_translated(
+        &data,
+        &out,
+        sa(LB_BACKEND_IP.octets(), port),
+        sa(BACKEND, 8080),
+        Some((LB_BACKEND_MAC, host_mac(BACKEND.into()))),
+    );
+    let reply = pkt::tcp(
+        sa(BACKEND, 8080),
+        sa(LB_BACKEND_IP.octets(), port),
+        ACK,
+        b"yes",
+    );
+    let (verdict, out) = fx.run(PROGRAM_GENERIC, &reply);
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_eq!(pkt::endpoints(&out), (sa(VIP, 80), sa(CLIENT, 42000)));
+
+    // Half-open entries the LRU left without their peer are deleted when hit, never used.
+    let half = fx.ct_map(CT_HALF_MAP);
+    let mut orphans = Vec::new();
+    for item in half.iter() {
+        let (key, entry) = item.expect("half-open entry");
+        let whole = half
+            .get(&entry.peer_key(key.proto), 0)
+            .is_ok_and(|peer| CtEntry::is_peer_of(&key, &peer));
+        if !whole {
+            orphans.push((key, entry));
+        }
+        if orphans.len() == 200 {
+            break;
+        }
+    }
+    eprintln!("checked {} half-open orphans", orphans.len());
+    for (key, entry) in orphans {
+        let src = sa(key.src_ip, key.src_port);
+        let dst = sa(key.dst_ip, key.dst_port);
+        // A reverse orphan gets the backend's SYN-ACK, a forward one the client's ACK: both
+        // pass untouched.
+        let flags = if entry.dir == CT_DIR_REVERSE {
+            SYN | ACK
+        } else {
+            ACK
+        };
+        let frame = pkt::tcp(src, dst, flags, &[]);
+        let (verdict, out) = fx.run(PROGRAM_GENERIC, &frame);
+        assert_eq!(
+            (verdict, &out),
+            (XDP_PASS, &frame),
+            "orphan {key:?} was used"
+        );
+        assert!(half.get(&key, 0).is_err(), "orphan {key:?} deleted");
+    }
+}
+
+/// When every candidate SNAT port of a new flow is held by a live half-open flow, the port of
+/// the longest idle one is taken over if it has been idle for 100 ms or more; otherwise the
+/// new flow is refused (passed to the kernel for the proxy).
+#[test]
+fn under_pressure_the_longest_idle_half_open_flow_gives_up_its_port() {
+    let fx = fixture("fx-pressure");
+    let now = xlb::inspect::monotonic_ns();
+    let hash = flow_hash(CLIENT, VIP, 41700, 80, IPPROTO_TCP);
+    // All 16 candidates held by fresh half-open flows (each from its own client port).
+    for attempt in 0..SNAT_PROBES {
+        hold_half_open_from(&fx, snat_port(hash, attempt), 50000 + attempt as u16, now);
+    }
+    let syn = pkt::tcp(sa(CLIENT, 41700), sa(VIP, 80), SYN, &[]);
+    let (verdict, out) = fx.run(PROGRAM_GENERIC, &syn);
+    assert_eq!(
+        (verdict, out),
+        (XDP_PASS, syn.clone()),
+        "all held and fresh: refused"
+    );
+    assert_eq!(fx.stat(STAT_SNAT_EXHAUSTED), 1);
+    // One of them, 300 ms idle (less than the 1 s after which any prober takes it), is the
+    // longest idle: it gives way.
+    let victim = snat_port(hash, 7);
+    hold_half_open_from(&fx, victim, 50007, now.saturating_sub(300_000_000));
+    let (verdict, out) = fx.run(PROGRAM_GENERIC, &syn);
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_eq!(snat_port_of(&out), victim);
+    assert_eq!(fx.stat(STAT_EARLY_DROP), 1);
+    let mut victim_fwd = reverse_entry_peer(victim);
+    victim_fwd.src_port = 50007;
+    assert!(
+        fx.ct_map(CT_HALF_MAP).get(&victim_fwd, 0).is_err(),
+        "the victim's forward entry is gone with it"
+    );
+}
+
+/// Puts a half-open flow from `[192, 0, 2, 9]:client_port` on SNAT `port` toward
+/// `BACKEND:8080`, last seen at `last_seen_ns`.
+fn hold_half_open_from(fx: &Fixture, port: u16, client_port: u16, last_seen_ns: u64) {
+    let reverse = CtEntry {
+        nat_src_ip: VIP,
+        nat_dst_ip: [192, 0, 2, 9],
+        nat_src_port: 80,
+        nat_dst_port: client_port,
+        state: CT_STATE_HALF_OPEN,
+        last_seen_ns,
+        dir: CT_DIR_REVERSE,
+        ..CtEntry::default()
+    };
+    let forward = CtEntry {
+        nat_src_ip: LB_BACKEND_IP.octets(),
+        nat_dst_ip: BACKEND,
+        nat_src_port: port,
+        nat_dst_port: 8080,
+        state: CT_STATE_HALF_OPEN,
+        last_seen_ns,
+        dir: CT_DIR_FORWARD,
+        ..CtEntry::default()
+    };
+    let mut map = fx.ct_map(CT_HALF_MAP);
+    map.insert(reverse_key(port), reverse, 0)
+        .expect("insert reverse entry");
+    map.insert(reverse.peer_key(IPPROTO_TCP), forward, 0)
+        .expect("insert forward entry");
+}
+
+/// The client closes first, then the backend: the backend's end closes without TIME_WAIT, so
+/// the flow's SNAT port serves again 2 s later (not 10 s); a backend that closes first keeps
+/// TIME_WAIT whatever the client does after.
+#[test]
+fn a_flow_both_sides_closed_client_first_frees_its_port_after_2_s() {
+    let fx = fixture("fx-closed");
+    let port = open_flow(&fx, 41800);
+    fx.run(
+        PROGRAM_GENERIC,
+        &pkt::tcp(sa(CLIENT, 41800), sa(VIP, 80), FIN | ACK, &[]),
+    );
+    let backend_fin = pkt::tcp(
+        sa(BACKEND, 8080),
+        sa(LB_BACKEND_IP.octets(), port),
+        FIN | ACK,
+        &[],
+    );
+    let (verdict, out) = fx.run(PROGRAM_GENERIC, &backend_fin);
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_eq!(pkt::endpoints(&out), (sa(VIP, 80), sa(CLIENT, 41800)));
+    let fwd = fx
+        .ct_map(CT_FWD_MAP)
+        .get(&forward_key(41800), 0)
+        .expect("forward");
+    let rev = fx
+        .ct_map(CT_REV_MAP)
+        .get(&reverse_key(port), 0)
+        .expect("reverse");
+    assert_eq!((fwd.state, rev.state), (CT_STATE_CLOSED, CT_STATE_CLOSED));
+    // The last ACK still goes through.
+    let (verdict, _) = fx.run(
+        PROGRAM_GENERIC,
+        &pkt::tcp(sa(CLIENT, 41800), sa(VIP, 80), ACK, &[]),
+    );
+    assert_eq!(verdict, XDP_REDIRECT);
+
+    // A closed flow idle past 2 s gives its port to a new flow; one in TIME_WAIT as long does
+    // not.
+    let now = xlb::inspect::monotonic_ns();
+    let past_closed = now.saturating_sub(CT_TIMEOUT_TCP_CLOSED_NS + 500_000_000);
+    let hash = flow_hash(CLIENT, VIP, 41801, 80, IPPROTO_TCP);
+    hold_snat_port(&fx, snat_port(hash, 0), CT_STATE_CLOSED, past_closed);
+    let (_, out) = fx.run(
+        PROGRAM_GENERIC,
+        &pkt::tcp(sa(CLIENT, 41801), sa(VIP, 80), SYN, &[]),
+    );
+    assert_eq!(
+        snat_port_of(&out),
+        snat_port(hash, 0),
+        "the closed flow's port is reused"
+    );
+    let hash = flow_hash(CLIENT, VIP, 41802, 80, IPPROTO_TCP);
+    hold_snat_port(&fx, snat_port(hash, 0), CT_STATE_TIME_WAIT, past_closed);
+    let (_, out) = fx.run(
+        PROGRAM_GENERIC,
+        &pkt::tcp(sa(CLIENT, 41802), sa(VIP, 80), SYN, &[]),
+    );
+    assert_eq!(
+        snat_port_of(&out),
+        snat_port(hash, 1),
+        "a TIME_WAIT port is kept"
+    );
+    // Backend first, then the client: TIME_WAIT stays.
+    let port = open_flow(&fx, 41803);
+    fx.run(
+        PROGRAM_GENERIC,
+        &pkt::tcp(
+            sa(BACKEND, 8080),
+            sa(LB_BACKEND_IP.octets(), port),
+            FIN | ACK,
+            &[],
+        ),
+    );
+    fx.run(
+        PROGRAM_GENERIC,
+        &pkt::tcp(sa(CLIENT, 41803), sa(VIP, 80), FIN | ACK, &[]),
+    );
+    let fwd = fx
+        .ct_map(CT_FWD_MAP)
+        .get(&forward_key(41803), 0)
+        .expect("forward");
+    assert_eq!(fwd.state, CT_STATE_TIME_WAIT);
 }

@@ -23,6 +23,9 @@ fn ipv4(proto: u8, l4: &[u8]) -> Vec<u8> {
     frame.extend_from_slice(&total.to_be_bytes());
     frame.extend_from_slice(&[0, 1, 0x40, 0, 64, proto, 0, 0]);
     frame.extend_from_slice(&[192, 0, 2, 1, 198, 51, 100, 10]);
+    // A valid header checksum: a wrong one makes the packet malformed (counted apart).
+    let check = xlb_tests::pkt::inet_checksum(&frame[14..34], 0);
+    frame[24..26].copy_from_slice(&check.to_be_bytes());
     frame.extend_from_slice(l4);
     frame
 }

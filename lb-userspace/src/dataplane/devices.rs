@@ -39,41 +39,72 @@ struct EthtoolDrvinfo {
 /// `ETHTOOL_GDRVINFO` from `linux/ethtool.h`.
 const ETHTOOL_GDRVINFO: u32 = 0x03;
 
-/// The kernel driver of `device` (what `ethtool -i` shows), read with the `SIOCETHTOOL` ioctl;
-/// `None` when it cannot be told.
-fn driver(device: &str) -> Option<String> {
+/// Runs the interface ioctl `request` on `device` with an `ifreq` naming it (`prepare` fills
+/// in the rest), and returns the `ifreq` the kernel wrote back.
+fn interface_ioctl(
+    device: &str,
+    request: libc::c_ulong,
+    prepare: impl FnOnce(&mut libc::ifreq),
+) -> std::io::Result<libc::ifreq> {
     let name = device.as_bytes();
     if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(&0) {
-        return None;
+        return Err(std::io::ErrorKind::InvalidInput.into());
     }
-    // SAFETY: all-zero is a valid value of these plain C structs.
-    let mut info: EthtoolDrvinfo = unsafe { std::mem::zeroed() };
-    info.cmd = ETHTOOL_GDRVINFO;
-    // SAFETY: as above.
-    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (to, from) in request.ifr_name.iter_mut().zip(name) {
+    // SAFETY: all-zero is a valid ifreq.
+    let mut ifreq: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (to, from) in ifreq.ifr_name.iter_mut().zip(name) {
         *to = *from as libc::c_char;
     }
-    request.ifr_ifru.ifru_data = (&mut info as *mut EthtoolDrvinfo).cast();
+    prepare(&mut ifreq);
     // SAFETY: plain socket call; the descriptor is owned (and closed) right away.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
-        return None;
+        return Err(std::io::Error::last_os_error());
     }
     // SAFETY: fd is a fresh descriptor that nothing else owns.
     let socket = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-    // SAFETY: request names the device (NUL-terminated within IFNAMSIZ) and points at info,
-    // which outlives the call and has the size the kernel writes for ETHTOOL_GDRVINFO.
-    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCETHTOOL, &mut request) };
+    // SAFETY: ifreq names the device (NUL-terminated within IFNAMSIZ); whatever `prepare`
+    // pointed it at outlives the call.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), request, &mut ifreq) };
     if rc != 0 {
-        return None;
+        return Err(std::io::Error::last_os_error());
     }
+    Ok(ifreq)
+}
+
+/// The kernel driver of `device` (what `ethtool -i` shows), read with the `SIOCETHTOOL` ioctl;
+/// `None` when it cannot be told.
+fn driver(device: &str) -> Option<String> {
+    // SAFETY: all-zero is a valid value of this plain C struct.
+    let mut info: EthtoolDrvinfo = unsafe { std::mem::zeroed() };
+    info.cmd = ETHTOOL_GDRVINFO;
+    interface_ioctl(device, libc::SIOCETHTOOL, |ifreq| {
+        ifreq.ifr_ifru.ifru_data = (&mut info as *mut EthtoolDrvinfo).cast();
+    })
+    .ok()?;
     let len = info
         .driver
         .iter()
         .position(|&b| b == 0)
         .unwrap_or(info.driver.len());
     Some(String::from_utf8_lossy(&info.driver[..len]).into_owned())
+}
+
+/// `device`'s Ethernet address (`SIOCGIFHWADDR`), which the program compares frames with.
+pub fn mac(device: &str) -> Result<[u8; 6], DataplaneError> {
+    let ifreq = interface_ioctl(device, libc::SIOCGIFHWADDR, |_| {}).map_err(|source| {
+        DataplaneError::DeviceMac {
+            device: device.to_owned(),
+            source,
+        }
+    })?;
+    // SAFETY: SIOCGIFHWADDR wrote the hardware address member of the union.
+    let data = unsafe { ifreq.ifr_ifru.ifru_hwaddr.sa_data };
+    let mut mac = [0u8; 6];
+    for (to, from) in mac.iter_mut().zip(data) {
+        *to = from as u8;
+    }
+    Ok(mac)
 }
 
 /// Whether `device` is a veth.

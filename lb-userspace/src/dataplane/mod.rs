@@ -146,6 +146,14 @@ pub enum DataplaneError {
         "the proxy is out of file descriptors: some frontends do not listen (xlb_proxy_frontends_not_listening) and are retried; raise the open-file limit (LimitNOFILE, ulimit -n)"
     )]
     ProxyOutOfDescriptors,
+    #[error(
+        "reading the MAC address of {device} failed: {source}; the data plane translates only frames addressed to a device's own MAC"
+    )]
+    DeviceMac {
+        device: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the proxy data plane must be created inside a tokio runtime")]
     NoRuntime,
     #[error("{0}")]

@@ -36,7 +36,7 @@ use std::path::{Path, PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{DevMapHash, HashMap, MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray, PerCpuValues},
     programs::{Xdp, XdpMode as XdpAttachFlags, links::FdLink, xdp::XdpLinkId},
 };
 use lb_common::*;
@@ -134,6 +134,7 @@ pub struct XdpDataplane {
     xmit: DevMapHash<MapData>,
     stats: PerCpuArray<MapData, u64>,
     svc_stats: PerCpuArray<MapData, ServiceStats>,
+    dev_macs: Array<MapData, DeviceMac>,
     installed: sync::InstalledSet,
     attached: BTreeMap<String, Attachment>,
     /// Routes toward the installed backends, as last looked up.
@@ -182,6 +183,8 @@ impl XdpDataplane {
             PerCpuArray::try_from(take_map(&mut ebpf, STATS_MAP)?).map_err(map_err(STATS_MAP))?;
         let svc_stats = PerCpuArray::try_from(take_map(&mut ebpf, SVC_STATS_MAP)?)
             .map_err(map_err(SVC_STATS_MAP))?;
+        let dev_macs =
+            Array::try_from(take_map(&mut ebpf, DEV_MACS_MAP)?).map_err(map_err(DEV_MACS_MAP))?;
         let mut dataplane = XdpDataplane {
             config,
             ebpf,
@@ -191,6 +194,7 @@ impl XdpDataplane {
             xmit,
             stats,
             svc_stats,
+            dev_macs,
             installed: sync::InstalledSet::new(),
             attached: BTreeMap::new(),
             backend_routes: BTreeMap::new(),
@@ -324,6 +328,27 @@ impl XdpDataplane {
         Ok(installed)
     }
 
+    /// Records `mac` as the own MAC of the device `ifindex`: the program translates only frames
+    /// addressed to it that arrive on that device. Done for every attached device; tests of
+    /// `BPF_PROG_TEST_RUN` (whose frames arrive on `lo`) set it themselves.
+    pub fn set_device_mac(&mut self, ifindex: u32, mac: [u8; 6]) -> Result<(), DataplaneError> {
+        let value = DeviceMac {
+            ifindex,
+            mac,
+            _pad: [0; 6],
+        };
+        self.dev_macs
+            .set(ifindex & (MAX_DEVICE_MACS - 1), value, 0)
+            .map_err(map_err(DEV_MACS_MAP))
+    }
+
+    /// Reads `device`'s MAC and records it (see [`Self::set_device_mac`]).
+    fn register_mac(&mut self, device: &str) -> Result<(), DataplaneError> {
+        let ifindex = devices::ifindex(device)?;
+        let mac = devices::mac(device)?;
+        self.set_device_mac(ifindex, mac)
+    }
+
     /// Takes over the links pinned by a previous loader: swaps the freshly loaded program in.
     fn adopt_links(&mut self) -> Result<(), DataplaneError> {
         for pin in pins::link_pins(&self.config.pin_dir)? {
@@ -332,6 +357,7 @@ impl XdpDataplane {
                 .and_then(|program| pins::adopt_link(program, &pin.path));
             match adopted {
                 Ok(link) => {
+                    self.register_mac(&pin.device)?;
                     tracing::info!(device = %pin.device, mode = ?pin.mode, "adopted pinned XDP link");
                     self.attached.insert(
                         pin.device,
@@ -389,6 +415,7 @@ impl XdpDataplane {
             );
             tracing::info!(device, ?mode, "XDP attached");
         }
+        self.register_mac(device)?;
         if self.config.set_sysctls {
             devices::set_device_sysctls(device)?;
         }

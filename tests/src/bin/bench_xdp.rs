@@ -15,20 +15,34 @@
 //!   (`SNAT address:fresh port → VIP:port`) is again a SYN of an untracked flow to a service:
 //!   every repeat creates a flow (backend pick, FIB lookup, SNAT port probe, both inserts).
 //!
+//! Then a SYN flood (issue 14, item 3): spoofed SYNs paced at 50,000 and 100,000 per second
+//! toward a 3-backend service while legitimate clients open 1,000 connections per second; it
+//! prints the share of legitimate SYNs that took the XDP path and the cost of a flood SYN
+//! beside a legitimate one.
+//!
+//! `bench_xdp capacity` instead drives whole flows (TCP closed by the client first; UDP query
+//! and answer) at paced rates toward one backend for three hold times and prints the share
+//! refused (issue 14, item 4); it takes about 4 minutes, so `cargo xtask bench` does not run
+//! it.
+//!
 //! The new-flow figure is also given the old way, as the mean of single runs on distinct SYNs:
 //! there the kernel's fixed per-call cost (timer, context setup: the noop's single-run figure)
 //! and cold caches dominate, so it is printed with that overhead beside it.
 
 use std::net::Ipv4Addr;
 
+use aya::programs::{TestRun as _, TestRunOptions};
 use lb_common::{
     CT_FWD_MAP, CT_REV_MAP, CT_STATE_OPEN, CtEntry, FlowKey, IPPROTO_TCP, PROGRAM_GENERIC,
-    PROGRAM_NOOP, STAT_CT_HIT, STAT_CT_REPLY, STAT_NAMES, STAT_NEW_FLOW, STAT_NOT_IPV4,
-    STAT_NOT_OURS,
+    PROGRAM_NOOP, STAT_CT_HIT, STAT_CT_REPLY, STAT_EARLY_DROP, STAT_NAMES, STAT_NEW_FLOW,
+    STAT_NOT_IPV4, STAT_NOT_OURS, STAT_SNAT_EXHAUSTED,
 };
 use xlb::model::Protocol;
-use xlb_tests::fixture::{Fixture, sa, service};
-use xlb_tests::pkt::{self, ACK, PSH, SYN};
+use xlb_tests::fixture::{Fixture, LO_IFINDEX, host_mac, sa, service};
+use xlb_tests::pkt::{self, ACK, FIN, PSH, RST, SYN};
+
+/// `XDP_REDIRECT`: the translated packet is sent on (the XDP path).
+const XDP_REDIRECT: u32 = 4;
 
 const VIP: [u8; 4] = [198, 51, 100, 10];
 const CLIENT: [u8; 4] = [192, 0, 2, 1];
@@ -87,11 +101,22 @@ fn row(name: &str, (xlb, noop): (f64, f64), note: &str) {
 }
 
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("capacity") {
+        // Issue 14, item 4, at rates around the computed capacity (each run lasts 3 hold
+        // times: 30 s for TCP, 90 s for UDP; a TCP flow closed client first holds its port 2 s).
+        for rate in [1_500, 3_000, 6_000] {
+            capacity(Kind::TcpClientCloses, rate, 30);
+        }
+        for rate in [500, 1_000] {
+            capacity(Kind::UdpExchange, rate, 90);
+        }
+        return;
+    }
     let repeat: u32 = std::env::args()
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(5_000_000);
-    let fx = Fixture::new(
+    let mut fx = Fixture::new(
         "bench",
         &[
             service(
@@ -108,22 +133,36 @@ fn main() {
             ),
         ],
     );
-    // Identity entries: routable destinations (permanent neighbours), so the route is cached.
+    // Identity flows (both entries, so each is whole): routable destinations (permanent
+    // neighbours), so the route is cached.
     let fwd_key = key(CLIENT, 40000, SELF_VIP, 80);
     let rev_key = key(BACKEND, 8080, CLIENT, REPLY_PORT);
-    fx.ct_map(CT_FWD_MAP)
-        .insert(fwd_key, identity(&fwd_key), 0)
-        .expect("insert forward entry");
-    fx.ct_map(CT_REV_MAP)
-        .insert(rev_key, identity(&rev_key), 0)
-        .expect("insert reverse entry");
-    let data = pkt::tcp(sa(CLIENT, 40000), sa(SELF_VIP, 80), ACK | PSH, &[0u8; 64]);
-    let reply = pkt::tcp(
+    for (k, own, other) in [
+        (fwd_key, CT_FWD_MAP, CT_REV_MAP),
+        (rev_key, CT_REV_MAP, CT_FWD_MAP),
+    ] {
+        let peer = identity(&k).peer_key(IPPROTO_TCP);
+        fx.ct_map(own)
+            .insert(k, identity(&k), 0)
+            .expect("insert entry");
+        fx.ct_map(other)
+            .insert(peer, identity(&peer), 0)
+            .expect("insert peer entry");
+    }
+    // The program rewrites the destination MAC to the next hop's, and a frame is translated
+    // only when addressed to the receiving device (`lo` here): each repeated path registers
+    // the MAC its own output carries.
+    let to_self = host_mac(SELF_VIP.into());
+    let to_client = host_mac(CLIENT.into());
+    let mut data = pkt::tcp(sa(CLIENT, 40000), sa(SELF_VIP, 80), ACK | PSH, &[0u8; 64]);
+    data[0..6].copy_from_slice(&to_self);
+    let mut reply = pkt::tcp(
         sa(BACKEND, 8080),
         sa(CLIENT, REPLY_PORT),
         ACK | PSH,
         &[0u8; 64],
     );
+    reply[0..6].copy_from_slice(&to_client);
     let not_ours = pkt::tcp(
         sa(CLIENT, 40000),
         sa([198, 51, 100, 99], 80),
@@ -134,8 +173,10 @@ fn main() {
     arp.extend_from_slice(&[2, 0, 0, 0, 0, 0xcc, 0x08, 0x06]);
     arp.extend_from_slice(&[0u8; 46]);
     // Warm the route caches of both entries.
-    fx.run(PROGRAM_GENERIC, &data);
+    fx.dp.set_device_mac(LO_IFINDEX, to_client).expect("lo MAC");
     fx.run(PROGRAM_GENERIC, &reply);
+    fx.dp.set_device_mac(LO_IFINDEX, to_self).expect("lo MAC");
+    fx.run(PROGRAM_GENERIC, &data);
 
     println!("BPF_PROG_TEST_RUN, kernel-measured mean ns/packet, xlb_skb beside xlb_noop");
     println!(
@@ -148,11 +189,13 @@ fn main() {
         measure(&fx, &data, repeat, STAT_CT_HIT),
         &note,
     );
+    fx.dp.set_device_mac(LO_IFINDEX, to_client).expect("lo MAC");
     row(
         "reply (rev hit)",
         measure(&fx, &reply, repeat, STAT_CT_REPLY),
         &note,
     );
+    fx.dp.set_device_mac(LO_IFINDEX, to_self).expect("lo MAC");
     row(
         "not for us (TCP)",
         measure(&fx, &not_ours, repeat, STAT_NOT_OURS),
@@ -167,7 +210,8 @@ fn main() {
     // New flows, warm: each repeat's output is the next repeat's untracked SYN (see the
     // module doc). Bounded well below the SNAT port range so probes rarely collide.
     let flows = 2000;
-    let syn = pkt::tcp(sa(CLIENT, 40001), sa(SELF_VIP, 80), SYN, &[]);
+    let mut syn = pkt::tcp(sa(CLIENT, 40001), sa(SELF_VIP, 80), SYN, &[]);
+    syn[0..6].copy_from_slice(&to_self);
     row(
         "new flow (SYN)",
         measure(&fx, &syn, flows, STAT_NEW_FLOW),
@@ -178,7 +222,8 @@ fn main() {
     let runs = 2000u16;
     let (mut xlb_total, mut noop_total, mut hit_total) = (0.0, 0.0, 0.0);
     for i in 0..runs {
-        let syn = pkt::tcp(sa(CLIENT, 20000 + i), sa(VIP, 80), SYN, &[]);
+        let mut syn = pkt::tcp(sa(CLIENT, 20000 + i), sa(VIP, 80), SYN, &[]);
+        syn[0..6].copy_from_slice(&to_self);
         noop_total += fx.bench(PROGRAM_NOOP, &syn, 1);
         xlb_total += fx.bench(PROGRAM_GENERIC, &syn, 1);
         hit_total += fx.bench(PROGRAM_GENERIC, &data, 1);
@@ -197,5 +242,197 @@ fn main() {
         "established, single runs",
         (hit, noop),
         &format!("same, for comparison; over noop: {:.0} ns", hit - noop),
+    );
+
+    for flood_rate in [50_000u64, 100_000] {
+        flood_share(flood_rate, 1_000, 3);
+    }
+}
+
+/// Issue 14, item 3: spoofed SYNs at `flood_rate` per second (distinct sources, paced by the
+/// wall clock) toward a service with 3 backends, while legitimate clients open `legit_rate`
+/// connections per second (SYN, the backend's SYN-ACK, the client's ACK, then a RST so each
+/// holds its port for the closing timeout only), for `secs` seconds; prints the share of
+/// legitimate SYNs that took the XDP path (translated, not passed to the kernel for the
+/// proxy), and the mean kernel-measured cost of a flood SYN beside a legitimate SYN.
+fn flood_share(flood_rate: u64, legit_rate: u64, secs: u64) {
+    let backends: Vec<(Ipv4Addr, u16)> = (2..5)
+        .map(|h| (Ipv4Addr::new(203, 0, 113, h), 8080))
+        .collect();
+    let fx = Fixture::new(
+        "bench-flood",
+        &[service(VIP.into(), 80, Protocol::Tcp, &backends)],
+    );
+    let program = fx.dp.program(PROGRAM_GENERIC).expect("program");
+    let run = |frame: &[u8], out: &mut Vec<u8>| -> (u32, u64) {
+        out.resize(frame.len() + 512, 0);
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out[..]),
+                repeat: 1,
+                ..TestRunOptions::default()
+            })
+            .expect("test run");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, result.duration.as_nanos() as u64)
+    };
+    let (flood_sent, flood_ns, legit_sent, legit_xdp, legit_ns, elapsed) = fx.ns.enter(|| {
+        let start = std::time::Instant::now();
+        let mut out = Vec::new();
+        let (mut flood_sent, mut flood_ns, mut legit_sent, mut legit_xdp, mut legit_ns) =
+            (0u64, 0u64, 0u64, 0u64, 0u64);
+        loop {
+            let t = start.elapsed().as_secs_f64();
+            if t >= secs as f64 {
+                break;
+            }
+            while (flood_sent as f64) < t * flood_rate as f64 {
+                let i = flood_sent;
+                let src = [10, (i >> 16) as u8, (i >> 8) as u8, i as u8];
+                let port = 1024 + ((i >> 24) as u16);
+                let syn = pkt::tcp(sa(src, port), sa(VIP, 80), SYN, &[]);
+                flood_ns += run(&syn, &mut out).1;
+                flood_sent += 1;
+            }
+            if (legit_sent as f64) < t * legit_rate as f64 {
+                let client = [192, 0, 2, 1 + (legit_sent % 3) as u8];
+                let cport = 10_000 + (legit_sent / 3) as u16;
+                let syn = pkt::tcp(sa(client, cport), sa(VIP, 80), SYN, &[]);
+                let (verdict, ns) = run(&syn, &mut out);
+                legit_ns += ns;
+                legit_sent += 1;
+                if verdict == XDP_REDIRECT {
+                    legit_xdp += 1;
+                    let (snat, backend) = pkt::endpoints(&out);
+                    run(&pkt::tcp(backend, snat, SYN | ACK, &[]), &mut out);
+                    run(
+                        &pkt::tcp(sa(client, cport), sa(VIP, 80), ACK, &[]),
+                        &mut out,
+                    );
+                    run(
+                        &pkt::tcp(sa(client, cport), sa(VIP, 80), RST, &[]),
+                        &mut out,
+                    );
+                }
+            }
+        }
+        (
+            flood_sent,
+            flood_ns,
+            legit_sent,
+            legit_xdp,
+            legit_ns,
+            start.elapsed(),
+        )
+    });
+    let rate = flood_sent as f64 / elapsed.as_secs_f64();
+    println!(
+        "SYN flood {rate:.0}/s for {secs} s, 3 backends: legitimate SYNs on the XDP path {legit_xdp}/{legit_sent} ({:.1}%); flood SYN {:.0} ns, legitimate SYN {:.0} ns (mean single runs); early_drop {}, snat_exhausted {}, new_flow {}",
+        100.0 * legit_xdp as f64 / legit_sent.max(1) as f64,
+        flood_ns as f64 / flood_sent.max(1) as f64,
+        legit_ns as f64 / legit_sent.max(1) as f64,
+        fx.stat(STAT_EARLY_DROP),
+        fx.stat(STAT_SNAT_EXHAUSTED),
+        fx.stat(STAT_NEW_FLOW),
+    );
+}
+
+/// What one flow of the capacity bench does.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    /// SYN, SYN-ACK, ACK, the client's FIN, the backend's FIN, the client's last ACK.
+    TcpClientCloses,
+    /// A query and its answer (a DNS exchange).
+    UdpExchange,
+}
+
+/// Issue 14, item 4: whole flows through the program at `rate` new flows per second toward
+/// one backend (so per backend and per LB address), paced by the wall clock for `secs`
+/// seconds; prints how many new flows were refused (passed to the kernel for the proxy:
+/// `snat_exhausted` and the other refusal counters) in the last third, when the ports held by
+/// earlier flows have reached their steady state.
+fn capacity(kind: Kind, rate: u64, secs: u64) {
+    let proto = match kind {
+        Kind::TcpClientCloses => Protocol::Tcp,
+        Kind::UdpExchange => Protocol::Udp,
+    };
+    let fx = Fixture::new(
+        "bench-cap",
+        &[service(
+            VIP.into(),
+            80,
+            proto,
+            &[(Ipv4Addr::from(BACKEND), 8080)],
+        )],
+    );
+    let program = fx.dp.program(PROGRAM_GENERIC).expect("program");
+    let run = |frame: &[u8], out: &mut Vec<u8>| -> u32 {
+        out.resize(frame.len() + 512, 0);
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out[..]),
+                repeat: 1,
+                ..TestRunOptions::default()
+            })
+            .expect("test run");
+        out.truncate(result.data_size_out as usize);
+        result.return_value
+    };
+    let (sent, refused_late, sent_late) = fx.ns.enter(|| {
+        let start = std::time::Instant::now();
+        let mut out = Vec::new();
+        let (mut sent, mut refused_late, mut sent_late) = (0u64, 0u64, 0u64);
+        loop {
+            let t = start.elapsed().as_secs_f64();
+            if t >= secs as f64 {
+                break;
+            }
+            if (sent as f64) >= t * rate as f64 {
+                std::thread::sleep(std::time::Duration::from_micros(200));
+                continue;
+            }
+            // Distinct client tuples: 64 client addresses × ports.
+            let client = [192, 0, 2, 1 + (sent % 3) as u8];
+            let cport = 1024 + ((sent / 3) % 60_000) as u16;
+            let (c, v) = (sa(client, cport), sa(VIP, 80));
+            let late = t >= (secs as f64) * 2.0 / 3.0;
+            let first = match kind {
+                Kind::TcpClientCloses => pkt::tcp(c, v, SYN, &[]),
+                Kind::UdpExchange => pkt::udp(c, v, b"query"),
+            };
+            let verdict = run(&first, &mut out);
+            sent += 1;
+            if late {
+                sent_late += 1;
+            }
+            if verdict != XDP_REDIRECT {
+                if late {
+                    refused_late += 1;
+                }
+                continue;
+            }
+            let (snat, backend) = pkt::endpoints(&out);
+            match kind {
+                Kind::TcpClientCloses => {
+                    run(&pkt::tcp(backend, snat, SYN | ACK, &[]), &mut out);
+                    run(&pkt::tcp(c, v, ACK, &[]), &mut out);
+                    run(&pkt::tcp(c, v, FIN | ACK, &[]), &mut out);
+                    run(&pkt::tcp(backend, snat, FIN | ACK, &[]), &mut out);
+                    run(&pkt::tcp(c, v, ACK, &[]), &mut out);
+                }
+                Kind::UdpExchange => {
+                    run(&pkt::udp(backend, snat, b"answer"), &mut out);
+                }
+            }
+        }
+        (sent, refused_late, sent_late)
+    });
+    println!(
+        "capacity {kind:?}: {rate} new flows/s to one backend for {secs} s ({sent} flows): refused in the last third {refused_late} of {sent_late} ({:.2}%); snat_exhausted {}, ct_insert_failed {}",
+        100.0 * refused_late as f64 / sent_late.max(1) as f64,
+        fx.stat(STAT_SNAT_EXHAUSTED),
+        fx.stat(lb_common::STAT_CT_INSERT_FAILED),
     );
 }

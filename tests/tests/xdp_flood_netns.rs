@@ -1,0 +1,234 @@
+//! Issue 14, item 8: a SYN flood from spoofed sources through the real data plane in network
+//! namespaces (client — lb — 3 backends, `xlb_loader` in generic mode), while the client
+//! opens real connections and an idle connection stays open across it.
+
+use std::path::Path;
+use std::sync::mpsc::channel;
+use std::time::{Duration, Instant};
+
+use lb_common::{CT_FWD_MAP, CT_REV_MAP, CtEntry};
+use xlb_tests::bpf::PinDir;
+use xlb_tests::pkt::{self, SYN};
+use xlb_tests::servers::LongLived;
+use xlb_tests::topology::{Topology, tcp_spread, tempdir, vip};
+
+fn counter(pins: &PinDir, name: &str) -> u64 {
+    let mut text = Vec::new();
+    xlb::inspect::print(pins.path(), xlb::inspect::Table::Stats, &mut text).expect("inspect stats");
+    String::from_utf8_lossy(&text)
+        .lines()
+        .find_map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next() == Some(name))
+                .then(|| words.next().and_then(|v| v.parse().ok()))
+                .flatten()
+        })
+        .unwrap_or_else(|| panic!("counter {name} missing"))
+}
+
+/// Sends `count` TCP SYNs to the VIP from spoofed sources `10.x.y.z` through a raw socket
+/// (call inside the client namespace), for at most `limit`; returns how many were sent.
+fn spoofed_syns(count: u32, limit: Duration) -> u32 {
+    // SAFETY: plain socket call; the fd is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+    let [a, b, c, d] = xlb_tests::topology::VIP.octets();
+    let dst = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes([a, b, c, d]),
+        },
+        sin_zero: [0; 8],
+    };
+    let start = Instant::now();
+    let mut sent = 0;
+    for i in 0..count {
+        if start.elapsed() > limit {
+            break;
+        }
+        let src = [10, (i >> 16) as u8, (i >> 8) as u8, i as u8];
+        let frame = pkt::tcp(
+            xlb_tests::fixture::sa(src, 1024 + (i % 50_000) as u16),
+            xlb_tests::fixture::sa([a, b, c, d], 80),
+            SYN,
+            &[],
+        );
+        let ip = &frame[14..];
+        // SAFETY: ip is a valid buffer of its length; dst a valid sockaddr_in.
+        let rc = unsafe {
+            libc::sendto(
+                fd,
+                ip.as_ptr().cast(),
+                ip.len(),
+                0,
+                (&dst as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        if rc > 0 {
+            sent += 1;
+        }
+    }
+    // SAFETY: fd is ours.
+    unsafe { libc::close(fd) };
+    sent
+}
+
+#[test]
+fn a_spoofed_syn_flood_leaves_real_and_idle_connections_alone() {
+    let topology = Topology::separate("ctfl");
+    let backends = topology.start_backends();
+    let pins = PinDir::new();
+    let dir = tempdir();
+    let file = dir.join("services");
+    std::fs::write(&file, topology.services(&[0, 1, 2])).expect("services file");
+    let loader = xlb_tests::topology::Loader::start(
+        Path::new(env!("CARGO_BIN_EXE_xlb_loader")),
+        &topology.lb,
+        &pins,
+        "l0",
+        "generic",
+        &file,
+    );
+
+    // The idle connection: opened before the flood, pinged after it.
+    let (tx, rx) = channel::<()>();
+    let idle = xlb_tests::servers::spawn_in(&topology.client, move || {
+        let mut conn = LongLived::connect(vip())?;
+        conn.ping(1)?;
+        let _ = rx.recv_timeout(Duration::from_secs(120));
+        conn.ping(2).map_err(|e| format!("after the flood: {e}"))?;
+        Ok::<String, String>(conn.backend)
+    });
+    std::thread::sleep(Duration::from_millis(200));
+
+    const FLOOD: u32 = 300_000;
+    let flood = xlb_tests::servers::spawn_in(&topology.client, || {
+        Ok::<u32, String>(spoofed_syns(FLOOD, Duration::from_secs(30)))
+    });
+    // Real connections while the flood runs (each must succeed: tcp_spread panics otherwise).
+    let counts = tcp_spread(&topology.client, 300);
+    let sent = flood.join().expect("flood thread").expect("flood");
+    assert_eq!(counts.values().sum::<usize>(), 300);
+    assert_eq!(counts.len(), 3, "every backend got connections: {counts:?}");
+    tx.send(()).expect("idle connection thread");
+    let backend = idle
+        .join()
+        .expect("idle connection thread")
+        .unwrap_or_else(|e| panic!("idle connection: {e}"));
+    assert!(!backend.is_empty());
+
+    let new_flows = counter(&pins, "new_flow");
+    let opened = counter(&pins, "flow_opened");
+    eprintln!(
+        "flood: {sent} spoofed SYNs sent; new_flow {new_flows}, flow_opened {opened}, early_drop {}, snat_exhausted {}, ct_miss_non_syn {}",
+        counter(&pins, "early_drop"),
+        counter(&pins, "snat_exhausted"),
+        counter(&pins, "ct_miss_non_syn"),
+    );
+    assert!(
+        new_flows >= u64::from(sent) / 2,
+        "the flood must reach the data plane: {new_flows} new flows for {sent} SYNs"
+    );
+    assert!(
+        opened >= 301,
+        "every real connection opened in XDP: {opened}"
+    );
+    assert!(
+        opened < 301 + 100,
+        "spoofed SYNs never open a flow: {opened} opened"
+    );
+    // The open maps hold whole flows only.
+    let fwd = pins.ct_map(CT_FWD_MAP);
+    let rev = pins.ct_map(CT_REV_MAP);
+    for (own, other) in [(&fwd, &rev), (&rev, &fwd)] {
+        for item in own.iter() {
+            let (key, entry) = item.expect("entry");
+            let peer = other
+                .get(&entry.peer_key(key.proto), 0)
+                .unwrap_or_else(|e| panic!("entry {key:?} has no peer: {e}"));
+            assert!(CtEntry::is_peer_of(&key, &peer), "entry {key:?}");
+        }
+    }
+    loader.kill();
+    drop(backends);
+}
+
+/// Issue 14, item 5 (the part that fits a test run): several client threads open short
+/// connections as fast as they can through XDP (both CPUs busy), the client reusing ports
+/// quickly (`ip_local_port_range 10000 65000`, `tcp_tw_reuse=1`), until the connections
+/// outnumber the SNAT ports of all three backends three times over, so every SNAT port is
+/// reused several times; every connection must get its backend's greeting: no reset, no
+/// refusal, no timeout.
+#[test]
+fn short_connections_reusing_ports_see_no_reset() {
+    let topology = Topology::separate("ctst");
+    topology
+        .client
+        .run(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=10000 65000"]);
+    topology
+        .client
+        .run(&["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"]);
+    let backends = topology.start_backends();
+    let pins = PinDir::new();
+    let dir = tempdir();
+    let file = dir.join("services");
+    std::fs::write(&file, topology.services(&[0, 1, 2])).expect("services file");
+    let loader = xlb_tests::topology::Loader::start(
+        Path::new(env!("CARGO_BIN_EXE_xlb_loader")),
+        &topology.lb,
+        &pins,
+        "l0",
+        "generic",
+        &file,
+    );
+    const THREADS: usize = 4;
+    let total = 3 * 3 * lb_common::SNAT_PORT_COUNT as usize;
+    let limit = Duration::from_secs(240);
+    let workers: Vec<_> = (0..THREADS)
+        .map(|_| {
+            xlb_tests::servers::spawn_in(&topology.client, move || {
+                let start = Instant::now();
+                let (mut ok, mut errors) = (0usize, Vec::new());
+                while ok + errors.len() < total / THREADS && start.elapsed() < limit {
+                    match xlb_tests::servers::tcp_name(vip()) {
+                        Ok(name) if name.starts_with('b') => ok += 1,
+                        Ok(other) => errors.push(format!("unexpected greeting {other:?}")),
+                        Err(e) => errors.push(e),
+                    }
+                }
+                (ok, errors)
+            })
+        })
+        .collect();
+    let (mut ok, mut errors) = (0usize, Vec::new());
+    for worker in workers {
+        let (n, e) = worker.join().expect("client thread");
+        ok += n;
+        errors.extend(e);
+    }
+    eprintln!(
+        "{ok} connections, {} errors; new_flow {}, flow_opened {}, early_drop {}, snat_exhausted {}, ct_miss_non_syn {}, ct_replaced {}",
+        errors.len(),
+        counter(&pins, "new_flow"),
+        counter(&pins, "flow_opened"),
+        counter(&pins, "early_drop"),
+        counter(&pins, "snat_exhausted"),
+        counter(&pins, "ct_miss_non_syn"),
+        counter(&pins, "ct_replaced"),
+    );
+    assert!(
+        errors.is_empty(),
+        "{} of {} connections failed, first: {:?}",
+        errors.len(),
+        ok + errors.len(),
+        &errors[..errors.len().min(5)]
+    );
+    assert!(
+        ok >= total / 2,
+        "too few connections in {limit:?} to cycle the SNAT ports: {ok}"
+    );
+    loader.kill();
+    drop(backends);
+}
