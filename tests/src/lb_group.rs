@@ -4,7 +4,7 @@
 //! Topology: a switch namespace holds two bridges. `front` (198.51.100.0/24) joins the client
 //! (.250) and the LB nodes' `eth0` (lb1 .1, lb2 .2, lb3 .3): the shared L2 segment the VIPs
 //! are announced on. `back` (203.0.113.0/24) joins the LB nodes' `eth1` (.1-.3), the backend
-//! nodes (.11-.12, serving their names on NodePorts 30080-30085) and the API server (.100).
+//! nodes (.11-.12, serving their names on NodePorts 30080-30086) and the API server (.100).
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -24,7 +24,7 @@ pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 250);
 /// The API server's address on the back bridge.
 pub const API: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 100);
 /// The NodePorts the backends serve: one per Service.
-pub const NODE_PORTS: std::ops::Range<u16> = 30080..30086;
+pub const NODE_PORTS: std::ops::Range<u16> = 30080..30087;
 
 /// The namespaces, the API server and the three instances; all removed on drop.
 pub struct Group {
@@ -181,9 +181,16 @@ impl Group {
         (owner, started.elapsed())
     }
 
+    /// Creates the Services `s0..count`, each asking for its own VIP (198.51.100.10 + n) on
+    /// its own NodePort; returns their IPs once given.
     pub fn services(&self, count: usize) -> Vec<Ipv4Addr> {
+        self.services_from(0, count)
+    }
+
+    /// Creates the Services `s{first}..s{first+count}` as [`Group::services`] does.
+    pub fn services_from(&self, first: usize, count: usize) -> Vec<Ipv4Addr> {
         let mut yaml = String::new();
-        for n in 0..count {
+        for n in first..first + count {
             let mut service = service_yaml(&format!("s{n}"), 80, NODE_PORTS.start + n as u16);
             // One VIP each: ask for it.
             service = service.replace(
@@ -197,7 +204,7 @@ impl Group {
             yaml.push_str("\n---\n");
         }
         self.api.apply(&yaml);
-        (0..count)
+        (first..first + count)
             .map(|n| {
                 wait_for(&format!("s{n} gets its IP"), REACT, || {
                     self.api

@@ -70,6 +70,42 @@ fn one_announcer_per_vip_one_writer_and_failover() {
         assert!(leases.contains(&format!("xlb-node-{node}")), "{leases}");
     }
 
+    // The writer goes: another takes the writer Lease, moves no IP, and serves new Services.
+    let holder = group.api.kubectl(&[
+        "get",
+        "lease",
+        "xlb",
+        "-n",
+        "kube-system",
+        "-o",
+        "jsonpath={.spec.holderIdentity}",
+    ]);
+    let writer: usize = holder
+        .trim()
+        .strip_prefix("lb")
+        .and_then(|n| n.parse::<usize>().ok())
+        .map(|n| n - 1)
+        .unwrap_or_else(|| panic!("writer Lease held by {holder:?}"));
+    let status = group.xlb(writer).stop(Duration::from_secs(20));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    let ips_before: Vec<_> = (0..6)
+        .map(|n| group.api.ingress_ip(&format!("s{n}")))
+        .collect();
+    let extra = group.services_from(6, 1)[0];
+    let ips_after: Vec<_> = (0..6)
+        .map(|n| group.api.ingress_ip(&format!("s{n}")))
+        .collect();
+    assert_eq!(ips_before, ips_after, "a new writer moved an IP");
+    group.single_answer(extra, Some(writer));
+    group.start(writer);
+    for vip in &vips {
+        group.single_answer(*vip, None);
+    }
+    let mut owners = BTreeMap::new();
+    for vip in &vips {
+        owners.insert(*vip, group.single_answer(*vip, None).0);
+    }
+
     // SIGTERM: the owner hands its VIPs over before it exits.
     let (vip, owner) = owners.iter().next().map(|(v, o)| (*v, *o)).expect("a VIP");
     let signalled = Instant::now();
