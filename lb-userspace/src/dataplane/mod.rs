@@ -176,6 +176,30 @@ pub enum DataplaneError {
     },
 }
 
+/// What to do about a frontend the proxy cannot listen on.
+fn listen_hint(error: &std::io::Error) -> &'static str {
+    match error.raw_os_error() {
+        Some(libc::EADDRINUSE) => {
+            "another program listens there: find it with `ss -lntup` and stop it"
+        }
+        _ => "it is retried",
+    }
+}
+
+/// Sums per-CPU service counters (for the loader and for `xlb inspect`, which reads the pinned
+/// maps without the loader).
+pub fn sum_service_stats<'a>(
+    values: impl Iterator<Item = &'a lb_common::ServiceStats>,
+) -> lb_common::ServiceStats {
+    values.fold(lb_common::ServiceStats::default(), |acc, v| {
+        lb_common::ServiceStats {
+            packets: acc.packets + v.packets,
+            bytes: acc.bytes + v.bytes,
+            new_flows: acc.new_flows + v.new_flows,
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,28 +254,4 @@ mod tests {
             .expect("an absent data plane applies nothing");
         assert_eq!(absent.second.map(|fake| fake.applied), Some(1));
     }
-}
-
-/// What to do about a frontend the proxy cannot listen on.
-fn listen_hint(error: &std::io::Error) -> &'static str {
-    match error.raw_os_error() {
-        Some(libc::EADDRINUSE) => {
-            "another program listens there: find it with `ss -lntup` and stop it"
-        }
-        _ => "it is retried",
-    }
-}
-
-/// Sums per-CPU service counters (for the loader and for `xlb inspect`, which reads the pinned
-/// maps without the loader).
-pub fn sum_service_stats<'a>(
-    values: impl Iterator<Item = &'a lb_common::ServiceStats>,
-) -> lb_common::ServiceStats {
-    values.fold(lb_common::ServiceStats::default(), |acc, v| {
-        lb_common::ServiceStats {
-            packets: acc.packets + v.packets,
-            bytes: acc.bytes + v.bytes,
-            new_flows: acc.new_flows + v.new_flows,
-        }
-    })
 }
