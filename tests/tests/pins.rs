@@ -98,3 +98,43 @@ fn in_private_mount_ns(outer: &str) {
     );
     drop(dataplane);
 }
+
+/// Counters pinned by an xlb with fewer counters (an upgrade) are replaced, not left short:
+/// every counter of this version reads.
+#[test]
+fn counters_pinned_by_another_version_are_replaced() {
+    require_root("loading BPF programs and pinning maps");
+    let pins = xlb_tests::bpf::PinDir::new();
+    std::fs::create_dir_all(pins.path()).expect("pin directory");
+    let old = pins.path().join(lb_common::STATS_MAP);
+    let created = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&old)
+        .args([
+            "type",
+            "percpu_array",
+            "key",
+            "4",
+            "value",
+            "8",
+            "entries",
+            "26",
+        ])
+        .args(["name", lb_common::STATS_MAP])
+        .output()
+        .expect("running bpftool");
+    assert!(
+        created.status.success(),
+        "bpftool map create: {}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let dataplane = XdpDataplane::open(XdpConfig {
+        pin_dir: pins.path().to_owned(),
+        ..XdpConfig::default()
+    })
+    .unwrap_or_else(|error| panic!("opening over an older counters pin: {error}"));
+    let counters = dataplane
+        .stats()
+        .unwrap_or_else(|error| panic!("every counter reads: {error}"));
+    assert_eq!(counters.len(), lb_common::STAT_COUNT as usize);
+}

@@ -152,6 +152,19 @@ pub fn check_pinned_layout(dir: &Path, name: &'static str) -> Result<(), Datapla
         return Ok(());
     }
     let info = MapInfo::from_pin(&path).map_err(|source| DataplaneError::Map { name, source })?;
+    // The global counters hold no state worth keeping: an array of another version's length
+    // (new counters added) is replaced, and the counters start again from zero.
+    if name == STATS_MAP && info.max_entries() != STAT_COUNT {
+        std::fs::remove_file(&path).map_err(|source| DataplaneError::Pin {
+            path: path.clone(),
+            source,
+        })?;
+        tracing::info!(
+            path = %path.display(), was = info.max_entries(), now = STAT_COUNT,
+            "replaced the pinned counters of another xlb version; they start from zero"
+        );
+        return Ok(());
+    }
     if info.key_size() as usize != key || info.value_size() as usize != value {
         return Err(DataplaneError::IncompatibleMap {
             detail: format!(
