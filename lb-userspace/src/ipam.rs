@@ -21,7 +21,7 @@ use std::net::Ipv4Addr;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use crate::model::{Allocation, HostNetwork, PortKey, ServiceKey, broadcast};
+use crate::model::{Allocation, HostNetwork, PortKey, ServiceKey, VipRefusal};
 use crate::pool::Pool;
 
 /// Why a Service got no IP.
@@ -267,29 +267,35 @@ impl Run<'_> {
         found
     }
 
-    /// Refuses addresses that must never be a VIP, and (announcing on the link device)
-    /// addresses outside every device prefix.
+    /// Refuses addresses that must never be a VIP (the host's rule,
+    /// [`HostNetwork::check_vip_requiring`], then the pool's own network and broadcast
+    /// addresses), and (announcing on the link device) addresses outside every device prefix.
     fn check_usable(&self, ip: Ipv4Addr) -> Result<(), IpamError> {
-        let host = self.settings.host;
         let reserved = |what: String| Err(IpamError::Reserved { ip, what });
-        if host.own_addresses.contains(&ip) {
-            return reserved("an address of the link device".to_owned());
+        match self
+            .settings
+            .host
+            .check_vip_requiring(ip, self.settings.require_device_prefix)
+        {
+            Ok(()) => {}
+            Err(VipRefusal::OwnAddress) => {
+                return reserved("an address of the link device".to_owned());
+            }
+            Err(VipRefusal::Gateway) => return reserved("a gateway of the link device".to_owned()),
+            Err(VipRefusal::NetworkAddress { prefix: (net, len) }) => {
+                return reserved(format!(
+                    "the network address of the device prefix {net}/{len}"
+                ));
+            }
+            Err(VipRefusal::BroadcastAddress { prefix: (net, len) }) => {
+                return reserved(format!(
+                    "the broadcast address of the device prefix {net}/{len}"
+                ));
+            }
+            Err(VipRefusal::OutsidePrefixes { .. }) => return Err(IpamError::OutsideDevice { ip }),
         }
-        if host.gateways.contains(&ip) {
-            return reserved("a gateway of the link device".to_owned());
-        }
-        if let Some(what) = self.settings.pool.reserved(ip) {
-            return reserved(what.to_owned());
-        }
-        match host.covering_prefix(ip) {
-            Some((net, len)) if len <= 30 && ip == net => reserved(format!(
-                "the network address of the device prefix {net}/{len}"
-            )),
-            Some((net, len)) if len <= 30 && ip == broadcast(net, len) => reserved(format!(
-                "the broadcast address of the device prefix {net}/{len}"
-            )),
-            Some(_) => Ok(()),
-            None if self.settings.require_device_prefix => Err(IpamError::OutsideDevice { ip }),
+        match self.settings.pool.reserved(ip) {
+            Some(what) => reserved(what.to_owned()),
             None => Ok(()),
         }
     }

@@ -327,26 +327,36 @@ impl HostNetwork {
     /// the network or broadcast address of a prefix of the device, and (when
     /// `vip_prefix_required`) inside one of its prefixes.
     pub fn check_vip(&self, ip: Ipv4Addr) -> Result<(), VipRefusal> {
+        self.check_vip_requiring(ip, self.vip_prefix_required)
+    }
+
+    /// [`Self::check_vip`] with the prefix requirement given: the one rule for "may this address
+    /// be a VIP here", which IPAM applies before the address manager sees the device.
+    pub fn check_vip_requiring(
+        &self,
+        ip: Ipv4Addr,
+        prefix_required: bool,
+    ) -> Result<(), VipRefusal> {
         if self.own_addresses.contains(&ip) {
             return Err(VipRefusal::OwnAddress);
         }
         if self.gateways.contains(&ip) {
             return Err(VipRefusal::Gateway);
         }
-        for &(net, len) in &self.prefixes {
+        for &(address, len) in &self.prefixes {
             // /31 and /32 have no network or broadcast address (RFC 3021).
-            if len > 30 || !prefix_contains(net, len, ip) {
+            if len > 30 || !prefix_contains(address, len, ip) {
                 continue;
             }
-            let host_bits = u32::MAX >> len;
-            if u32::from(ip) & host_bits == 0 {
-                return Err(VipRefusal::NetworkAddress { prefix: (net, len) });
+            let prefix = (network(address, len), len);
+            if ip == prefix.0 {
+                return Err(VipRefusal::NetworkAddress { prefix });
             }
-            if u32::from(ip) & host_bits == host_bits {
-                return Err(VipRefusal::BroadcastAddress { prefix: (net, len) });
+            if ip == broadcast(address, len) {
+                return Err(VipRefusal::BroadcastAddress { prefix });
             }
         }
-        if self.vip_prefix_required && self.covering_prefix(ip).is_none() {
+        if prefix_required && self.covering_prefix(ip).is_none() {
             return Err(VipRefusal::OutsidePrefixes {
                 prefixes: self.prefixes.clone(),
             });
