@@ -159,8 +159,9 @@ fn a_spoofed_syn_flood_leaves_real_and_idle_connections_alone() {
 /// connections as fast as they can through XDP (both CPUs busy), the client reusing ports
 /// quickly (`ip_local_port_range 10000 65000`, `tcp_tw_reuse=1`), until the connections
 /// outnumber the SNAT ports of all three backends three times over, so every SNAT port is
-/// reused several times; every connection must get its backend's greeting: no reset, no
-/// refusal, no timeout.
+/// reused several times; every connection must get its backend's greeting: no reset and no
+/// timeout. The only refusals allowed are flows that spilled for want of a SNAT port (counted
+/// by `snat_exhausted`; in xlb the proxy takes those).
 #[test]
 fn short_connections_reusing_ports_see_no_reset() {
     let topology = Topology::separate("ctst");
@@ -218,12 +219,25 @@ fn short_connections_reusing_ports_see_no_reset() {
         counter(&pins, "ct_miss_non_syn"),
         counter(&pins, "ct_replaced"),
     );
+    // A new flow whose 16 SNAT port candidates are all held spills to the kernel
+    // (`snat_exhausted`): in xlb the proxy takes it, here no proxy runs, so the kernel refuses
+    // it. That is the capacity limit, counted; anything else (a reset, a timeout, another
+    // client's greeting) is a translation fault.
+    let (refused, faults): (Vec<&String>, Vec<&String>) = errors
+        .iter()
+        .partition(|error| error.contains("Connection refused"));
     assert!(
-        errors.is_empty(),
+        faults.is_empty(),
         "{} of {} connections failed, first: {:?}",
-        errors.len(),
+        faults.len(),
         ok + errors.len(),
-        &errors[..errors.len().min(5)]
+        &faults[..faults.len().min(5)]
+    );
+    assert!(
+        refused.len() as u64 <= counter(&pins, "snat_exhausted"),
+        "{} connections refused, but only {} new flows spilled for want of a SNAT port",
+        refused.len(),
+        counter(&pins, "snat_exhausted")
     );
     assert!(
         ok >= total / 2,
