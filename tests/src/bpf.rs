@@ -14,6 +14,15 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 pub struct PinDir(PathBuf);
 
 impl PinDir {
+    /// The data plane counter `name` (summed over CPUs), read from the pinned map now.
+    pub fn counter(&self, name: &str) -> u64 {
+        xlb::inspect::counters(&self.0)
+            .unwrap_or_else(|error| panic!("reading the counters: {error}"))
+            .into_iter()
+            .find_map(|(counter, value)| (counter == name).then_some(value))
+            .unwrap_or_else(|| panic!("counter {name} missing"))
+    }
+
     /// A fresh, empty pin directory.
     pub fn new() -> PinDir {
         crate::netns::require_root("pinning BPF objects");

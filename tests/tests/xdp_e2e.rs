@@ -44,18 +44,6 @@ fn stats(pins: &PinDir) -> String {
     String::from_utf8_lossy(&text).into_owned()
 }
 
-fn counter(pins: &PinDir, name: &str) -> u64 {
-    stats(pins)
-        .lines()
-        .find_map(|l| {
-            let mut words = l.split_whitespace();
-            (words.next() == Some(name))
-                .then(|| words.next().and_then(|v| v.parse().ok()))
-                .flatten()
-        })
-        .unwrap_or_else(|| panic!("counter {name} missing"))
-}
-
 fn even_spread(topology: Topology, mode: &str, tcp: usize, udp: usize) {
     let backends = topology.start_backends();
     let pins = PinDir::new();
@@ -68,11 +56,11 @@ fn even_spread(topology: Topology, mode: &str, tcp: usize, udp: usize) {
     assert_even(&udp_spread(&topology.client, udp), udp, 3);
     let text = stats(&pins);
     eprintln!("{text}");
-    assert!(counter(&pins, "new_flow") >= (tcp + udp) as u64);
-    assert_eq!(counter(&pins, "aborted"), 0);
+    assert!(pins.counter("new_flow") >= (tcp + udp) as u64);
+    assert_eq!(pins.counter("aborted"), 0);
     if mode == "generic" {
         assert!(
-            counter(&pins, "tx") + counter(&pins, "redirect") > 0,
+            pins.counter("tx") + pins.counter("redirect") > 0,
             "generic mode must transmit from XDP"
         );
     }

@@ -12,20 +12,6 @@ use xlb_tests::pkt::{self, SYN};
 use xlb_tests::servers::LongLived;
 use xlb_tests::topology::{Topology, tcp_spread, tempdir, vip};
 
-fn counter(pins: &PinDir, name: &str) -> u64 {
-    let mut text = Vec::new();
-    xlb::inspect::print(pins.path(), xlb::inspect::Table::Stats, &mut text).expect("inspect stats");
-    String::from_utf8_lossy(&text)
-        .lines()
-        .find_map(|l| {
-            let mut words = l.split_whitespace();
-            (words.next() == Some(name))
-                .then(|| words.next().and_then(|v| v.parse().ok()))
-                .flatten()
-        })
-        .unwrap_or_else(|| panic!("counter {name} missing"))
-}
-
 /// Sends `count` TCP SYNs to the VIP from spoofed sources `10.x.y.z` through a raw socket
 /// (call inside the client namespace), for at most `limit`; returns how many were sent.
 fn spoofed_syns(count: u32, limit: Duration) -> u32 {
@@ -119,13 +105,13 @@ fn a_spoofed_syn_flood_leaves_real_and_idle_connections_alone() {
         .unwrap_or_else(|e| panic!("idle connection: {e}"));
     assert!(!backend.is_empty());
 
-    let new_flows = counter(&pins, "new_flow");
-    let opened = counter(&pins, "flow_opened");
+    let new_flows = pins.counter("new_flow");
+    let opened = pins.counter("flow_opened");
     eprintln!(
         "flood: {sent} spoofed SYNs sent; new_flow {new_flows}, flow_opened {opened}, early_drop {}, snat_exhausted {}, ct_miss_non_syn {}",
-        counter(&pins, "early_drop"),
-        counter(&pins, "snat_exhausted"),
-        counter(&pins, "ct_miss_non_syn"),
+        pins.counter("early_drop"),
+        pins.counter("snat_exhausted"),
+        pins.counter("ct_miss_non_syn"),
     );
     assert!(
         new_flows >= u64::from(sent) / 2,
@@ -212,12 +198,12 @@ fn short_connections_reusing_ports_see_no_reset() {
     eprintln!(
         "{ok} connections, {} errors; new_flow {}, flow_opened {}, early_drop {}, snat_exhausted {}, ct_miss_non_syn {}, ct_replaced {}",
         errors.len(),
-        counter(&pins, "new_flow"),
-        counter(&pins, "flow_opened"),
-        counter(&pins, "early_drop"),
-        counter(&pins, "snat_exhausted"),
-        counter(&pins, "ct_miss_non_syn"),
-        counter(&pins, "ct_replaced"),
+        pins.counter("new_flow"),
+        pins.counter("flow_opened"),
+        pins.counter("early_drop"),
+        pins.counter("snat_exhausted"),
+        pins.counter("ct_miss_non_syn"),
+        pins.counter("ct_replaced"),
     );
     // A new flow whose 16 SNAT port candidates are all held spills to the kernel
     // (`snat_exhausted`): in xlb the proxy takes it, here no proxy runs, so the kernel refuses
@@ -234,10 +220,10 @@ fn short_connections_reusing_ports_see_no_reset() {
         &faults[..faults.len().min(5)]
     );
     assert!(
-        refused.len() as u64 <= counter(&pins, "snat_exhausted"),
+        refused.len() as u64 <= pins.counter("snat_exhausted"),
         "{} connections refused, but only {} new flows spilled for want of a SNAT port",
         refused.len(),
-        counter(&pins, "snat_exhausted")
+        pins.counter("snat_exhausted")
     );
     assert!(
         ok >= total / 2,
