@@ -24,7 +24,8 @@ use crate::metrics::Metrics;
 use crate::model::{Allocations, ClusterState, ServiceKey};
 use crate::nodes::NodeTagger;
 use crate::plan::{EventKind, Plan, StatusChange};
-use crate::reconcile::{ANNOUNCED, Peers, Settings, reconcile};
+use crate::reconcile::{ANNOUNCED, reconcile};
+use crate::settings::{Peers, Settings};
 use crate::source::{file::FileSource, kube as kube_source};
 use crate::status::StatusWriter;
 

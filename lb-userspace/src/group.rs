@@ -16,7 +16,7 @@ use crate::config::{Announce, Config};
 use crate::members::{Members, MembersConfig, View};
 use crate::metrics::Metrics;
 use crate::ownership;
-use crate::reconcile::Peers;
+use crate::settings::Peers;
 
 /// A peer that has not answered ARP for this long is dead: five probes in a row lost.
 pub const DEAD_AFTER: Duration = Duration::from_millis(5 * PROBE_INTERVAL.as_millis() as u64);

@@ -18,6 +18,7 @@ pub mod ownership;
 pub mod plan;
 pub mod pool;
 pub mod reconcile;
+pub mod settings;
 pub mod source;
 pub mod status;
 

@@ -1,7 +1,8 @@
 //! `reconcile` on synthetic clusters (`xlb_tests::synthetic`).
 
 use xlb::model::{Allocations, ClusterState};
-use xlb::reconcile::{Settings, reconcile};
+use xlb::reconcile::reconcile;
+use xlb::settings::Settings;
 use xlb_tests::synthetic::cluster;
 
 /// The same cluster as `state`, built in the opposite order and with every list inside an

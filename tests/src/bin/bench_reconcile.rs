@@ -4,7 +4,8 @@
 use std::time::Instant;
 
 use xlb::model::Allocations;
-use xlb::reconcile::{Settings, reconcile};
+use xlb::reconcile::reconcile;
+use xlb::settings::Settings;
 
 fn peak_rss_mib() -> f64 {
     // SAFETY: getrusage fills the zeroed struct; RUSAGE_SELF is always valid.
