@@ -5,21 +5,21 @@
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use kube::Client;
 use tokio::sync::watch;
 
 use crate::addr::AddrManager;
-use crate::addr::probe::{PROBE_INTERVAL, Prober};
+use crate::addr::probe::Prober;
 use crate::config::{Announce, Config};
 use crate::members::{Members, MembersConfig, View};
 use crate::metrics::Metrics;
 use crate::ownership;
 use crate::settings::Peers;
 
-/// A peer that has not answered ARP for this long is dead: five probes in a row lost.
-pub const DEAD_AFTER: Duration = Duration::from_millis(5 * PROBE_INTERVAL.as_millis() as u64);
+/// A peer that has not answered ARP in this many rounds of probes in a row (sent
+/// [`crate::addr::probe::PROBE_INTERVAL`] apart, so 500 ms) is dead.
+pub const DEAD_AFTER_ROUNDS: u64 = 5;
 
 /// This instance in the group.
 pub struct Group {
@@ -105,7 +105,7 @@ impl Group {
         let live = ownership::live_nodes(&self.node, addrs.link_running(), &view.members, |ip| {
             self.prober
                 .as_ref()
-                .is_none_or(|prober| prober.answers(ip, DEAD_AFTER))
+                .is_none_or(|prober| prober.answers(ip, DEAD_AFTER_ROUNDS))
         });
         (
             Peers {

@@ -111,6 +111,22 @@ impl Group {
         for index in 0..3 {
             group.start(index);
         }
+        // Owners are only settled once every instance sees all three: before that an early
+        // starter holds VIPs a later one takes on joining.
+        wait_for("every instance sees the three LB nodes", REACT, || {
+            let pending: Vec<usize> = (0..3)
+                .filter(|index| {
+                    !group.xlbs[*index]
+                        .as_ref()
+                        .is_some_and(|xlb| xlb.log().contains(r#"members=["lb1", "lb2", "lb3"]"#))
+                })
+                .collect();
+            if pending.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("not yet: {pending:?}"))
+            }
+        });
         group
     }
 

@@ -558,9 +558,10 @@ fn file_source_matches_kube_source() {
         let mut xlb = cluster.start_xlb(&xlb_binary(), &pins, &["--manifests", &dir]);
         // dup is served on its first port 80 only (with a Warning); its IP is fixed so that
         // it does not change what the others get.
+        // Frontends and backends are written one after the other: wait for both.
         let table = wait_for("file source programs web, dns and dup", REACT, || {
             let table = frontends(&pins)?;
-            if table.len() == 3 {
+            if table.len() == 3 && table.values().all(|backends| !backends.is_empty()) {
                 Ok(table)
             } else {
                 Err(format!("{table:?}"))

@@ -3,6 +3,10 @@
 //! reachable on the link and keeps answering for its VIPs, whatever its xlb process does; a
 //! peer that is down, or whose link is down, stops answering. Runs on a thread of its own:
 //! the socket calls block.
+//!
+//! Silence is counted in rounds of probes this prober actually sent, not in wall-clock time:
+//! if this process is starved of CPU, it sends no rounds, so it never takes its own stall
+//! for the peers' death.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::Ipv4Addr;
@@ -20,10 +24,13 @@ pub const PROBE_INTERVAL: Duration = Duration::from_millis(100);
 /// What the probing thread and its owner share.
 #[derive(Debug, Default)]
 struct Shared {
-    /// The addresses to ask, with when each was first asked.
-    targets: HashMap<Ipv4Addr, Instant>,
-    /// When each address last sent an ARP frame (an answer, or a request of its own).
-    heard: HashMap<Ipv4Addr, Instant>,
+    /// Rounds of probes sent so far.
+    round: u64,
+    /// The addresses to ask, with the round before which each was first asked.
+    targets: HashMap<Ipv4Addr, u64>,
+    /// The last round in which each address sent an ARP frame (an answer, or a request of its
+    /// own).
+    heard: HashMap<Ipv4Addr, u64>,
 }
 
 /// Probes the link addresses of the other LB nodes until dropped.
@@ -64,21 +71,27 @@ impl Prober {
     /// Asks these addresses from now on (and no others).
     pub fn set_targets(&self, targets: &BTreeSet<Ipv4Addr>) {
         let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
-        let now = Instant::now();
+        let now = shared.round;
         shared.targets.retain(|ip, _| targets.contains(ip));
         for ip in targets {
             shared.targets.entry(*ip).or_insert(now);
         }
-        let Shared { targets, heard } = &mut *shared;
+        let Shared { targets, heard, .. } = &mut *shared;
         heard.retain(|ip, _| targets.contains_key(ip));
     }
 
-    /// Whether `ip` answers: heard within `window`, or asked for less than `window` (not
-    /// judged yet: a peer is live until it has had the time to prove otherwise).
-    pub fn answers(&self, ip: Ipv4Addr, window: Duration) -> bool {
+    /// Whether `ip` answers: heard in one of the last `rounds` rounds of probes, or asked for
+    /// fewer rounds than that (not judged yet: a peer is live until it has had the time to
+    /// prove otherwise).
+    pub fn answers(&self, ip: Ipv4Addr, rounds: u64) -> bool {
         let shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
-        let recent = |at: Option<&Instant>| at.is_some_and(|at| at.elapsed() < window);
-        recent(shared.heard.get(&ip)) || recent(shared.targets.get(&ip))
+        let since = shared
+            .heard
+            .get(&ip)
+            .or_else(|| shared.targets.get(&ip))
+            .copied()
+            .unwrap_or(0);
+        shared.round.saturating_sub(since) < rounds
     }
 }
 
@@ -104,13 +117,11 @@ fn probe(
     while !stop.load(Ordering::Relaxed) {
         if Instant::now() >= next_round {
             next_round = Instant::now() + PROBE_INTERVAL;
-            let targets: Vec<Ipv4Addr> = shared
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .targets
-                .keys()
-                .copied()
-                .collect();
+            let targets: Vec<Ipv4Addr> = {
+                let mut shared = shared.lock().unwrap_or_else(PoisonError::into_inner);
+                shared.round += 1;
+                shared.targets.keys().copied().collect()
+            };
             for target in targets {
                 // A link that is down refuses sends: peers then count as silent, which is
                 // what they are from here.
@@ -129,7 +140,8 @@ fn probe(
                 if let Some(sender) = arp_sender(&buffer[..length]) {
                     let mut shared = shared.lock().unwrap_or_else(PoisonError::into_inner);
                     if shared.targets.contains_key(&sender) {
-                        shared.heard.insert(sender, Instant::now());
+                        let round = shared.round;
+                        shared.heard.insert(sender, round);
                     }
                 }
             }
