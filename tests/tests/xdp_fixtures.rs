@@ -467,6 +467,19 @@ fn reverse_key(port: u16) -> FlowKey {
 
 /// Makes SNAT `port` toward `BACKEND:8080` held by another client's open flow (both entries).
 fn hold_snat_port(fx: &Fixture, port: u16, state: u32, last_seen_ns: u64) {
+    put_flow(fx, port, state, last_seen_ns, CT_REV_MAP, CT_FWD_MAP);
+}
+
+/// Puts a flow from `[192, 0, 2, 9]:50000` on SNAT `port` toward `BACKEND:8080`, last seen at
+/// `last_seen_ns`: its reverse entry in `reverse_map`, its forward entry in `forward_map`.
+fn put_flow(
+    fx: &Fixture,
+    port: u16,
+    state: u32,
+    last_seen_ns: u64,
+    reverse_map: &str,
+    forward_map: &str,
+) {
     let other = [192, 0, 2, 9];
     let key = reverse_key(port);
     let reverse = CtEntry {
@@ -486,12 +499,13 @@ fn hold_snat_port(fx: &Fixture, port: u16, state: u32, last_seen_ns: u64) {
         nat_dst_port: 8080,
         state,
         last_seen_ns,
+        dir: CT_DIR_FORWARD,
         ..CtEntry::default()
     };
-    fx.ct_map(CT_REV_MAP)
+    fx.ct_map(reverse_map)
         .insert(key, reverse, 0)
         .expect("insert reverse entry");
-    fx.ct_map(CT_FWD_MAP)
+    fx.ct_map(forward_map)
         .insert(reverse.peer_key(IPPROTO_TCP), forward, 0)
         .expect("insert forward entry");
 }
@@ -805,33 +819,7 @@ fn frames_not_addressed_to_the_device_are_never_translated() {
 /// Puts a half-open flow from `[192, 0, 2, 9]:50000` on SNAT `port` toward `BACKEND:8080`,
 /// last seen at `last_seen_ns`.
 fn hold_half_open(fx: &Fixture, port: u16, state: u32, last_seen_ns: u64) {
-    let other = [192, 0, 2, 9];
-    let key = reverse_key(port);
-    let reverse = CtEntry {
-        nat_src_ip: VIP,
-        nat_dst_ip: other,
-        nat_src_port: 80,
-        nat_dst_port: 50000,
-        state,
-        last_seen_ns,
-        dir: CT_DIR_REVERSE,
-        ..CtEntry::default()
-    };
-    let forward = CtEntry {
-        nat_src_ip: LB_BACKEND_IP.octets(),
-        nat_dst_ip: BACKEND,
-        nat_src_port: port,
-        nat_dst_port: 8080,
-        state,
-        last_seen_ns,
-        dir: CT_DIR_FORWARD,
-        ..CtEntry::default()
-    };
-    let map = fx.ct_map(CT_HALF_MAP);
-    let mut map = map;
-    map.insert(key, reverse, 0).expect("insert reverse entry");
-    map.insert(reverse.peer_key(IPPROTO_TCP), forward, 0)
-        .expect("insert forward entry");
+    put_flow(fx, port, state, last_seen_ns, CT_HALF_MAP, CT_HALF_MAP);
 }
 
 #[test]

@@ -61,9 +61,14 @@ fn spoofed_syns(count: u32, limit: Duration) -> u32 {
     sent
 }
 
-#[test]
-fn a_spoofed_syn_flood_leaves_real_and_idle_connections_alone() {
-    let topology = Topology::separate("ctfl");
+/// Starts the three backends and the loader (generic XDP) serving them on the VIP.
+fn serve_three_backends(
+    topology: &Topology,
+) -> (
+    Vec<xlb_tests::servers::Backend>,
+    PinDir,
+    xlb_tests::topology::Loader,
+) {
     let backends = topology.start_backends();
     let pins = PinDir::new();
     let dir = tempdir();
@@ -77,6 +82,13 @@ fn a_spoofed_syn_flood_leaves_real_and_idle_connections_alone() {
         "generic",
         &file,
     );
+    (backends, pins, loader)
+}
+
+#[test]
+fn a_spoofed_syn_flood_leaves_real_and_idle_connections_alone() {
+    let topology = Topology::separate("ctfl");
+    let (backends, pins, loader) = serve_three_backends(&topology);
 
     // The idle connection: opened before the flood, pinged after it.
     let (tx, rx) = channel::<()>();
@@ -157,19 +169,7 @@ fn short_connections_reusing_ports_see_no_reset() {
     topology
         .client
         .run(&["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"]);
-    let backends = topology.start_backends();
-    let pins = PinDir::new();
-    let dir = tempdir();
-    let file = dir.join("services");
-    std::fs::write(&file, topology.services(&[0, 1, 2])).expect("services file");
-    let loader = xlb_tests::topology::Loader::start(
-        Path::new(env!("CARGO_BIN_EXE_xlb_loader")),
-        &topology.lb,
-        &pins,
-        "l0",
-        "generic",
-        &file,
-    );
+    let (backends, pins, loader) = serve_three_backends(&topology);
     const THREADS: usize = 4;
     let total = 3 * 3 * lb_common::SNAT_PORT_COUNT as usize;
     let limit = Duration::from_secs(240);
