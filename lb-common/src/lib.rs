@@ -10,6 +10,7 @@ pub mod csum;
 pub mod hash;
 pub mod maps;
 pub mod stats;
+pub mod steps;
 
 pub use hash::flow_hash;
 pub use maps::*;
@@ -25,3 +26,5 @@ pub const PROGRAM_NATIVE: &str = "xlb";
 pub const PROGRAM_GENERIC: &str = "xlb_skb";
 /// A do-nothing XDP program (returns `XDP_PASS`), the baseline for benchmarks.
 pub const PROGRAM_NOOP: &str = "xlb_noop";
+/// The floor XDP program (one conntrack lookup, DNAT rewrite, `XDP_TX`), the other baseline.
+pub const PROGRAM_FLOOR: &str = "xlb_floor";

@@ -30,8 +30,13 @@ pub const DEV_MACS_MAP: &str = "XLB_DEV_MACS";
 /// keyed by ifindex (value: the same ifindex). A translated packet whose egress device is missing here is passed to the kernel.
 pub const XMIT_MAP: &str = "XLB_XMIT";
 
+/// Where new flows toward each backend go: hash of backend address (network order) →
+/// [`NextHop`], written by userspace from the kernel's route and neighbour tables so that a new
+/// flow needs no FIB lookup. A backend without a current entry falls back to the FIB lookup.
+pub const NEXT_HOPS_MAP: &str = "XLB_NEXT_HOPS";
+
 /// Every map the program defines, for pinning and `xlb inspect`.
-pub const ALL_MAPS: [&str; 10] = [
+pub const ALL_MAPS: [&str; 11] = [
     SERVICES_MAP,
     BACKENDS_MAP,
     VIPS_MAP,
@@ -40,6 +45,7 @@ pub const ALL_MAPS: [&str; 10] = [
     CT_HALF_MAP,
     DEV_MACS_MAP,
     XMIT_MAP,
+    NEXT_HOPS_MAP,
     crate::STATS_MAP,
     crate::SVC_STATS_MAP,
 ];
@@ -115,6 +121,30 @@ pub struct BackendValue {
     pub _pad: u16,
 }
 const _: () = assert!(core::mem::size_of::<BackendValue>() == 8);
+
+/// Value of [`NEXT_HOPS_MAP`]: the route toward one backend, resolved down to the MACs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHop {
+    /// `CLOCK_MONOTONIC` ns when userspace last found this current. The program ignores an
+    /// entry older than [`NEXT_HOP_MAX_AGE_NS`] (userspace stopped, or the neighbour is gone)
+    /// and asks the FIB instead.
+    pub confirmed_ns: u64,
+    /// Egress device.
+    pub ifindex: u32,
+    /// The LB's source address toward the backend (the SNAT address), network order.
+    pub src: [u8; 4],
+    /// The egress device's MAC.
+    pub smac: [u8; 6],
+    /// The next hop's MAC (the backend's, or its gateway's).
+    pub dmac: [u8; 6],
+    pub _pad: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<NextHop>() == 32);
+
+/// Age past which a [`NextHop`] is stale. Userspace confirms every entry each second
+/// (`NEXT_HOP_REFRESH`), so a stale one means it stopped or lost the neighbour.
+pub const NEXT_HOP_MAX_AGE_NS: u64 = 5 * 1_000_000_000;
 
 /// Value of [`VIPS_MAP`].
 #[repr(C)]
@@ -313,6 +343,11 @@ pub const SNAT_PORT_COUNT: u32 = 16384;
 /// With probes spread as by [`snat_port`], all of them are taken with probability about
 /// `occupancy^16`: one new flow in 65,536 with half the range in use toward one backend.
 pub const SNAT_PROBES: u32 = 16;
+/// After this many candidates held by half-open flows, a new TCP flow takes over the longest
+/// idle of them if it has been idle [`CT_HALF_OPEN_MIN_RECLAIM_NS`] (an early drop) instead of
+/// probing on: under a SYN flood every candidate is held alike, and each probe is a cache-cold
+/// lookup.
+pub const SNAT_PROBES_BEFORE_EARLY_DROP: u32 = 4;
 
 /// The `attempt`-th SNAT port candidate for a flow whose hash is `hash`
 /// (see [`crate::flow_hash`]). Double hashing: the first candidate and the (odd, so no
@@ -349,6 +384,8 @@ mod pod {
     unsafe impl aya::Pod for crate::ServiceStats {}
     // SAFETY: as above.
     unsafe impl aya::Pod for DeviceMac {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for NextHop {}
 }
 
 #[cfg(test)]

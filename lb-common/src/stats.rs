@@ -102,8 +102,12 @@ pub const STAT_CT_REPLACED: u32 = 37;
 /// its packet is translated with the half-open entry.
 pub const STAT_OPEN_INSERT_FAILED: u32 = 38;
 
+/// A new flow's route came from the FIB: its backend had no current next hop in
+/// `NEXT_HOPS_MAP` (not resolved yet, or userspace has not confirmed it lately).
+pub const STAT_NEXT_HOP_MISS: u32 = 39;
+
 /// Number of counters in [`STATS_MAP`].
-pub const STAT_COUNT: u32 = 39;
+pub const STAT_COUNT: u32 = 40;
 
 /// Human-readable name of each counter, indexed like the map (for `xlb inspect stats`).
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
@@ -146,6 +150,7 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "ct_orphan",
     "ct_replaced",
     "open_insert_failed",
+    "next_hop_miss",
 ];
 
 /// Per-service counters, one per CPU in [`SVC_STATS_MAP`] at the service's id.

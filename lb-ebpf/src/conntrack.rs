@@ -14,7 +14,10 @@ use aya_ebpf::{
     helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
     programs::XdpContext,
 };
-use lb_common::*;
+use lb_common::{
+    steps::{STEP_MAC_CHECK, STEP_SNAT_PROBE},
+    *,
+};
 
 use crate::{
     forward::Route,
@@ -23,6 +26,7 @@ use crate::{
         count,
     },
     packet::{Flow, ptr_at},
+    steps::skipped,
 };
 
 pub const TCP_FIN: u8 = 0x01;
@@ -173,6 +177,9 @@ pub fn pick_backend(service: *mut ServiceValue) -> Option<&'static BackendValue>
 /// never translated.
 #[inline(always)]
 pub fn to_our_mac(ctx: &XdpContext) -> bool {
+    if skipped(STEP_MAC_CHECK) {
+        return true;
+    }
     let ifindex = ctx.ingress_ifindex() as u32;
     let Some(dev) = XLB_DEV_MACS.get_ptr(ifindex & (MAX_DEVICE_MACS - 1)) else {
         return false;
@@ -238,8 +245,11 @@ pub fn open_peer_ok(direction: Direction, key: &FlowKey, e: &CtEntry, proto: u8)
 }
 
 /// Whether SNAT port key `key` may be taken from the half-open flow `old` found there (both
-/// its entries are deleted if so): it timed out, lost its forward entry, or is a TCP flow
-/// idle for more than [`CT_HALF_OPEN_RECLAIM_NS`] (an early drop).
+/// its entries are deleted if so): it timed out, or is a TCP flow idle for more than
+/// [`CT_HALF_OPEN_RECLAIM_NS`] (an early drop). Its peer is not looked at: that lookup, on
+/// every probe of every new flow under a flood, was a third of a new flow's cost with full
+/// tables; a reverse entry that lost its forward one to the LRU is never used (see
+/// `half_open`), and gives its port back when it times out or is dropped early.
 ///
 /// Not inlined (a BPF subprogram): its keys would overflow the caller's share of the
 /// 512-byte BPF stack.
@@ -251,11 +261,7 @@ fn take_half_open(key: &FlowKey, old: &CtEntry, proto: u8, now: u64) -> bool {
     } else if proto == IPPROTO_TCP && idle > CT_HALF_OPEN_RECLAIM_NS {
         count(STAT_EARLY_DROP);
     } else {
-        match XLB_CT_HALF.get_ptr(&old.peer_key(proto)) {
-            // SAFETY: points into a map value, read once.
-            Some(peer) if CtEntry::is_peer_of(key, unsafe { &*peer }) => return false,
-            _ => count(STAT_CT_ORPHAN),
-        }
+        return false;
     }
     delete_half_pair(key, old, proto);
     true
@@ -282,14 +288,15 @@ fn take_open(key: &FlowKey, old: &CtEntry, proto: u8, now: u64) -> bool {
 /// translated from the route's source address; the forward entry caches the route when its
 /// neighbour is resolved. The SNAT port is the first of [`SNAT_PROBES`] candidates (derived
 /// from the client tuple's hash) whose reverse key `(backend, snat_ip, backend port, port)`
-/// is held by no live flow, half-open or open. A candidate held by a flow that timed out, lost
-/// its peer, or (TCP) stayed half-open past [`CT_HALF_OPEN_RECLAIM_NS`] is taken over: that
+/// is held by no live flow, half-open or open. A candidate held by a flow that timed out, (open)
+/// lost its peer, or (TCP) stayed half-open past [`CT_HALF_OPEN_RECLAIM_NS`] is taken over: that
 /// flow's entries are deleted, then the port is claimed with `BPF_NOEXIST`, so of two CPUs
 /// racing for it exactly one wins and the other probes on. The half-open map is checked
 /// before the open map: a flow is written to the open maps before it leaves the half-open
-/// one, so a port cannot slip between the two checks. When every candidate is held, the one
-/// held by the longest idle half-open TCP flow is taken over if that flow has been idle for
-/// at least [`CT_HALF_OPEN_MIN_RECLAIM_NS`] (an early drop under pressure, as Linux drops an
+/// one, so a port cannot slip between the two checks. When every candidate is held, or
+/// [`SNAT_PROBES_BEFORE_EARLY_DROP`] of them by half-open flows, the one held by the longest
+/// idle half-open TCP flow is taken over if that flow has been idle for at least
+/// [`CT_HALF_OPEN_MIN_RECLAIM_NS`] (an early drop under pressure, as Linux drops an
 /// unassured entry when its table is full). Returns the forward entry (in a
 /// per-CPU scratch slot, valid for this program run), null (counted) when no port or no
 /// entry could be had. Both entries are built in per-CPU scratch slots: the 512-byte BPF
@@ -334,7 +341,9 @@ pub fn create(
     for attempt in 0..SNAT_PROBES {
         let port = snat_port(hash, attempt);
         let key = flow_key(backend.ip, snat_ip, backend.port, port, proto);
-        if let Some(old) = XLB_CT_HALF.get_ptr(&key) {
+        if skipped(STEP_SNAT_PROBE) {
+            // The claim alone: no look at who holds the candidate.
+        } else if let Some(old) = XLB_CT_HALF.get_ptr(&key) {
             // SAFETY: points into a map value, valid for this program run.
             let old = unsafe { &*old };
             if !take_half_open(&key, old, proto, now) {
@@ -342,10 +351,20 @@ pub fn create(
                 if candidate > oldest {
                     oldest = candidate;
                 }
+                if attempt + 1 >= SNAT_PROBES_BEFORE_EARLY_DROP
+                    && proto == IPPROTO_TCP
+                    && oldest >> 16 >= CT_HALF_OPEN_MIN_RECLAIM_NS
+                {
+                    // Under pressure (a flood holds the ports): drop early now rather than
+                    // probe on through ports the flood holds just as well.
+                    break;
+                }
                 continue;
             }
         }
-        if let Some(old) = XLB_CT_REV.get_ptr(&key) {
+        if !skipped(STEP_SNAT_PROBE)
+            && let Some(old) = XLB_CT_REV.get_ptr(&key)
+        {
             // SAFETY: as above.
             let old = unsafe { &*old };
             if !take_open(&key, old, proto, now) {

@@ -9,12 +9,13 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect},
     programs::XdpContext,
 };
-use lb_common::*;
+use lb_common::{steps::STEP_ROUTE, *};
 use network_types::eth::EthHdr;
 
 use crate::{
-    maps::{XLB_FIB_SCRATCH, XLB_ROUTE_SCRATCH, XLB_XMIT, count},
+    maps::{XLB_FIB_SCRATCH, XLB_NEXT_HOPS, XLB_ROUTE_SCRATCH, XLB_XMIT, count},
     packet::ptr_at,
+    steps::skipped,
 };
 
 /// `AF_INET`.
@@ -98,6 +99,75 @@ pub fn route(
             smac: params.smac,
             dmac: params.dmac,
             resolved,
+        };
+        Some(&*out)
+    }
+}
+
+/// The route of a new flow toward backend `ip`: the next hop userspace resolved for it, or
+/// the FIB's when it has none current (counted). See [`route`] for the rest.
+///
+/// Not inlined (a BPF subprogram): the verifier then meets one state after it, not one per
+/// way the route was found, and the whole program stays within its instruction budget.
+#[inline(never)]
+pub fn new_flow_route(
+    ctx: &XdpContext,
+    proto: u8,
+    ip: [u8; 4],
+    tot_len: u16,
+    now: u64,
+) -> Option<&'static Route> {
+    if skipped(STEP_ROUTE) {
+        return fixed_route(ctx);
+    }
+    if let Some(hop) = next_hop(ip, now) {
+        return Some(hop);
+    }
+    count(STAT_NEXT_HOP_MISS);
+    route(ctx, proto, ip, tot_len, true)
+}
+
+/// The route toward backend `ip` from its next hop (`XLB_NEXT_HOPS`), when userspace has
+/// confirmed it within `NEXT_HOP_MAX_AGE_NS` of `now`; `None` otherwise. Same scratch slot
+/// as [`route`].
+#[inline(always)]
+pub fn next_hop(ip: [u8; 4], now: u64) -> Option<&'static Route> {
+    let hop = XLB_NEXT_HOPS.get_ptr(&ip)?;
+    // SAFETY: points into a map value, valid for this program run.
+    let hop = unsafe { &*hop };
+    if now.saturating_sub(hop.confirmed_ns) >= NEXT_HOP_MAX_AGE_NS || hop.ifindex == 0 {
+        return None;
+    }
+    let out = XLB_ROUTE_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: per-CPU scratch slot, private to this CPU while the program runs.
+    unsafe {
+        *out = Route {
+            ifindex: hop.ifindex,
+            src: hop.src,
+            smac: hop.smac,
+            dmac: hop.dmac,
+            resolved: true,
+        };
+        Some(&*out)
+    }
+}
+
+/// The route a benchmark load uses when it leaves the route step out (`STEP_ROUTE`): back out
+/// of the ingress device from a fixed documentation address (198.18.0.1), the frame's MACs
+/// kept as they are.
+#[inline(always)]
+pub fn fixed_route(ctx: &XdpContext) -> Option<&'static Route> {
+    let eth = ptr_at::<EthHdr>(ctx, 0)?;
+    let out = XLB_ROUTE_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: per-CPU scratch slot, private to this CPU while the program runs; eth was
+    // bounds checked.
+    unsafe {
+        *out = Route {
+            ifindex: ctx.ingress_ifindex() as u32,
+            src: [198, 18, 0, 1],
+            smac: (*eth).src_addr,
+            dmac: (*eth).dst_addr,
+            resolved: true,
         };
         Some(&*out)
     }

@@ -12,23 +12,26 @@
 //!
 //! Two entry points share the code: `xlb` for native (driver) XDP and `xlb_skb` for generic
 //! (skb) XDP; they differ only in how a translated packet is transmitted (see
-//! `forward::xmit`). `xlb_noop` is a do-nothing baseline for benchmarks.
+//! `forward::xmit`). `baseline.rs` holds the programs benchmarks compare xlb with.
 #![no_std]
 #![no_main]
 
+mod baseline;
 mod conntrack;
 mod forward;
 mod maps;
 mod nat;
 mod packet;
+mod steps;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::*;
+use lb_common::{steps::STEP_MISS_LOOKUPS, *};
 
 use crate::{
     conntrack::{Direction, TCP_ACK, TCP_CONTROL, TCP_FIN, TCP_RST, TCP_SYN},
     maps::{XLB_CT_FWD, XLB_CT_HALF, XLB_CT_REV, XLB_SERVICES, XLB_VIPS, count, count_service},
     packet::{Flow, Parsed, parse},
+    steps::skipped,
 };
 
 /// Native-mode entry point.
@@ -41,12 +44,6 @@ pub fn xlb(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn xlb_skb(ctx: XdpContext) -> u32 {
     finish(try_xlb::<true>(&ctx))
-}
-
-/// Does nothing: the baseline `xlb bench` compares against.
-#[xdp]
-pub fn xlb_noop(_ctx: XdpContext) -> u32 {
-    xdp_action::XDP_PASS
 }
 
 /// Counts the packet and its verdict.
@@ -121,7 +118,9 @@ fn try_xlb<const GENERIC: bool>(ctx: &XdpContext) -> Result<u32, u32> {
         count(STAT_CT_EXPIRED);
         conntrack::delete_open_pair(Direction::FromBackend, &key, e, flow.proto);
     }
-    if let Some(entry) = XLB_CT_FWD.get_ptr_mut(&key) {
+    if !skipped(STEP_MISS_LOOKUPS)
+        && let Some(entry) = XLB_CT_FWD.get_ptr_mut(&key)
+    {
         // Client → VIP of a tracked flow.
         let now = conntrack::now_ns();
         // SAFETY: entry points into a map value, valid for this program run.
@@ -159,6 +158,7 @@ fn try_xlb<const GENERIC: bool>(ctx: &XdpContext) -> Result<u32, u32> {
     };
     let service = XLB_SERVICES.get_ptr_mut(&service_key);
     if (service.is_some() || in_snat_range(flow.dst_port))
+        && !skipped(STEP_MISS_LOOKUPS)
         && let Some(entry) = XLB_CT_HALF.get_ptr_mut(&key)
     {
         let verdict = half_open::<GENERIC>(ctx, &flow, &key, entry);
@@ -336,7 +336,7 @@ fn try_new_flow<const GENERIC: bool>(
         return pass(STAT_NO_BACKEND);
     };
     let tot_len = flow.l4_len + (flow.l4_offset - network_types::eth::EthHdr::LEN) as u16;
-    let Some(route) = forward::route(ctx, flow.proto, backend.ip, tot_len, true) else {
+    let Some(route) = forward::new_flow_route(ctx, flow.proto, backend.ip, tot_len, now) else {
         // Pass: no route to the backend; nothing was created, the proxy may take it.
         return pass(STAT_FIB_FAILED);
     };

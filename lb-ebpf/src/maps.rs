@@ -5,7 +5,9 @@ use aya_ebpf::{
     btf_maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
-use lb_common::*;
+use lb_common::{steps::STEP_COUNTERS, *};
+
+use crate::steps::skipped;
 
 /// Services by `(VIP, port, proto)`.
 #[btf_map]
@@ -43,6 +45,10 @@ pub static XLB_DEV_MACS: Array<DeviceMac, { MAX_DEVICE_MACS as usize }> = Array:
 #[btf_map]
 pub static XLB_XMIT: DevMapHash<{ MAX_XMIT_DEVICES as usize }> = DevMapHash::new();
 
+/// Next hop toward each backend, by backend address (filled by userspace).
+#[btf_map]
+pub static XLB_NEXT_HOPS: HashMap<[u8; 4], NextHop, { MAX_BACKENDS as usize }> = HashMap::new();
+
 /// Global per-CPU counters indexed by `lb_common::STAT_*`.
 #[btf_map]
 pub static XLB_STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::new();
@@ -74,6 +80,9 @@ pub static XLB_ROUTE_SCRATCH: PerCpuArray<crate::forward::Route, 1> = PerCpuArra
 /// Adds one to global counter `index`.
 #[inline(always)]
 pub fn count(index: u32) {
+    if skipped(STEP_COUNTERS) {
+        return;
+    }
     if let Some(counter) = XLB_STATS.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
         unsafe { *counter += 1 };
@@ -83,6 +92,9 @@ pub fn count(index: u32) {
 /// Counts one packet of `bytes` for service `id`, and a new flow when `new_flow`.
 #[inline(always)]
 pub fn count_service(id: u32, bytes: u64, new_flow: u64) {
+    if skipped(STEP_COUNTERS) {
+        return;
+    }
     if let Some(stats) = XLB_SVC_STATS.get_ptr_mut(id) {
         // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
         unsafe {

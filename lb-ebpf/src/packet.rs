@@ -1,8 +1,10 @@
 //! Bounds-checked packet access and IPv4/TCP/UDP parsing.
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{IPPROTO_TCP, IPPROTO_UDP, steps::STEP_PACKET_CHECKS};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+
+use crate::steps::skipped;
 
 /// Returns a pointer to a `T` at `offset` bytes into the frame, or `None` when the frame is too
 /// short. The only way this crate reads or writes packet memory.
@@ -134,7 +136,7 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
             dst,
         };
     }
-    if !ip_checksum_ok(ctx, ihl) {
+    if !skipped(STEP_PACKET_CHECKS) && !ip_checksum_ok(ctx, ihl) {
         return Parsed::Malformed {
             reason: lb_common::STAT_DROP_BAD_IP_CSUM,
             dst,
@@ -152,7 +154,7 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
         // SAFETY: ptr_at checked that the bytes lie inside the frame.
         let tcp = unsafe { *tcp };
         let data_offset = (tcp[TCP_DOFF_OFFSET] >> 4) as usize * 4;
-        if data_offset < TCP_HDR_LEN || data_offset > l4_len {
+        if !skipped(STEP_PACKET_CHECKS) && (data_offset < TCP_HDR_LEN || data_offset > l4_len) {
             return Parsed::Malformed {
                 reason: lb_common::STAT_DROP_BAD_L4_HDR,
                 dst,

@@ -40,6 +40,11 @@ impl PinDir {
 
     /// The conntrack map `name` (`CT_FWD_MAP` or `CT_REV_MAP`) pinned here.
     pub fn ct_map(&self, name: &str) -> HashMap<MapData, FlowKey, CtEntry> {
+        self.hash_map(name)
+    }
+
+    /// The pinned hash map `name`.
+    pub fn hash_map<K: aya::Pod, V: aya::Pod>(&self, name: &str) -> HashMap<MapData, K, V> {
         let data = MapData::from_pin(self.0.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
         HashMap::try_from(Map::from_map_data(data).expect("map type")).expect("hash map")
     }

@@ -64,6 +64,25 @@ fn even_spread(topology: Topology, mode: &str, tcp: usize, udp: usize) {
             "generic mode must transmit from XDP"
         );
     }
+    // The connections resolved every backend's neighbour: the loader's next-hop thread writes
+    // a next hop for each within a refresh or two, and new flows stop asking the FIB.
+    let hops = || {
+        pins.hash_map::<[u8; 4], lb_common::NextHop>(lb_common::NEXT_HOPS_MAP)
+            .keys()
+            .count()
+    };
+    assert!(
+        xlb_tests::wait::eventually(Duration::from_secs(5), || hops() == 3),
+        "next hops toward the 3 backends: {} written",
+        hops()
+    );
+    let misses = pins.counter("next_hop_miss");
+    assert_even(&tcp_spread(&topology.client, tcp), tcp, 3);
+    assert_eq!(
+        pins.counter("next_hop_miss"),
+        misses,
+        "new flows asked the FIB although every backend has a next hop"
+    );
     loader.kill();
     drop(backends);
 }

@@ -78,6 +78,63 @@ fn snat_port_of(out: &[u8]) -> u16 {
     port
 }
 
+/// Writes `hop` as the next hop toward `BACKEND`, or deletes it (`None`).
+fn set_next_hop(fx: &Fixture, hop: Option<NextHop>) {
+    let mut hops = fx.pins.hash_map::<[u8; 4], NextHop>(NEXT_HOPS_MAP);
+    match hop {
+        Some(hop) => hops.insert(BACKEND, hop, 0).expect("next hop"),
+        None => hops.remove(&BACKEND).expect("remove next hop"),
+    }
+}
+
+#[test]
+fn new_flows_take_the_next_hop_while_it_is_confirmed() {
+    let fx = fixture("fx-hop");
+    let ifindex = fx
+        .ns
+        .enter(|| xlb::dataplane::devices::ifindex("fxb"))
+        .expect("fxb");
+    // A MAC the FIB would never give (the neighbour's is host_mac(BACKEND)), so the output
+    // shows which way the route came.
+    let hop_mac = [2, 0, 0, 0, 0xee, 0xee];
+    let hop = |confirmed_ns| NextHop {
+        confirmed_ns,
+        ifindex,
+        src: LB_BACKEND_IP.octets(),
+        smac: LB_BACKEND_MAC,
+        dmac: hop_mac,
+        _pad: [0; 4],
+    };
+    let syn = |port| pkt::tcp(sa(CLIENT, port), sa(VIP, 80), SYN, &[]);
+    let dmac_of = |out: &[u8]| <[u8; 6]>::try_from(&out[0..6]).expect("MAC");
+
+    set_next_hop(&fx, Some(hop(xlb::inspect::monotonic_ns())));
+    let (verdict, out) = fx.run(PROGRAM_GENERIC, &syn(41700));
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_eq!(dmac_of(&out), hop_mac, "the confirmed next hop is used");
+    snat_port_of(&out);
+    assert_eq!(fx.stat(STAT_NEXT_HOP_MISS), 0);
+
+    // Not confirmed for longer than NEXT_HOP_MAX_AGE_NS: stale, the FIB decides.
+    let stale = xlb::inspect::monotonic_ns() - NEXT_HOP_MAX_AGE_NS - 1_000_000_000;
+    set_next_hop(&fx, Some(hop(stale)));
+    let (verdict, out) = fx.run(PROGRAM_GENERIC, &syn(41701));
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_eq!(
+        dmac_of(&out),
+        host_mac(BACKEND.into()),
+        "the FIB's neighbour"
+    );
+    assert_eq!(fx.stat(STAT_NEXT_HOP_MISS), 1);
+
+    // No next hop at all: the FIB too.
+    set_next_hop(&fx, None);
+    let (_, out) = fx.run(PROGRAM_GENERIC, &syn(41702));
+    assert_eq!(dmac_of(&out), host_mac(BACKEND.into()));
+    assert_eq!(fx.stat(STAT_NEXT_HOP_MISS), 2);
+    assert_eq!(fx.stat(STAT_NEW_FLOW), 3);
+}
+
 #[test]
 fn tcp_flow_syn_next_packet_and_reply_are_translated() {
     let fx = fixture("fx-tcp");

@@ -6,8 +6,8 @@
 //! waits for the kernel's answers on the calling thread while the connection is driven by its
 //! own thread ([`Netlink`]). Inside a multi-threaded tokio runtime the wait runs in
 //! `block_in_place`, which hands the thread's other tasks to another worker first, so no task
-//! waits behind it. The neighbour's MAC is not looked up: the XDP program resolves it itself
-//! with `bpf_fib_lookup` and leaves unresolved neighbours to the kernel.
+//! waits behind it. [`neighbours`] reads the resolved neighbours, from which the data plane
+//! writes each backend's next hop (`dataplane::next_hops`).
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -15,6 +15,7 @@ use std::net::Ipv4Addr;
 use futures::TryStreamExt as _;
 use rtnetlink::Handle;
 use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState};
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteType,
 };
@@ -34,6 +35,15 @@ pub struct Route {
     pub source: Option<Ipv4Addr>,
     /// Next hop (`RTA_GATEWAY`) when the destination is not on a directly connected prefix.
     pub gateway: Option<Ipv4Addr>,
+    /// The output device's Ethernet address (none on a device without one).
+    pub mac: Option<[u8; 6]>,
+}
+
+impl Route {
+    /// The address whose neighbour entry gives the next hop's MAC toward `destination`.
+    pub fn next_hop(&self, destination: Ipv4Addr) -> Ipv4Addr {
+        self.gateway.unwrap_or(destination)
+    }
 }
 
 /// What the kernel's route lookup says about one destination.
@@ -113,7 +123,7 @@ pub async fn routes(
     handle: &Handle,
     ips: &[Ipv4Addr],
 ) -> Result<BTreeMap<Ipv4Addr, Route>, AddrError> {
-    let mut names: BTreeMap<u32, String> = BTreeMap::new();
+    let mut links: BTreeMap<u32, (String, Option<[u8; 6]>)> = BTreeMap::new();
     let mut found = BTreeMap::new();
     for &ip in ips {
         let Lookup::Via {
@@ -125,12 +135,12 @@ pub async fn routes(
             tracing::debug!(backend = %ip, "no route through a device toward the backend");
             continue;
         };
-        let device = match names.get(&ifindex) {
-            Some(name) => name.clone(),
+        let (device, mac) = match links.get(&ifindex) {
+            Some(link) => link.clone(),
             None => match find_link(handle, LinkRef::Index(ifindex)).await {
                 Ok(link) => {
-                    names.insert(ifindex, link.name.clone());
-                    link.name
+                    links.insert(ifindex, (link.name.clone(), link.mac));
+                    (link.name, link.mac)
                 }
                 Err(AddrError::NoSuchDevice { .. }) => {
                     // The device went away between the two requests: no route any more.
@@ -145,8 +155,54 @@ pub async fn routes(
             ifindex,
             source,
             gateway,
+            mac,
         };
         found.insert(ip, route);
+    }
+    Ok(found)
+}
+
+/// The IPv4 neighbours whose link-layer address the kernel holds as valid (the states
+/// `bpf_fib_lookup` forwards to: reachable, stale, delay, probe, permanent), by (ifindex,
+/// address).
+pub async fn neighbours(handle: &Handle) -> Result<BTreeMap<(u32, Ipv4Addr), [u8; 6]>, AddrError> {
+    let mut dump = handle
+        .neighbours()
+        .get()
+        .set_address_family(AddressFamily::Inet)
+        .execute();
+    let mut found = BTreeMap::new();
+    loop {
+        let message = match dump.try_next().await {
+            Ok(Some(message)) => message,
+            Ok(None) => break,
+            Err(source) => return Err(netlink_error("reading the neighbour table".into(), source)),
+        };
+        let valid = matches!(
+            message.header.state,
+            NeighbourState::Reachable
+                | NeighbourState::Stale
+                | NeighbourState::Delay
+                | NeighbourState::Probe
+                | NeighbourState::Permanent
+        );
+        if !valid {
+            continue;
+        }
+        let mut address = None;
+        let mut mac = None;
+        for attribute in &message.attributes {
+            match attribute {
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => address = Some(*ip),
+                NeighbourAttribute::LinkLayerAddress(bytes) => {
+                    mac = <[u8; 6]>::try_from(bytes.as_slice()).ok();
+                }
+                _ => {}
+            }
+        }
+        if let (Some(address), Some(mac)) = (address, mac) {
+            found.insert((message.header.ifindex, address), mac);
+        }
     }
     Ok(found)
 }
@@ -172,7 +228,16 @@ impl RouteLookup {
     /// calling thread: the connection runs on its own thread, so this cannot deadlock, and the
     /// kernel answers route lookups without waiting on the network.
     pub fn routes(&self, ips: &[Ipv4Addr]) -> Result<BTreeMap<Ipv4Addr, Route>, AddrError> {
-        let lookup = routes(self.netlink.handle(), ips);
+        self.wait(routes(self.netlink.handle(), ips))
+    }
+
+    /// The valid neighbours (see [`neighbours`]), waited for as [`RouteLookup::routes`].
+    pub fn neighbours(&self) -> Result<BTreeMap<(u32, Ipv4Addr), [u8; 6]>, AddrError> {
+        self.wait(neighbours(self.netlink.handle()))
+    }
+
+    /// Waits for `lookup` as [`RouteLookup::routes`] says.
+    fn wait<T>(&self, lookup: impl std::future::Future<Output = T>) -> T {
         let multi_thread = tokio::runtime::Handle::try_current().is_ok_and(|runtime| {
             runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
         });

@@ -7,6 +7,7 @@
 //! program passes to the kernel, and everything when XDP is not in use. [`Layered`] runs both.
 
 pub mod devices;
+pub mod next_hops;
 pub mod pins;
 pub mod proxy;
 pub mod sync;
@@ -166,6 +167,9 @@ pub enum DataplaneError {
     /// A route lookup toward the backends failed (not: a backend has no route).
     #[error("looking up the routes toward backends failed: {0}")]
     Routes(#[from] crate::addr::AddrError),
+    /// The thread that keeps the next hops toward backends could not start.
+    #[error("starting the next-hop thread failed: {0}")]
+    NextHopThread(#[source] std::io::Error),
     #[error(
         "setting sysctl {path} failed: {source}; xlb sets it when it attaches XDP: run xlb as root in the network namespace it serves, with /proc/sys writable (a privileged container), or use --dataplane proxy"
     )]

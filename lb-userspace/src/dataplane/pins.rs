@@ -135,6 +135,7 @@ fn expected_layout(name: &str) -> Option<(usize, usize)> {
         VIPS_MAP => (4, size_of::<VipValue>()),
         CT_FWD_MAP | CT_REV_MAP | CT_HALF_MAP => (size_of::<FlowKey>(), size_of::<CtEntry>()),
         DEV_MACS_MAP => (4, size_of::<DeviceMac>()),
+        NEXT_HOPS_MAP => (4, size_of::<NextHop>()),
         STATS_MAP => (4, 8),
         SVC_STATS_MAP => (4, size_of::<ServiceStats>()),
         _ => return None,

@@ -41,6 +41,7 @@ use aya::{
 };
 use lb_common::*;
 
+use super::next_hops::NextHops;
 use super::{Dataplane, DataplaneError, devices, pins, sum_service_stats, sync};
 use crate::addr::route::{Route, RouteLookup};
 use crate::config::XdpMode;
@@ -141,6 +142,8 @@ pub struct XdpDataplane {
     backend_routes: BTreeMap<Ipv4Addr, Route>,
     /// Route lookups, when following the routes toward backends.
     routes: Option<RouteLookup>,
+    /// The next hops toward backends, kept current by their own thread (with route lookups).
+    next_hops: Option<NextHops>,
 }
 
 impl XdpDataplane {
@@ -162,7 +165,7 @@ impl XdpDataplane {
             loader.map_pin_path(name, dir.join(name));
         }
         let mut ebpf = loader.load(BPF_OBJECT)?;
-        for name in [PROGRAM_NATIVE, PROGRAM_GENERIC, PROGRAM_NOOP] {
+        for name in [PROGRAM_NATIVE, PROGRAM_GENERIC, PROGRAM_NOOP, PROGRAM_FLOOR] {
             load_program(xdp_mut(&mut ebpf, name)?, name)?;
         }
         for name in [PROGRAM_NATIVE, PROGRAM_GENERIC] {
@@ -199,10 +202,15 @@ impl XdpDataplane {
             attached: BTreeMap::new(),
             backend_routes: BTreeMap::new(),
             routes: None,
+            next_hops: None,
         };
         if dataplane.follows_routes() {
             // Opened here, in the caller's network namespace, where the devices are.
-            dataplane.routes = Some(RouteLookup::open()?);
+            let lookup = RouteLookup::open()?;
+            let map = HashMap::try_from(take_map(&mut dataplane.ebpf, NEXT_HOPS_MAP)?)
+                .map_err(map_err(NEXT_HOPS_MAP))?;
+            dataplane.next_hops = Some(NextHops::start(map, lookup.clone())?);
+            dataplane.routes = Some(lookup);
         }
         dataplane.installed = dataplane.read_installed()?;
         if dataplane.config.set_sysctls && !dataplane.config.devices.is_empty() {
@@ -597,6 +605,9 @@ impl Dataplane for XdpDataplane {
                 .collect();
             let known: BTreeSet<Ipv4Addr> = self.backend_routes.keys().copied().collect();
             if ips != known {
+                if let Some(next_hops) = &self.next_hops {
+                    next_hops.set_backends(ips.clone());
+                }
                 let ips: Vec<Ipv4Addr> = ips.into_iter().collect();
                 self.backend_routes = routes.routes(&ips)?;
                 for (backend, route) in &self.backend_routes {

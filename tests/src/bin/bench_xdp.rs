@@ -31,16 +31,26 @@
 
 use std::net::Ipv4Addr;
 
-use aya::programs::{TestRun as _, TestRunOptions};
-use lb_common::{
-    CT_FWD_MAP, CT_REV_MAP, CT_STATE_OPEN, CtEntry, FlowKey, IPPROTO_TCP, PROGRAM_GENERIC,
-    PROGRAM_NOOP, STAT_CT_HIT, STAT_CT_REPLY, STAT_EARLY_DROP, STAT_NAMES, STAT_NEW_FLOW,
-    STAT_NOT_IPV4, STAT_NOT_OURS, STAT_SNAT_EXHAUSTED,
+use aya::programs::{TestRun as _, TestRunOptions, Xdp};
+use aya::{Ebpf, EbpfLoader};
+use lb_common::steps::{
+    SKIP_STEPS_GLOBAL, STEP_COUNTERS, STEP_MAC_CHECK, STEP_PACKET_CHECKS, STEP_ROUTE, STEPS,
 };
+use lb_common::{
+    ALL_MAPS, CT_FWD_MAP, CT_HALF_MAP, CT_HALF_OPEN_MIN_RECLAIM_NS, CT_REV_MAP, CT_STATE_OPEN,
+    CtEntry, FlowKey, IPPROTO_TCP, MAX_HALF_OPEN_ENTRIES, NEXT_HOPS_MAP, NextHop, PROGRAM_FLOOR,
+    PROGRAM_GENERIC, PROGRAM_NOOP, SNAT_PORT_COUNT, STAT_CT_HIT, STAT_CT_REPLY, STAT_EARLY_DROP,
+    STAT_NAMES, STAT_NEW_FLOW, STAT_NOT_IPV4, STAT_NOT_OURS, STAT_SNAT_EXHAUSTED,
+};
+use xlb::dataplane::xdp::BPF_OBJECT;
 use xlb::model::Protocol;
-use xlb_tests::fixture::{Fixture, LO_IFINDEX, host_mac, sa, service};
+use xlb_tests::fixture::{
+    Fixture, LB_BACKEND_IP, LB_BACKEND_MAC, LO_IFINDEX, host_mac, sa, service,
+};
 use xlb_tests::pkt::{self, ACK, FIN, PSH, RST, SYN};
 
+/// `XDP_TX`: the translated packet goes back out of the device it came in on.
+const XDP_TX: u32 = 3;
 /// `XDP_REDIRECT`: the translated packet is sent on (the XDP path).
 const XDP_REDIRECT: u32 = 4;
 
@@ -78,26 +88,315 @@ fn key(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> FlowKey {
     }
 }
 
-/// Runs `frame` `repeat` times through xlb and through noop; checks counter `stat` grew by
-/// `repeat` (so every repeat took the path); returns (xlb, noop) ns/packet.
-fn measure(fx: &Fixture, frame: &[u8], repeat: u32, stat: u32) -> (f64, f64) {
-    let noop = fx.bench(PROGRAM_NOOP, frame, repeat);
-    let before = fx.stat(stat);
-    let xlb = fx.bench(PROGRAM_GENERIC, frame, repeat);
-    let grew = fx.stat(stat) - before;
-    assert_eq!(
-        grew, repeat as u64,
-        "counter {} grew by {grew}, not {repeat}: the repeats did not all take the path",
-        STAT_NAMES[stat as usize]
-    );
-    (xlb, noop)
+/// Rounds each figure is measured in, interleaved with its comparisons; the median is printed.
+const ROUNDS: usize = 5;
+/// Repeats of one new-flow measurement: each repeat opens a flow, so the half-open table is
+/// emptied between measurements (the SNAT ports toward the one backend would run out).
+const NEW_FLOW_REPEAT: u32 = 2000;
+/// Steps whose removal the established path can show (the others are new-flow steps).
+const ESTABLISHED_STEPS: u32 = STEP_COUNTERS | STEP_MAC_CHECK | STEP_PACKET_CHECKS;
+/// A service address with eight backends, of which only the fixture's three have neighbours:
+/// the target of the flood that fills the conntrack tables.
+const FLOOD_VIP: [u8; 4] = [198, 51, 100, 20];
+
+/// The (minimum, median) of a round's figures: noise on a shared machine only ever adds time,
+/// so the minimum is the steadier figure and ratios are taken of minima.
+fn min_median(mut values: Vec<f64>) -> (f64, f64) {
+    values.sort_by(f64::total_cmp);
+    (values[0], values[values.len() / 2])
 }
 
-fn row(name: &str, (xlb, noop): (f64, f64), note: &str) {
+/// `min/median` for a table cell.
+fn cell((min, median): (f64, f64)) -> String {
+    format!("{min:.0}/{median:.0}")
+}
+
+/// Runs `program` `repeat` times on `frame` inside the fixture's namespace; returns the
+/// kernel's mean ns per run and the last run's verdict.
+fn time(fx: &Fixture, program: &Xdp, frame: &[u8], repeat: u32) -> (f64, u32) {
+    let mut out = vec![0u8; frame.len() + 512];
+    let result = fx
+        .ns
+        .enter(|| {
+            program.test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                repeat,
+                ..TestRunOptions::default()
+            })
+        })
+        .expect("test run");
+    (result.duration.as_nanos() as f64, result.return_value)
+}
+
+/// Deletes the next hop toward the new-flow loop's backend: new flows then ask the FIB.
+fn forget_next_hop(fx: &Fixture) {
+    let _ = fx
+        .pins
+        .hash_map::<[u8; 4], NextHop>(NEXT_HOPS_MAP)
+        .remove(&SELF_VIP);
+}
+
+/// Writes the next hop toward the new-flow loop's backend (`SELF_VIP`, behind `fxb`) as xlb's
+/// next-hop thread would, confirmed now.
+fn confirm_next_hop(fx: &Fixture) {
+    let mut hops = fx.pins.hash_map::<[u8; 4], NextHop>(NEXT_HOPS_MAP);
+    let ifindex = fx
+        .ns
+        .enter(|| xlb::dataplane::devices::ifindex("fxb"))
+        .expect("fxb's ifindex");
+    let hop = NextHop {
+        confirmed_ns: xlb::inspect::monotonic_ns(),
+        ifindex,
+        src: LB_BACKEND_IP.octets(),
+        smac: LB_BACKEND_MAC,
+        dmac: host_mac(SELF_VIP.into()),
+        _pad: [0; 4],
+    };
+    hops.insert(SELF_VIP, hop, 0).expect("next hop");
+}
+
+/// Empties the half-open table, so each new-flow measurement starts from the same state.
+fn clear_half_open(fx: &Fixture) {
+    let mut half = fx.ct_map(CT_HALF_MAP);
+    let keys: Vec<FlowKey> = half.keys().filter_map(Result::ok).collect();
+    for key in keys {
+        let _ = half.remove(&key);
+    }
+}
+
+fn half_open_entries(fx: &Fixture) -> usize {
+    fx.ct_map(CT_HALF_MAP).keys().count()
+}
+
+/// The program xlb attaches in generic mode, loaded again with `skip` steps left out, on the
+/// fixture's pinned maps.
+fn load_variant(fx: &Fixture, skip: u32) -> Ebpf {
+    let dir = fx.dp.pin_dir().to_owned();
+    let mut loader = EbpfLoader::new();
+    loader.override_global(SKIP_STEPS_GLOBAL, &skip, true);
+    for name in ALL_MAPS {
+        loader.map_pin_path(name, dir.join(name));
+    }
+    let mut ebpf = loader.load(BPF_OBJECT).expect("loading the object");
+    let program: &mut Xdp = ebpf
+        .program_mut(PROGRAM_GENERIC)
+        .expect("program")
+        .try_into()
+        .expect("XDP program");
+    program
+        .load()
+        .unwrap_or_else(|e| panic!("loading the variant without {skip:#x}: {e}"));
+    ebpf
+}
+
+fn xdp(ebpf: &Ebpf) -> &Xdp {
+    ebpf.program(PROGRAM_GENERIC)
+        .expect("program")
+        .try_into()
+        .expect("XDP program")
+}
+
+/// The CPU model, the kernel, and each CPU vulnerability with its mitigation state: the
+/// figures below are only comparable to others taken under the same.
+fn print_machine() {
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     println!(
-        "{name:<24} {xlb:>9.1} {noop:>9.1} {:>7.2}  {note}",
-        xlb / noop
+        "CPU {model}, {} CPUs, kernel {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        kernel.trim()
     );
+    let dir = "/sys/devices/system/cpu/vulnerabilities";
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .map(|d| d.filter_map(Result::ok).collect())
+        .unwrap_or_default();
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let state = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        println!(
+            "  {}: {}",
+            entry.file_name().to_string_lossy(),
+            state.trim()
+        );
+    }
+}
+
+/// One path of the program: its frame, its repeat count, the counter that must grow by one
+/// per repeat (so every repeat took the path), and for new flows how each round starts.
+struct Path<'a> {
+    name: &'a str,
+    frame: &'a [u8],
+    repeat: u32,
+    stat: u32,
+    new_flows: Option<Start>,
+}
+
+/// How a round of new flows starts: each round's first SYN comes from a client port of its
+/// own (a round repeating an earlier one's tuples would find their flows), into an emptied
+/// half-open table or into tables a flood has just filled ([`fill_tables`]).
+#[derive(Clone, Copy, PartialEq)]
+enum Start {
+    Empty,
+    Full,
+}
+
+/// `frame` (a TCP or UDP frame) from client port `port`, checksums fixed.
+fn from_port(frame: &[u8], port: u16) -> Vec<u8> {
+    let mut frame = frame.to_vec();
+    frame[34..36].copy_from_slice(&port.to_be_bytes());
+    pkt::fix_checksums(&mut frame);
+    frame
+}
+
+/// Measures `path` in [`ROUNDS`] rounds, each timing the no-op on the same frame, the floor
+/// program on its established frame, and xlb; prints the medians and their ratios.
+fn row(fx: &Fixture, path: &Path, floor_frame: &[u8]) {
+    let (noop, floor, xlb) = (
+        fx.dp.program(PROGRAM_NOOP).expect("noop"),
+        fx.dp.program(PROGRAM_FLOOR).expect("floor"),
+        fx.dp.program(PROGRAM_GENERIC).expect("xlb"),
+    );
+    let (mut noop_ns, mut floor_ns, mut xlb_ns) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        let frame = match path.new_flows {
+            Some(start) => {
+                match start {
+                    Start::Empty => clear_half_open(fx),
+                    Start::Full => fill_tables(fx),
+                }
+                confirm_next_hop(fx);
+                from_port(path.frame, 50_000 + round as u16)
+            }
+            None => path.frame.to_vec(),
+        };
+        noop_ns.push(time(fx, noop, &frame, path.repeat).0);
+        let (ns, verdict) = time(fx, floor, floor_frame, 1_000_000);
+        assert_eq!(verdict, XDP_TX, "the floor program did not translate");
+        floor_ns.push(ns);
+        let before = fx.stat(path.stat);
+        xlb_ns.push(time(fx, xlb, &frame, path.repeat).0);
+        let grew = fx.stat(path.stat) - before;
+        assert_eq!(
+            grew, path.repeat as u64,
+            "{}: counter {} grew by {grew}, not {}: the repeats did not all take the path",
+            path.name, STAT_NAMES[path.stat as usize], path.repeat
+        );
+    }
+    let (noop, floor, xlb) = (
+        min_median(noop_ns),
+        min_median(floor_ns),
+        min_median(xlb_ns),
+    );
+    println!(
+        "{:<24} {:>10} {:>9} {:>9} {:>9.2} {:>8.2}  repeat {}",
+        path.name,
+        cell(xlb),
+        cell(floor),
+        cell(noop),
+        xlb.0 / floor.0,
+        xlb.0 / noop.0,
+        path.repeat
+    );
+}
+
+/// Issue 15: where the time goes. Each step left out in turn (a variant of the program loaded
+/// with that step removed by the verifier), timed in interleaved rounds beside the whole
+/// program, on the new-flow path and (for the steps it has) the established path.
+fn step_breakdown(fx: &Fixture, syn: &[u8], data: &[u8]) {
+    let whole = load_variant(fx, 0);
+    let variants: Vec<(u32, &str, Ebpf)> = STEPS
+        .iter()
+        .map(|&(step, name)| (step, name, load_variant(fx, step)))
+        .collect();
+    let mut new_flow: Vec<Vec<f64>> = vec![Vec::new(); variants.len() + 1];
+    let mut established: Vec<Vec<f64>> = vec![Vec::new(); variants.len() + 1];
+    let programs: Vec<(u32, &Xdp)> = std::iter::once((0, xdp(&whole)))
+        .chain(variants.iter().map(|(step, _, e)| (*step, xdp(e))))
+        .collect();
+    for _ in 0..ROUNDS {
+        confirm_next_hop(fx);
+        for (i, &(step, program)) in programs.iter().enumerate() {
+            clear_half_open(fx);
+            let (ns, verdict) = time(fx, program, syn, NEW_FLOW_REPEAT);
+            assert!(
+                verdict == XDP_REDIRECT || (step == STEP_ROUTE && verdict == XDP_TX),
+                "new flow without step {step:#x}: verdict {verdict}"
+            );
+            // Every repeat a new flow, of two half-open entries.
+            assert_eq!(
+                half_open_entries(fx),
+                2 * NEW_FLOW_REPEAT as usize,
+                "new flow without step {step:#x}: not every repeat opened a flow"
+            );
+            new_flow[i].push(ns);
+            if step == 0 || step & ESTABLISHED_STEPS != 0 {
+                let (ns, verdict) = time(fx, program, data, 1_000_000);
+                assert_eq!(verdict, XDP_REDIRECT, "established without step {step:#x}");
+                established[i].push(ns);
+            }
+        }
+    }
+    let whole_new = min_median(new_flow[0].clone());
+    let whole_est = min_median(established[0].clone());
+    println!(
+        "\nWhere the time goes: each step left out in turn, ns/packet min/median of {ROUNDS} interleaved rounds; saved = whole minus variant, of minima"
+    );
+    println!(
+        "{:<26} {:>10} {:>6} {:>12} {:>6}",
+        "left out", "new flow", "saved", "established", "saved"
+    );
+    println!(
+        "{:<26} {:>10} {:>6} {:>12} {:>6}",
+        "nothing (whole program)",
+        cell(whole_new),
+        "",
+        cell(whole_est),
+        ""
+    );
+    for (i, (_, name, _)) in variants.iter().enumerate() {
+        let ns = min_median(new_flow[i + 1].clone());
+        let est = if established[i + 1].is_empty() {
+            format!("{:>12} {:>6}", "-", "")
+        } else {
+            let e = min_median(established[i + 1].clone());
+            format!("{:>12} {:>6.0}", cell(e), whole_est.0 - e.0)
+        };
+        println!(
+            "{name:<26} {:>10} {:>6.0} {est}",
+            cell(ns),
+            whole_new.0 - ns.0
+        );
+    }
+}
+
+/// Fills the conntrack tables as a SYN flood does: distinct spoofed SYNs toward an 8-backend
+/// service until the half-open table has been filled twice over (its LRU evicting), and
+/// toward the measured service until every SNAT port toward its backend is held; then waits
+/// until those flows may be dropped early (idle for `CT_HALF_OPEN_MIN_RECLAIM_NS`), as a new
+/// flow under a sustained flood finds them.
+fn fill_tables(fx: &Fixture) {
+    clear_half_open(fx);
+    let flood = |vip: [u8; 4], count: u64, salt: u8| {
+        fx.run_many(PROGRAM_GENERIC, count, |i, frame| {
+            let src = [10, salt | (i >> 16) as u8, (i >> 8) as u8, i as u8];
+            *frame = pkt::tcp(sa(src, 1024 + (i % 50_000) as u16), sa(vip, 80), SYN, &[]);
+            frame[0..6].copy_from_slice(&host_mac(SELF_VIP.into()));
+        })
+    };
+    flood(FLOOD_VIP, 2 * MAX_HALF_OPEN_ENTRIES as u64, 0);
+    flood(SELF_VIP, SNAT_PORT_COUNT as u64 * 2, 0x80);
+    std::thread::sleep(std::time::Duration::from_nanos(
+        2 * CT_HALF_OPEN_MIN_RECLAIM_NS,
+    ));
 }
 
 fn main() {
@@ -116,6 +415,9 @@ fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(5_000_000);
+    let flood_backends: Vec<(Ipv4Addr, u16)> = (2..10)
+        .map(|h| (Ipv4Addr::new(203, 0, 113, h), 8080))
+        .collect();
     let mut fx = Fixture::new(
         "bench",
         &[
@@ -131,6 +433,7 @@ fn main() {
                 Protocol::Tcp,
                 &[(Ipv4Addr::from(SELF_VIP), 80)],
             ),
+            service(FLOOD_VIP.into(), 80, Protocol::Tcp, &flood_backends),
         ],
     );
     // Identity flows (both entries, so each is whole): routable destinations (permanent
@@ -172,77 +475,98 @@ fn main() {
     let mut arp = vec![0xff; 6];
     arp.extend_from_slice(&[2, 0, 0, 0, 0, 0xcc, 0x08, 0x06]);
     arp.extend_from_slice(&[0u8; 46]);
+    // New flows: each repeat's output is the next repeat's untracked SYN (see the module doc).
+    let mut syn = pkt::tcp(sa(CLIENT, 40001), sa(SELF_VIP, 80), SYN, &[]);
+    syn[0..6].copy_from_slice(&to_self);
     // Warm the route caches of both entries.
     fx.dp.set_device_mac(LO_IFINDEX, to_client).expect("lo MAC");
     fx.run(PROGRAM_GENERIC, &reply);
     fx.dp.set_device_mac(LO_IFINDEX, to_self).expect("lo MAC");
     fx.run(PROGRAM_GENERIC, &data);
 
-    println!("BPF_PROG_TEST_RUN, kernel-measured mean ns/packet, xlb_skb beside xlb_noop");
+    print_machine();
     println!(
-        "{:<24} {:>9} {:>9} {:>7}",
-        "path", "xlb_skb", "noop", "ratio"
+        "\nBPF_PROG_TEST_RUN, kernel-measured mean ns/packet, min/median of {ROUNDS} interleaved rounds, ratios of minima: xlb_skb beside the floor program (one conntrack lookup, DNAT rewrite, XDP_TX, on the established frame) and the no-op (same frame)"
     );
-    let note = format!("repeat {repeat}");
+    println!(
+        "{:<24} {:>10} {:>9} {:>9} {:>9} {:>8}",
+        "path", "xlb", "floor", "noop", "xlb/floor", "xlb/noop"
+    );
+    let path = |name, frame, repeat, stat, new_flows| Path {
+        name,
+        frame,
+        repeat,
+        stat,
+        new_flows,
+    };
     row(
-        "established (fwd hit)",
-        measure(&fx, &data, repeat, STAT_CT_HIT),
-        &note,
+        &fx,
+        &path("established (fwd hit)", &data, repeat, STAT_CT_HIT, None),
+        &data,
     );
     fx.dp.set_device_mac(LO_IFINDEX, to_client).expect("lo MAC");
     row(
-        "reply (rev hit)",
-        measure(&fx, &reply, repeat, STAT_CT_REPLY),
-        &note,
+        &fx,
+        &path("reply (rev hit)", &reply, repeat, STAT_CT_REPLY, None),
+        &data,
     );
     fx.dp.set_device_mac(LO_IFINDEX, to_self).expect("lo MAC");
     row(
-        "not for us (TCP)",
-        measure(&fx, &not_ours, repeat, STAT_NOT_OURS),
-        &note,
+        &fx,
+        &path("not for us (TCP)", &not_ours, repeat, STAT_NOT_OURS, None),
+        &data,
     );
     row(
-        "not IPv4 (ARP)",
-        measure(&fx, &arp, repeat, STAT_NOT_IPV4),
-        &note,
+        &fx,
+        &path("not IPv4 (ARP)", &arp, repeat, STAT_NOT_IPV4, None),
+        &data,
     );
-
-    // New flows, warm: each repeat's output is the next repeat's untracked SYN (see the
-    // module doc). Bounded well below the SNAT port range so probes rarely collide.
-    let flows = 2000;
-    let mut syn = pkt::tcp(sa(CLIENT, 40001), sa(SELF_VIP, 80), SYN, &[]);
-    syn[0..6].copy_from_slice(&to_self);
+    forget_next_hop(&fx);
     row(
-        "new flow (SYN)",
-        measure(&fx, &syn, flows, STAT_NEW_FLOW),
-        &format!("repeat {flows}, each repeat a new flow"),
-    );
-
-    // New flows, cold: single runs on distinct SYNs, the per-call overhead shown.
-    let runs = 2000u16;
-    let (mut xlb_total, mut noop_total, mut hit_total) = (0.0, 0.0, 0.0);
-    for i in 0..runs {
-        let mut syn = pkt::tcp(sa(CLIENT, 20000 + i), sa(VIP, 80), SYN, &[]);
-        syn[0..6].copy_from_slice(&to_self);
-        noop_total += fx.bench(PROGRAM_NOOP, &syn, 1);
-        xlb_total += fx.bench(PROGRAM_GENERIC, &syn, 1);
-        hit_total += fx.bench(PROGRAM_GENERIC, &data, 1);
-    }
-    let n = runs as f64;
-    let (xlb, noop, hit) = (xlb_total / n, noop_total / n, hit_total / n);
-    row(
-        "new flow, single runs",
-        (xlb, noop),
-        &format!(
-            "mean of {runs} runs; noop = per-call overhead; over it: {:.0} ns",
-            xlb - noop
+        &fx,
+        &path(
+            "new flow, FIB lookup",
+            &syn,
+            NEW_FLOW_REPEAT,
+            STAT_NEW_FLOW,
+            Some(Start::Empty),
         ),
+        &data,
     );
+    confirm_next_hop(&fx);
     row(
-        "established, single runs",
-        (hit, noop),
-        &format!("same, for comparison; over noop: {:.0} ns", hit - noop),
+        &fx,
+        &path(
+            "new flow (SYN)",
+            &syn,
+            NEW_FLOW_REPEAT,
+            STAT_NEW_FLOW,
+            Some(Start::Empty),
+        ),
+        &data,
     );
+    step_breakdown(&fx, &syn, &data);
+
+    // New flows with full tables (issue 15, item 2).
+    let early_drops = fx.stat(STAT_EARLY_DROP);
+    println!();
+    row(
+        &fx,
+        &path(
+            "new flow, tables full",
+            &syn,
+            NEW_FLOW_REPEAT,
+            STAT_NEW_FLOW,
+            Some(Start::Full),
+        ),
+        &data,
+    );
+    println!(
+        "  (each round after {} flood SYNs; early drops in all rounds: {})",
+        2 * MAX_HALF_OPEN_ENTRIES + 2 * SNAT_PORT_COUNT,
+        fx.stat(STAT_EARLY_DROP) - early_drops
+    );
+    drop(fx);
 
     for flood_rate in [50_000u64, 100_000] {
         flood_share(flood_rate, 1_000, 3);

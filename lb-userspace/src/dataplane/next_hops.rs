@@ -1,0 +1,213 @@
+//! The next hop toward each backend, kept in `XLB_NEXT_HOPS` for the program's new flows: with
+//! the egress device, source address and both MACs at hand a new flow needs no FIB lookup
+//! (issue 15; the lookup was about a third of a new flow's cost). The program falls back to
+//! the FIB for a backend without an entry, or with one not confirmed within
+//! `NEXT_HOP_MAX_AGE_NS`, so a next hop this thread cannot see (neighbour not resolved yet) or
+//! a thread that stopped costs speed, never a wrong destination for longer than that.
+//!
+//! A thread of its own confirms every entry each [`NEXT_HOP_REFRESH`], reading the routes and
+//! the neighbour table over netlink in the namespace the data plane was opened in, and at once
+//! when the set of backends changes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use aya::maps::{HashMap, MapData};
+use lb_common::{NEXT_HOPS_MAP, NextHop};
+
+use super::DataplaneError;
+use crate::addr::route::{Route, RouteLookup};
+
+/// How often every next hop is confirmed; well inside `NEXT_HOP_MAX_AGE_NS` (5 s).
+pub const NEXT_HOP_REFRESH: Duration = Duration::from_secs(1);
+
+/// The map of next hops, with the thread that keeps it current.
+pub struct NextHops {
+    /// Dropped to end the thread.
+    backends: Option<Sender<BTreeSet<Ipv4Addr>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl NextHops {
+    /// Starts the thread that keeps `map` current. It inherits the calling thread's network
+    /// namespace, where `lookup` was opened too.
+    pub fn start(
+        map: HashMap<MapData, [u8; 4], NextHop>,
+        lookup: RouteLookup,
+    ) -> Result<NextHops, DataplaneError> {
+        let (backends, wanted) = mpsc::channel::<BTreeSet<Ipv4Addr>>();
+        let thread = std::thread::Builder::new()
+            .name("xlb-next-hops".into())
+            .spawn(move || {
+                let mut writer = Writer {
+                    map,
+                    lookup,
+                    written: BTreeSet::new(),
+                    failing: false,
+                };
+                let mut backends = BTreeSet::new();
+                loop {
+                    match wanted.recv_timeout(NEXT_HOP_REFRESH) {
+                        // The latest set wins; earlier ones queued behind it are stale.
+                        Ok(set) => backends = wanted.try_iter().last().unwrap_or(set),
+                        Err(RecvTimeoutError::Timeout) => {}
+                        Err(RecvTimeoutError::Disconnected) => return,
+                    }
+                    writer.refresh(&backends);
+                }
+            })
+            .map_err(DataplaneError::NextHopThread)?;
+        Ok(NextHops {
+            backends: Some(backends),
+            thread: Some(thread),
+        })
+    }
+
+    /// Makes the thread keep next hops toward exactly `backends`, starting now.
+    pub fn set_backends(&self, backends: BTreeSet<Ipv4Addr>) {
+        if let Some(sender) = &self.backends {
+            // The thread ends only when this sender is dropped, so the send cannot fail.
+            let _ = sender.send(backends);
+        }
+    }
+}
+
+impl Drop for NextHops {
+    fn drop(&mut self) {
+        // Dropping the sender ends the thread's wait.
+        self.backends = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The thread's side: the map and what it wrote there.
+struct Writer {
+    map: HashMap<MapData, [u8; 4], NextHop>,
+    lookup: RouteLookup,
+    written: BTreeSet<Ipv4Addr>,
+    /// Whether the last refresh failed, so a lasting failure is logged once.
+    failing: bool,
+}
+
+impl Writer {
+    fn refresh(&mut self, backends: &BTreeSet<Ipv4Addr>) {
+        match self.try_refresh(backends) {
+            Ok(()) if self.failing => {
+                self.failing = false;
+                tracing::info!("next hops toward backends are current again");
+            }
+            Ok(()) => {}
+            Err(error) if !self.failing => {
+                self.failing = true;
+                tracing::warn!(%error, "cannot refresh the next hops toward backends; new flows look their route up in the FIB meanwhile");
+            }
+            Err(_) => {}
+        }
+    }
+
+    fn try_refresh(&mut self, backends: &BTreeSet<Ipv4Addr>) -> Result<(), DataplaneError> {
+        let ips: Vec<Ipv4Addr> = backends.iter().copied().collect();
+        let routes = if ips.is_empty() {
+            BTreeMap::new()
+        } else {
+            self.lookup.routes(&ips)?
+        };
+        let neighbours = if routes.is_empty() {
+            BTreeMap::new()
+        } else {
+            self.lookup.neighbours()?
+        };
+        let confirmed_ns = crate::inspect::monotonic_ns();
+        let mut current = BTreeSet::new();
+        for (ip, route) in &routes {
+            let Some(hop) = next_hop(*ip, route, &neighbours, confirmed_ns) else {
+                continue;
+            };
+            self.map
+                .insert(ip.octets(), hop, 0)
+                .map_err(|source| DataplaneError::Map {
+                    name: NEXT_HOPS_MAP,
+                    source,
+                })?;
+            current.insert(*ip);
+        }
+        for gone in self.written.difference(&current) {
+            // Already gone is fine: the entry is what must not stay.
+            let _ = self.map.remove(&gone.octets());
+        }
+        self.written = current;
+        Ok(())
+    }
+}
+
+/// The next hop toward backend `ip` over `route`, when the route names its source address and
+/// device MAC and the neighbour it goes through is resolved.
+fn next_hop(
+    ip: Ipv4Addr,
+    route: &Route,
+    neighbours: &BTreeMap<(u32, Ipv4Addr), [u8; 6]>,
+    confirmed_ns: u64,
+) -> Option<NextHop> {
+    let dmac = neighbours.get(&(route.ifindex, route.next_hop(ip)))?;
+    Some(NextHop {
+        confirmed_ns,
+        ifindex: route.ifindex,
+        src: route.source?.octets(),
+        smac: route.mac?,
+        dmac: *dmac,
+        _pad: [0; 4],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(gateway: Option<Ipv4Addr>) -> Route {
+        Route {
+            device: "eth0".into(),
+            ifindex: 7,
+            source: Some(Ipv4Addr::new(10, 0, 0, 1)),
+            gateway,
+            mac: Some([2, 0, 0, 0, 0, 1]),
+        }
+    }
+
+    #[test]
+    fn a_next_hop_needs_the_neighbour_it_goes_through() {
+        let backend = Ipv4Addr::new(10, 0, 0, 9);
+        let gateway = Ipv4Addr::new(10, 0, 0, 254);
+        let neighbours = BTreeMap::from([((7, gateway), [2, 0, 0, 0, 0, 0xfe])]);
+        // Directly connected: the backend's own entry is needed, and missing.
+        assert_eq!(next_hop(backend, &route(None), &neighbours, 5), None);
+        // Through the gateway: its MAC.
+        let hop = next_hop(backend, &route(Some(gateway)), &neighbours, 5).expect("next hop");
+        assert_eq!(hop.dmac, [2, 0, 0, 0, 0, 0xfe]);
+        assert_eq!(hop.smac, [2, 0, 0, 0, 0, 1]);
+        assert_eq!(hop.src, [10, 0, 0, 1]);
+        assert_eq!((hop.ifindex, hop.confirmed_ns), (7, 5));
+        // The same neighbour on another device does not count.
+        let elsewhere = BTreeMap::from([((8, gateway), [2, 0, 0, 0, 0, 0xfe])]);
+        assert_eq!(
+            next_hop(backend, &route(Some(gateway)), &elsewhere, 5),
+            None
+        );
+    }
+
+    #[test]
+    fn no_next_hop_without_a_source_address_or_device_mac() {
+        let backend = Ipv4Addr::new(10, 0, 0, 9);
+        let neighbours = BTreeMap::from([((7, backend), [2, 0, 0, 0, 0, 9])]);
+        let mut no_source = route(None);
+        no_source.source = None;
+        assert_eq!(next_hop(backend, &no_source, &neighbours, 5), None);
+        let mut no_mac = route(None);
+        no_mac.mac = None;
+        assert_eq!(next_hop(backend, &no_mac, &neighbours, 5), None);
+    }
+}
