@@ -1,5 +1,9 @@
 //! Per-packet cost of the XDP program through `BPF_PROG_TEST_RUN` (kernel-measured mean over a
-//! large repeat count), beside the do-nothing `xlb_noop` program measured in the same run.
+//! large repeat count), beside two baselines measured in the same run (issue 15): the floor
+//! program `xlb_floor` (one conntrack lookup, DNAT rewrite with incremental checksums,
+//! `XDP_TX`) and the do-nothing `xlb_noop`. Every figure is the minimum and median of
+//! interleaved rounds, ratios are of minima (noise on a shared machine only adds time), and the
+//! run is headed by the CPU model and its mitigation state.
 //!
 //! `bench_xdp [REPEAT]` (root). A repeated test run hands the program the *same buffer* each
 //! time, so whatever the program wrote stays: a frame that xlb translates is, from the second
@@ -13,7 +17,14 @@
 //! - not for us: TCP to an address that is neither a VIP nor tracked; ARP;
 //! - new flow: a service whose only backend is its own `VIP:port`, so the translated SYN
 //!   (`SNAT address:fresh port → VIP:port`) is again a SYN of an untracked flow to a service:
-//!   every repeat creates a flow (backend pick, FIB lookup, SNAT port probe, both inserts).
+//!   every repeat creates a flow (backend pick, next hop or FIB lookup, SNAT port probe, both
+//!   inserts); with the backend's next hop, and without it (FIB lookup);
+//! - new flow with full tables: the same after a flood of distinct SYNs has filled the
+//!   half-open table and holds every SNAT port toward the backend.
+//!
+//! Where the time goes: the program loaded again with one step left out at a time (the load-
+//! time constant `XLB_SKIP_STEPS`, see `lb_common::steps`), timed on the new-flow and
+//! established paths in the same interleaved rounds as the whole program.
 //!
 //! Then a SYN flood (issue 14, item 3): spoofed SYNs paced at 50,000 and 100,000 per second
 //! toward a 3-backend service while legitimate clients open 1,000 connections per second; it
@@ -24,10 +35,6 @@
 //! and answer) at paced rates toward one backend for three hold times and prints the share
 //! refused (issue 14, item 4); it takes about 4 minutes, so `cargo xtask bench` does not run
 //! it.
-//!
-//! The new-flow figure is also given the old way, as the mean of single runs on distinct SYNs:
-//! there the kernel's fixed per-call cost (timer, context setup: the noop's single-run figure)
-//! and cold caches dominate, so it is printed with that overhead beside it.
 
 use std::net::Ipv4Addr;
 
@@ -89,7 +96,7 @@ fn key(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> FlowKey {
 }
 
 /// Rounds each figure is measured in, interleaved with its comparisons; the median is printed.
-const ROUNDS: usize = 5;
+const ROUNDS: usize = 9;
 /// Repeats of one new-flow measurement: each repeat opens a flow, so the half-open table is
 /// emptied between measurements (the SNAT ports toward the one backend would run out).
 const NEW_FLOW_REPEAT: u32 = 2000;
@@ -414,7 +421,7 @@ fn main() {
     let repeat: u32 = std::env::args()
         .nth(1)
         .and_then(|a| a.parse().ok())
-        .unwrap_or(5_000_000);
+        .unwrap_or(2_000_000);
     let flood_backends: Vec<(Ipv4Addr, u16)> = (2..10)
         .map(|h| (Ipv4Addr::new(203, 0, 113, h), 8080))
         .collect();
