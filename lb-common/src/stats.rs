@@ -101,9 +101,12 @@ pub const STAT_CT_REPLACED: u32 = 37;
 /// Inserting the open entries of a completed handshake failed: the flow stays half-open and
 /// its packet is translated with the half-open entry.
 pub const STAT_OPEN_INSERT_FAILED: u32 = 38;
+/// A new flow took the SNAT port of a flow both sides had closed whose client's last ACK was
+/// seen (`CT_STATE_CLOSED_ACKED`; both its entries deleted).
+pub const STAT_CLOSED_REUSED: u32 = 39;
 
 /// Number of counters in [`STATS_MAP`].
-pub const STAT_COUNT: u32 = 39;
+pub const STAT_COUNT: u32 = 40;
 
 /// Human-readable name of each counter, indexed like the map (for `xlb inspect stats`).
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
@@ -146,6 +149,7 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "ct_orphan",
     "ct_replaced",
     "open_insert_failed",
+    "closed_reused",
 ];
 
 /// Per-service counters, one per CPU in [`SVC_STATS_MAP`] at the service's id.

@@ -21,6 +21,7 @@ mod forward;
 mod maps;
 mod nat;
 mod packet;
+mod snat;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::*;
@@ -291,7 +292,7 @@ fn half_open<const GENERIC: bool>(
 /// destination port lies.
 #[inline(always)]
 fn in_snat_range(port: u16) -> bool {
-    port.wrapping_sub(SNAT_PORT_MIN) < SNAT_PORT_COUNT as u16
+    snat::ports().contains(port)
 }
 
 /// Whether `src` (network order) is a martian source that must not start a flow: 0.0.0.0/8
