@@ -34,9 +34,17 @@ pub const XMIT_MAP: &str = "XLB_XMIT";
 /// [`NextHop`], written by userspace from the kernel's route and neighbour tables so that a new
 /// flow needs no FIB lookup. A backend without a current entry falls back to the FIB lookup.
 pub const NEXT_HOPS_MAP: &str = "XLB_NEXT_HOPS";
+/// The program's load-time constant holding the [`SnatPorts`] range (`.rodata`, set by the
+/// loader with `EbpfLoader::set_global`).
+pub const SNAT_PORTS_GLOBAL: &str = "XLB_SNAT_PORTS";
+
+/// Extra SNAT source addresses: hash `[u8; 4]` (the LB's own address a route toward a backend
+/// gives as source, network order) → [`SnatAddrs`]. A new flow probes its SNAT port
+/// candidates across that address and these. Written by userspace (`--snat-addresses`).
+pub const SNAT_ADDRS_MAP: &str = "XLB_SNAT_ADDRS";
 
 /// Every map the program defines, for pinning and `xlb inspect`.
-pub const ALL_MAPS: [&str; 11] = [
+pub const ALL_MAPS: [&str; 12] = [
     SERVICES_MAP,
     BACKENDS_MAP,
     VIPS_MAP,
@@ -46,6 +54,7 @@ pub const ALL_MAPS: [&str; 11] = [
     DEV_MACS_MAP,
     XMIT_MAP,
     NEXT_HOPS_MAP,
+    SNAT_ADDRS_MAP,
     crate::STATS_MAP,
     crate::SVC_STATS_MAP,
 ];
@@ -58,11 +67,18 @@ pub const MAX_BACKENDS_PER_SERVICE: u32 = 1024;
 pub const MAX_BACKENDS: u32 = 65536;
 /// Entries in each conntrack map (LRU: the least recently used flow is evicted when full).
 pub const MAX_FLOWS: u32 = 262_144;
-/// Entries in the half-open map (two per flow, so 65,536 half-open flows). When it is full the
-/// least recently used half-open entries go first; open flows live in the other two maps.
-pub const MAX_HALF_OPEN_ENTRIES: u32 = 131_072;
+/// Entries in the half-open map (two per flow, so 131,072 half-open flows: a UDP exchange
+/// stays half-open for its 30 s, and 2,700 exchanges a second toward one backend are 81,000
+/// flows). When it is full the least recently used half-open entries go first; open flows
+/// live in the other two maps.
+pub const MAX_HALF_OPEN_ENTRIES: u32 = 262_144;
 /// Slots in [`DEV_MACS_MAP`] (a power of two).
 pub const MAX_DEVICE_MACS: u32 = 1024;
+/// Entries in [`SNAT_ADDRS_MAP`] (own source addresses that have extra SNAT addresses).
+pub const MAX_SNAT_SOURCES: u32 = 64;
+/// Extra SNAT addresses per own source address (so 8 SNAT addresses in all).
+pub const MAX_SNAT_EXTRA: usize = 7;
+
 /// Entries in the xmit devmap (a `DEVMAP_HASH` keyed by ifindex).
 pub const MAX_XMIT_DEVICES: u32 = 256;
 
@@ -185,6 +201,17 @@ pub struct DeviceMac {
 }
 const _: () = assert!(core::mem::size_of::<DeviceMac>() == 16);
 
+/// Value of [`SNAT_ADDRS_MAP`]: the extra SNAT addresses that go with an own source address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SnatAddrs {
+    /// How many of [`Self::addrs`] are in use, `0..=MAX_SNAT_EXTRA`.
+    pub count: u32,
+    /// The addresses, network byte order; on the same device and prefix as the key.
+    pub addrs: [[u8; 4]; MAX_SNAT_EXTRA],
+}
+const _: () = assert!(core::mem::size_of::<SnatAddrs>() == 32);
+
 /// [`CtEntry::state`]: TCP flow open (or UDP flow active).
 pub const CT_STATE_OPEN: u32 = 0;
 /// [`CtEntry::state`]: the client sent the first FIN, or either side a RST: the backend keeps
@@ -192,8 +219,8 @@ pub const CT_STATE_OPEN: u32 = 0;
 pub const CT_STATE_CLOSING: u32 = 1;
 /// [`CtEntry::state`]: the backend sent the first FIN, so it holds the `SNAT:port → backend`
 /// tuple in TIME_WAIT (60 s on Linux) and could refuse a new flow on the same SNAT port with a
-/// bare ACK until then; the entry (and the port) is kept as long as Linux conntrack keeps a
-/// TIME_WAIT flow.
+/// bare ACK until then; the entry (and the port) is kept as long as that TIME_WAIT and no
+/// longer ([`CT_TIMEOUT_TCP_TIME_WAIT_NS`]).
 pub const CT_STATE_TIME_WAIT: u32 = 2;
 
 /// [`CtEntry::state`] of a half-open flow ([`CT_HALF_MAP`]): TCP SYN forwarded, no SYN-ACK from
@@ -208,7 +235,19 @@ pub const CT_STATE_HALF_OPEN_REPLIED: u32 = 4;
 /// on its own tuple), so the SNAT port may serve a new flow after
 /// [`CT_TIMEOUT_TCP_CLOSED_NS`].
 pub const CT_STATE_CLOSED: u32 = 5;
-/// Idle timeout of a TCP flow in [`CT_STATE_CLOSED`]: 2 s, time for the client's last ACK
+/// [`CtEntry::state`]: [`CT_STATE_CLOSED`] and the client has since sent a bare ACK (no SYN,
+/// FIN or RST), taken as its last ACK: the backend's socket is gone once that ACK reaches it,
+/// so the SNAT port goes to the next new flow that probes it, at once. The entries still
+/// translate (a retransmitted FIN and its answer) for [`CT_TIMEOUT_TCP_CLOSED_NS`] unless the
+/// port is taken over. Should that ACK be lost after the LB, or have been an earlier ACK
+/// overtaken by the backend's FIN, the backend, still in LAST_ACK, answers the new flow's SYN
+/// with a challenge ACK (or retransmits its FIN to it); the new client, in SYN_SENT, answers
+/// that with a RST, which ends the stale LAST_ACK socket (its sequence number is the one the
+/// backend expects), and sends its SYN again after 1 s. No reset reaches any application: the
+/// new connection takes a second longer.
+pub const CT_STATE_CLOSED_ACKED: u32 = 6;
+
+/// Idle timeout of a TCP flow in [`CT_STATE_CLOSED`] or [`CT_STATE_CLOSED_ACKED`]: 2 s, time for the client's last ACK
 /// and, if it is lost, the backend's FIN retransmissions (from 200 ms on) and their answers.
 pub const CT_TIMEOUT_TCP_CLOSED_NS: u64 = 2 * 1_000_000_000;
 
@@ -224,7 +263,8 @@ pub const CT_DIR_REVERSE: u8 = 1;
 /// live in their own table and also give their port up early, see
 /// [`CT_HALF_OPEN_RECLAIM_NS`].)
 pub const CT_TIMEOUT_HALF_OPEN_NS: u64 = 5 * 1_000_000_000;
-/// Idle timeout of a UDP flow that has not gone both ways twice (Linux's UDP timeout).
+/// Idle timeout of a UDP flow whose traffic has not gone both ways more than once (a
+/// datagram, or a query and its answer): 30 s, Linux's `nf_conntrack_udp_timeout`.
 pub const CT_TIMEOUT_UDP_HALF_OPEN_NS: u64 = 30 * 1_000_000_000;
 /// A half-open TCP flow idle this long gives its SNAT port to a new flow that needs it (an
 /// "early drop"): a client that has heard nothing for 1 s retransmits its SYN anyway.
@@ -241,10 +281,14 @@ pub const CT_HALF_OPEN_MIN_RECLAIM_NS: u64 = 100_000_000;
 pub const CT_TIMEOUT_TCP_OPEN_NS: u64 = 3600 * 1_000_000_000;
 /// Idle timeout of a TCP flow in [`CT_STATE_CLOSING`].
 pub const CT_TIMEOUT_TCP_CLOSING_NS: u64 = 10 * 1_000_000_000;
-/// Idle timeout of a TCP flow in [`CT_STATE_TIME_WAIT`].
-pub const CT_TIMEOUT_TCP_TIME_WAIT_NS: u64 = 120 * 1_000_000_000;
-/// Idle timeout of a UDP flow.
-pub const CT_TIMEOUT_UDP_NS: u64 = 60 * 1_000_000_000;
+/// Idle timeout of a TCP flow in [`CT_STATE_TIME_WAIT`]: 60 s, Linux's `TCP_TIMEWAIT_LEN`,
+/// how long the backend's socket holds the tuple after it closed first. (Linux conntrack keeps
+/// such flows 120 s, longer than any Linux peer needs; here each costs a SNAT port.)
+pub const CT_TIMEOUT_TCP_TIME_WAIT_NS: u64 = 60 * 1_000_000_000;
+/// Idle timeout of an open UDP flow, one whose traffic has gone both ways more than once (a
+/// stream): 120 s, Linux's `nf_conntrack_udp_timeout_stream`. A query and its answer stay
+/// half-open, [`CT_TIMEOUT_UDP_HALF_OPEN_NS`].
+pub const CT_TIMEOUT_UDP_NS: u64 = 120 * 1_000_000_000;
 /// The program refreshes [`CtEntry::last_seen_ns`] and the cached forwarding result at most
 /// this often per flow, so established packets rarely write to shared memory.
 pub const CT_REFRESH_NS: u64 = 1_000_000_000;
@@ -263,7 +307,7 @@ pub const fn ct_timeout_ns(proto: u8, state: u32) -> u64 {
         CT_TIMEOUT_HALF_OPEN_NS
     } else if state == CT_STATE_CLOSING {
         CT_TIMEOUT_TCP_CLOSING_NS
-    } else if state == CT_STATE_CLOSED {
+    } else if state == CT_STATE_CLOSED || state == CT_STATE_CLOSED_ACKED {
         CT_TIMEOUT_TCP_CLOSED_NS
     } else if state == CT_STATE_TIME_WAIT {
         CT_TIMEOUT_TCP_TIME_WAIT_NS
@@ -290,8 +334,8 @@ pub struct CtEntry {
     pub nat_dst_port: u16,
     /// Service the flow belongs to (for per-service counters).
     pub service_id: u32,
-    /// [`CT_STATE_OPEN`], [`CT_STATE_CLOSING`], [`CT_STATE_CLOSED`] or [`CT_STATE_TIME_WAIT`]
-    /// in the open maps;
+    /// [`CT_STATE_OPEN`], [`CT_STATE_CLOSING`], [`CT_STATE_CLOSED`],
+    /// [`CT_STATE_CLOSED_ACKED`] or [`CT_STATE_TIME_WAIT`] in the open maps;
     /// [`CT_STATE_HALF_OPEN`] or [`CT_STATE_HALF_OPEN_REPLIED`] in [`CT_HALF_MAP`].
     pub state: u32,
     /// Cached egress ifindex from the last FIB lookup; 0 when none is cached.
@@ -333,33 +377,90 @@ impl CtEntry {
     }
 }
 
-/// First port of the SNAT range. The range sits below Linux's default ephemeral range
-/// (`net.ipv4.ip_local_port_range = 32768 60999`), so the LB host's own connections (the proxy
-/// fallback included) never collide with translated flows.
-pub const SNAT_PORT_MIN: u16 = 16384;
-/// Number of SNAT ports (a power of two): ports `16384..=32767`.
-pub const SNAT_PORT_COUNT: u32 = 16384;
+/// The SNAT port range: ports `first..first + count` of every SNAT address toward every
+/// backend. Set at start (`--snat-ports`) and handed to the program as load-time constants;
+/// userspace reserves it with `net.ipv4.ip_local_reserved_ports` so the LB host's own
+/// connections (the proxy fallback's among them) never pick a port a translated flow may hold.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnatPorts {
+    /// First port, host order.
+    pub first: u16,
+    pub _pad: u16,
+    /// Number of ports, at least [`SNAT_PORTS_MIN_COUNT`]; `first + count - 1 <= 65535`.
+    pub count: u32,
+}
+const _: () = assert!(core::mem::size_of::<SnatPorts>() == 8);
+
+/// Default SNAT range: 1024-32767 (31,744 ports). Every unprivileged port below Linux's
+/// default ephemeral range (`ip_local_port_range = 32768 60999`), so the kernel keeps all its
+/// ephemeral ports and nothing listens by accident on a port the host picked itself.
+pub const SNAT_PORTS_DEFAULT: SnatPorts = SnatPorts {
+    first: 1024,
+    _pad: 0,
+    count: 31_744,
+};
+/// Fewest ports a SNAT range may have: far more than the probes, so they can spread.
+pub const SNAT_PORTS_MIN_COUNT: u32 = 1024;
+
 /// How many candidate SNAT ports a new flow probes before giving up (and passing the packet).
 /// With probes spread as by [`snat_port`], all of them are taken with probability about
 /// `occupancy^16`: one new flow in 65,536 with half the range in use toward one backend.
 pub const SNAT_PROBES: u32 = 16;
-/// After this many candidates held by half-open flows, a new TCP flow takes over the longest
-/// idle of them if it has been idle [`CT_HALF_OPEN_MIN_RECLAIM_NS`] (an early drop) instead of
-/// probing on: under a SYN flood every candidate is held alike, and each probe is a cache-cold
-/// lookup.
+/// After this many held candidates, the next one held by a half-open flow ends a new TCP flow's
+/// probing: the longest idle half-open flow it saw then gives way if it has been idle
+/// [`CT_HALF_OPEN_MIN_RECLAIM_NS`] (an early drop), and the new flow is refused otherwise.
+/// Under a SYN flood every candidate is held alike and each probe is a cache-cold lookup, so
+/// probing all [`SNAT_PROBES`] cost twice as much for nothing. (Testing the idle time inside
+/// the loop instead made the program too complex for the verifier.)
 pub const SNAT_PROBES_BEFORE_EARLY_DROP: u32 = 4;
 
-/// The `attempt`-th SNAT port candidate for a flow whose hash is `hash`
-/// (see [`crate::flow_hash`]). Double hashing: the first candidate and the (odd, so no
-/// candidate repeats within the range) distance between candidates come from different bits
-/// of the hash. A fixed distance would be linear probing in disguise: flows whose sequences
-/// overlap pile up into runs, and a burst of a few thousand connections to one backend
-/// exhausts the probes of some new flow long before the range is full.
+impl SnatPorts {
+    /// The range `first..=last`; `None` when it is empty, holds fewer than
+    /// [`SNAT_PORTS_MIN_COUNT`] ports, or starts at port 0.
+    pub const fn new(first: u16, last: u16) -> Option<SnatPorts> {
+        if first == 0 || last < first || (last - first) as u32 + 1 < SNAT_PORTS_MIN_COUNT {
+            return None;
+        }
+        Some(SnatPorts {
+            first,
+            _pad: 0,
+            count: (last - first) as u32 + 1,
+        })
+    }
+
+    /// Last port of the range.
+    pub const fn last(self) -> u16 {
+        (self.first as u32 + self.count - 1) as u16
+    }
+
+    /// Whether `port` (host order) lies in the range.
+    #[inline(always)]
+    pub const fn contains(self, port: u16) -> bool {
+        (port.wrapping_sub(self.first) as u32) < self.count
+    }
+}
+
+/// The `attempt`-th (`0..SNAT_PROBES`) SNAT port candidate in `ports` for a flow whose hash is
+/// `hash` (see [`crate::flow_hash`]). Double hashing: the first candidate and the distance
+/// between candidates come from different bits of the hash. The distance lies in
+/// `1..=(count - 1) / (SNAT_PROBES - 1)`, so `attempt * distance < count` and no candidate
+/// repeats within the probes whatever the range's size (no power of two needed). A fixed
+/// distance would be linear probing in disguise: flows whose sequences overlap pile up into
+/// runs, and a burst of a few thousand connections to one backend exhausts the probes of some
+/// new flow long before the range is full.
 #[inline(always)]
-pub const fn snat_port(hash: u32, attempt: u32) -> u16 {
-    let step = (hash >> 16) | 1;
-    let offset = hash.wrapping_add(attempt.wrapping_mul(step)) & (SNAT_PORT_COUNT - 1);
-    SNAT_PORT_MIN + offset as u16
+pub const fn snat_port(ports: SnatPorts, hash: u32, attempt: u32) -> u16 {
+    let count = ports.count;
+    // Multiply-shift: the hash scaled to 0..count without a division.
+    let base = ((hash as u64 * count as u64) >> 32) as u32;
+    let max_step = (count - 1) / (SNAT_PROBES - 1);
+    let step = 1 + ((hash.rotate_left(16) as u64 * max_step as u64) >> 32) as u32;
+    let mut offset = base + attempt * step;
+    if offset >= count {
+        offset -= count;
+    }
+    ports.first.wrapping_add(offset as u16)
 }
 
 #[cfg(feature = "user")]
@@ -386,6 +487,10 @@ mod pod {
     unsafe impl aya::Pod for DeviceMac {}
     // SAFETY: as above.
     unsafe impl aya::Pod for NextHop {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SnatPorts {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SnatAddrs {}
 }
 
 #[cfg(test)]

@@ -101,13 +101,16 @@ pub const STAT_CT_REPLACED: u32 = 37;
 /// Inserting the open entries of a completed handshake failed: the flow stays half-open and
 /// its packet is translated with the half-open entry.
 pub const STAT_OPEN_INSERT_FAILED: u32 = 38;
+/// A new flow took the SNAT port of a flow both sides had closed whose client's last ACK was
+/// seen (`CT_STATE_CLOSED_ACKED`; both its entries deleted).
+pub const STAT_CLOSED_REUSED: u32 = 39;
 
 /// A new flow's route came from the FIB: its backend had no current next hop in
 /// `NEXT_HOPS_MAP` (not resolved yet, or userspace has not confirmed it lately).
-pub const STAT_NEXT_HOP_MISS: u32 = 39;
+pub const STAT_NEXT_HOP_MISS: u32 = 40;
 
 /// Number of counters in [`STATS_MAP`].
-pub const STAT_COUNT: u32 = 40;
+pub const STAT_COUNT: u32 = 41;
 
 /// Human-readable name of each counter, indexed like the map (for `xlb inspect stats`).
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
@@ -150,6 +153,7 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "ct_orphan",
     "ct_replaced",
     "open_insert_failed",
+    "closed_reused",
     "next_hop_miss",
 ];
 

@@ -26,6 +26,7 @@ use crate::{
         count,
     },
     packet::{Flow, ptr_at},
+    snat,
     steps::skipped,
 };
 
@@ -108,16 +109,26 @@ pub fn alive(entry: &CtEntry, proto: u8, now: u64) -> bool {
 /// Moves the flow of `entry` (a packet going `direction`) and its peer entry out of the open
 /// state on the flow's first TCP FIN or RST, so both expire soon after the connection ends: to
 /// [`CT_STATE_TIME_WAIT`] when the backend sent that FIN, to [`CT_STATE_CLOSING`] otherwise;
-/// and from [`CT_STATE_CLOSING`] to [`CT_STATE_CLOSED`] on the backend's FIN.
+/// from [`CT_STATE_CLOSING`] to [`CT_STATE_CLOSED`] on the backend's FIN; and from
+/// [`CT_STATE_CLOSED`] to [`CT_STATE_CLOSED_ACKED`] on the client's last ACK.
 #[inline(always)]
 pub fn on_tcp_flags(entry: *mut CtEntry, flags: u8, direction: Direction, now: u64) {
-    if flags & (TCP_FIN | TCP_RST) == 0 {
+    // SAFETY: entry points into a map value, valid for this program run.
+    let state = unsafe { (*entry).state };
+    let last_ack = state == CT_STATE_CLOSED
+        && matches!(direction, Direction::FromClient)
+        && flags & (TCP_SYN | TCP_FIN | TCP_RST | TCP_ACK) == TCP_ACK;
+    if flags & (TCP_FIN | TCP_RST) == 0 && !last_ack {
         return;
     }
-    // SAFETY: entry points into a map value, valid for this program run.
-    let (state, peer_key) = unsafe { ((*entry).state, (*entry).peer_key(IPPROTO_TCP)) };
+    // SAFETY: as above.
+    let peer_key = unsafe { (*entry).peer_key(IPPROTO_TCP) };
     let backend_fin = matches!(direction, Direction::FromBackend) && flags & TCP_RST == 0;
-    let (state, peer_map) = if state == CT_STATE_OPEN {
+    let (state, peer_map) = if last_ack {
+        // Both sides closed and the client acknowledged the backend's FIN: the port may
+        // serve a new flow at once (see CT_STATE_CLOSED_ACKED for a lost ACK).
+        (CT_STATE_CLOSED_ACKED, &XLB_CT_REV)
+    } else if state == CT_STATE_OPEN {
         count(STAT_TCP_CLOSE);
         match direction {
             Direction::FromBackend if backend_fin => (CT_STATE_TIME_WAIT, &XLB_CT_FWD),
@@ -268,13 +279,16 @@ fn take_half_open(key: &FlowKey, old: &CtEntry, proto: u8, now: u64) -> bool {
 }
 
 /// Whether SNAT port key `key` may be taken from the open flow `old` found there in the
-/// reverse map (both its entries are deleted if so): it expired, or lost its forward entry.
+/// reverse map (both its entries are deleted if so): it expired, both sides closed it and the
+/// client's last ACK went by, or it lost its forward entry.
 ///
 /// Not inlined, as [`take_half_open`].
 #[inline(never)]
 fn take_open(key: &FlowKey, old: &CtEntry, proto: u8, now: u64) -> bool {
     if !alive(old, proto, now) {
         count(STAT_CT_EXPIRED);
+    } else if old.state == CT_STATE_CLOSED_ACKED {
+        count(STAT_CLOSED_REUSED);
     } else if open_peer_ok(Direction::FromBackend, key, old, proto) {
         return false;
     } else {
@@ -285,17 +299,19 @@ fn take_open(key: &FlowKey, old: &CtEntry, proto: u8, now: u64) -> bool {
 }
 
 /// Creates the half-open forward and reverse entries of a new flow to `backend` over `route`,
-/// translated from the route's source address; the forward entry caches the route when its
-/// neighbour is resolved. The SNAT port is the first of [`SNAT_PROBES`] candidates (derived
-/// from the client tuple's hash) whose reverse key `(backend, snat_ip, backend port, port)`
-/// is held by no live flow, half-open or open. A candidate held by a flow that timed out, (open)
-/// lost its peer, or (TCP) stayed half-open past [`CT_HALF_OPEN_RECLAIM_NS`] is taken over: that
+/// translated from the route's source address or one of its extra SNAT addresses
+/// (`XLB_SNAT_ADDRS`); the forward entry caches the route when its neighbour is resolved. The
+/// SNAT address and port are the first of [`SNAT_PROBES`] candidates (derived from the client
+/// tuple's hash, going round the addresses) whose reverse key
+/// `(backend, snat_ip, backend port, port)` is held by no live flow, half-open or open. A
+/// candidate held by a flow that timed out, (open) lost its peer, both of whose sides closed, or
+/// (TCP) that stayed half-open past [`CT_HALF_OPEN_RECLAIM_NS`] is taken over: that
 /// flow's entries are deleted, then the port is claimed with `BPF_NOEXIST`, so of two CPUs
 /// racing for it exactly one wins and the other probes on. The half-open map is checked
 /// before the open map: a flow is written to the open maps before it leaves the half-open
 /// one, so a port cannot slip between the two checks. When every candidate is held, or
-/// [`SNAT_PROBES_BEFORE_EARLY_DROP`] of them by half-open flows, the one held by the longest
-/// idle half-open TCP flow is taken over if that flow has been idle for at least
+/// (TCP) [`SNAT_PROBES_BEFORE_EARLY_DROP`] are and the next by a half-open flow, the one held by
+/// the longest idle half-open TCP flow seen is taken over if that flow has been idle for at least
 /// [`CT_HALF_OPEN_MIN_RECLAIM_NS`] (an early drop under pressure, as Linux drops an
 /// unassured entry when its table is full). Returns the forward entry (in a
 /// per-CPU scratch slot, valid for this program run), null (counted) when no port or no
@@ -315,9 +331,12 @@ pub fn create(
     else {
         return null;
     };
-    let snat_ip = route.src;
     let proto = flow.proto;
     let hash = flow_hash(flow.src, flow.dst, flow.src_port, flow.dst_port, proto);
+    if !snat::prepare(route.src, hash) {
+        return null;
+    }
+    let ports = snat::ports();
     // SAFETY: per-CPU scratch slot, private to this CPU while the program runs.
     unsafe {
         *reverse = CtEntry {
@@ -333,30 +352,34 @@ pub fn create(
         };
     }
     let mut chosen = 0u16;
+    let mut snat_ip = route.src;
     // The longest idle live half-open TCP flow among the candidates, taken over when every
     // candidate is held (Linux's early_drop when its table is full).
-    // One word, `idle ns << 16 | port`, so it costs one stack slot: idle times are seconds,
-    // far below 2^48 ns.
+    // One word, `idle ns << 19 | address index << 16 | port`, so it costs one stack slot:
+    // idle times are seconds, far below 2^45 ns.
     let mut oldest = 0u64;
+    // Candidates go round the SNAT addresses (from one the hash picks), each with the next
+    // port of the sequence, so no (address, port) pair repeats and every address takes its
+    // share.
     for attempt in 0..SNAT_PROBES {
-        let port = snat_port(hash, attempt);
-        let key = flow_key(backend.ip, snat_ip, backend.port, port, proto);
+        let port = snat_port(ports, hash, attempt);
+        let this = snat::candidate(attempt);
+        let ip = snat::address(this);
+        let key = flow_key(backend.ip, ip, backend.port, port, proto);
         if skipped(STEP_SNAT_PROBE) {
             // The claim alone: no look at who holds the candidate.
         } else if let Some(old) = XLB_CT_HALF.get_ptr(&key) {
             // SAFETY: points into a map value, valid for this program run.
             let old = unsafe { &*old };
             if !take_half_open(&key, old, proto, now) {
-                let candidate = (now.saturating_sub(old.last_seen_ns) << 16) | port as u64;
+                let idle = now.saturating_sub(old.last_seen_ns);
+                let candidate = (idle << 19) | (this as u64) << 16 | port as u64;
                 if candidate > oldest {
                     oldest = candidate;
                 }
-                if attempt + 1 >= SNAT_PROBES_BEFORE_EARLY_DROP
-                    && proto == IPPROTO_TCP
-                    && oldest >> 16 >= CT_HALF_OPEN_MIN_RECLAIM_NS
-                {
-                    // Under pressure (a flood holds the ports): drop early now rather than
-                    // probe on through ports the flood holds just as well.
+                if attempt + 1 >= SNAT_PROBES_BEFORE_EARLY_DROP && proto == IPPROTO_TCP {
+                    // Under pressure (a flood holds the ports): the early drop below now
+                    // rather than probing on through ports the flood holds just as well.
                     break;
                 }
                 continue;
@@ -377,12 +400,14 @@ pub fn create(
             .is_ok()
         {
             chosen = port;
+            snat_ip = ip;
             break;
         }
     }
-    if chosen == 0 && proto == IPPROTO_TCP && oldest >> 16 >= CT_HALF_OPEN_MIN_RECLAIM_NS {
+    if chosen == 0 && proto == IPPROTO_TCP && oldest >> 19 >= CT_HALF_OPEN_MIN_RECLAIM_NS {
         let oldest_port = oldest as u16;
-        let key = flow_key(backend.ip, snat_ip, backend.port, oldest_port, proto);
+        let ip = snat::address((oldest >> 16) as u32);
+        let key = flow_key(backend.ip, ip, backend.port, oldest_port, proto);
         if let Some(old) = XLB_CT_HALF.get_ptr(&key) {
             // SAFETY: as above.
             let old = unsafe { &*old };
@@ -403,6 +428,7 @@ pub fn create(
                 .is_ok()
         {
             chosen = oldest_port;
+            snat_ip = ip;
         }
     }
     if chosen == 0 {

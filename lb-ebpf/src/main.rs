@@ -22,6 +22,7 @@ mod forward;
 mod maps;
 mod nat;
 mod packet;
+mod snat;
 mod steps;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
@@ -291,7 +292,7 @@ fn half_open<const GENERIC: bool>(
 /// destination port lies.
 #[inline(always)]
 fn in_snat_range(port: u16) -> bool {
-    port.wrapping_sub(SNAT_PORT_MIN) < SNAT_PORT_COUNT as u16
+    snat::ports().contains(port)
 }
 
 /// Whether `src` (network order) is a martian source that must not start a flow: 0.0.0.0/8

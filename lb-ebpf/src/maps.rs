@@ -49,6 +49,11 @@ pub static XLB_XMIT: DevMapHash<{ MAX_XMIT_DEVICES as usize }> = DevMapHash::new
 #[btf_map]
 pub static XLB_NEXT_HOPS: HashMap<[u8; 4], NextHop, { MAX_BACKENDS as usize }> = HashMap::new();
 
+/// Extra SNAT addresses by own source address (filled by userspace).
+#[btf_map]
+pub static XLB_SNAT_ADDRS: HashMap<[u8; 4], SnatAddrs, { MAX_SNAT_SOURCES as usize }> =
+    HashMap::new();
+
 /// Global per-CPU counters indexed by `lb_common::STAT_*`.
 #[btf_map]
 pub static XLB_STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::new();
@@ -71,6 +76,11 @@ pub static XLB_FIB_SCRATCH: PerCpuArray<[u64; 8], 1> = PerCpuArray::new();
 /// private to the program (not pinned).
 #[btf_map]
 pub static XLB_CT_SCRATCH: PerCpuArray<CtEntry, 2> = PerCpuArray::new();
+
+/// Per-CPU scratch list of a new flow's SNAT addresses (`snat::prepare`), private to the
+/// program (not pinned).
+#[btf_map]
+pub static XLB_SNAT_SCRATCH: PerCpuArray<[u32; crate::snat::SCRATCH_WORDS], 1> = PerCpuArray::new();
 
 /// Per-CPU scratch slot for the result of a FIB lookup (`forward::route`), private to the
 /// program (not pinned).

@@ -20,7 +20,7 @@
 use std::collections::BTreeMap;
 use std::error::Error as _;
 use std::ffi::OsString;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -28,6 +28,8 @@ use std::time::Duration;
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, ValueEnum};
+
+use lb_common::{SNAT_PORTS_MIN_COUNT, SnatPorts};
 
 use crate::pool::{Pool, PoolError};
 
@@ -281,6 +283,25 @@ pub struct Args {
         value_name = "DIR"
     )]
     pub pin_dir: PathBuf,
+
+    /// Source ports of translated flows (XDP): FIRST-LAST, at least 1024 ports, per SNAT
+    /// address and backend. xlb reserves them from the host's own connections
+    /// (net.ipv4.ip_local_reserved_ports) and refuses a range that leaves the kernel fewer
+    /// than 4096 ephemeral ports (net.ipv4.ip_local_port_range).
+    #[arg(
+        long,
+        env = "XLB_SNAT_PORTS",
+        default_value = "1024-32767",
+        value_name = "FIRST-LAST",
+        value_parser = parse_snat_ports
+    )]
+    pub snat_ports: SnatPorts,
+
+    /// Extra SNAT source addresses of this LB node, comma separated (at most 7 per subnet):
+    /// new XDP flows take their ports across these and the LB's own address toward the
+    /// backends. Each must be a free address on that subnet; xlb adds it to the device.
+    #[arg(long, env = "XLB_SNAT_ADDRESSES", value_name = "IPS")]
+    pub snat_addresses: Option<String>,
 }
 
 /// Where the kubeconfig comes from.
@@ -347,6 +368,10 @@ pub struct Config {
     pub dataplane: DataplaneKind,
     pub metrics_addr: SocketAddr,
     pub pin_dir: PathBuf,
+    /// The SNAT port range of the XDP data plane.
+    pub snat_ports: SnatPorts,
+    /// Extra SNAT addresses of the XDP data plane.
+    pub snat_addresses: Vec<Ipv4Addr>,
 }
 
 impl Default for Config {
@@ -469,6 +494,21 @@ impl Config {
                 reason: "needs --announce lo: on a shared L2 link one node must answer for a VIP whether or not it hosts an endpoint".to_owned(),
             });
         }
+        let mut snat_addresses = Vec::new();
+        for item in args.snat_addresses.iter().flat_map(|list| list.split(',')) {
+            let item = item.trim();
+            if item.is_empty() {
+                continue;
+            }
+            let ip: Ipv4Addr = item.parse().map_err(|_| ConfigError::Invalid {
+                origin: origin("snat_addresses"),
+                value: item.to_owned(),
+                reason: "is not an IPv4 address".to_owned(),
+            })?;
+            if !snat_addresses.contains(&ip) {
+                snat_addresses.push(ip);
+            }
+        }
         let non_empty = |value: Option<String>| value.filter(|value| !value.trim().is_empty());
         Ok(Config {
             kubeconfig: match args.kubeconfig {
@@ -498,7 +538,26 @@ impl Config {
             dataplane: args.dataplane,
             metrics_addr: args.metrics_addr,
             pin_dir: args.pin_dir,
+            snat_ports: args.snat_ports,
+            snat_addresses,
         })
+    }
+}
+
+/// Parses a SNAT port range `FIRST-LAST`.
+fn parse_snat_ports(text: &str) -> Result<SnatPorts, String> {
+    let ports = text.split_once('-').and_then(|(first, last)| {
+        Some((
+            first.trim().parse::<u16>().ok()?,
+            last.trim().parse::<u16>().ok()?,
+        ))
+    });
+    match ports {
+        Some((first, last)) if first >= 1024 => SnatPorts::new(first, last).ok_or_else(|| {
+            format!("must hold at least {SNAT_PORTS_MIN_COUNT} ports, FIRST before LAST")
+        }),
+        Some(_) => Err("must start at 1024 or above (ports below are privileged)".to_owned()),
+        None => Err("is not a port range FIRST-LAST (e.g. 1024-32767)".to_owned()),
     }
 }
 
@@ -1076,6 +1135,8 @@ mod tests {
             "XLB_DATAPLANE",
             "XLB_METRICS_ADDR",
             "XLB_PIN_DIR",
+            "XLB_SNAT_PORTS",
+            "XLB_SNAT_ADDRESSES",
         ] {
             assert!(
                 help.contains(&format!("[env: {env}")),
@@ -1091,12 +1152,71 @@ mod tests {
             "[default: both]",
             "[default: 0.0.0.0:9464]",
             "[default: /sys/fs/bpf/xlb]",
+            "[default: 1024-32767]",
         ] {
             assert!(help.contains(default), "--help lacks {default}:\n{help}");
         }
         assert!(
             help.contains("--link-device"),
             "--help lacks the alias:\n{help}"
+        );
+    }
+
+    #[test]
+    fn snat_ports_parse_from_flag_and_env_and_bad_ranges_are_refused() {
+        assert_eq!(
+            load(&[], &[]).expect("defaults").snat_ports,
+            lb_common::SNAT_PORTS_DEFAULT
+        );
+        let config = load(&["--snat-ports", "10000-22344"], &[]).expect("flag");
+        assert_eq!(
+            config.snat_ports,
+            SnatPorts::new(10000, 22344).expect("range")
+        );
+        let config = load(&[], &[("XLB_SNAT_PORTS", "61000-65535")]).expect("env");
+        assert_eq!(
+            config.snat_ports,
+            SnatPorts::new(61000, 65535).expect("range")
+        );
+        for (bad, why) in [
+            ("5000", "is not a port range"),
+            ("30000-20000", "at least 1024 ports"),
+            ("20000-20100", "at least 1024 ports"),
+            ("80-5000", "1024 or above"),
+            ("1024-70000", "is not a port range"),
+        ] {
+            let message = match load(&["--snat-ports", bad], &[]) {
+                Err(error) => error.to_string(),
+                Ok(config) => panic!("{bad} accepted: {:?}", config.snat_ports),
+            };
+            assert!(message.contains(why), "{bad}: {message}");
+        }
+    }
+
+    #[test]
+    fn snat_addresses_parse_as_a_list() {
+        assert!(load(&[], &[]).expect("defaults").snat_addresses.is_empty());
+        let config = load(
+            &[
+                "--snat-addresses",
+                "203.0.113.50, 203.0.113.51,203.0.113.50",
+            ],
+            &[],
+        )
+        .expect("list");
+        assert_eq!(
+            config.snat_addresses,
+            vec![
+                Ipv4Addr::new(203, 0, 113, 50),
+                Ipv4Addr::new(203, 0, 113, 51)
+            ]
+        );
+        let message = load(&[], &[("XLB_SNAT_ADDRESSES", "203.0.113.50,nope")])
+            .expect_err("not an address")
+            .to_string();
+        assert!(
+            message.contains("nope") && message.contains("XLB_SNAT_ADDRESSES"),
+            "{message}"
         );
     }
 

@@ -322,11 +322,21 @@ fn open_dataplane(config: &Config, device: &str) -> anyhow::Result<Dataplanes> {
             let opened = XdpDataplane::open(XdpConfig {
                 pin_dir: config.pin_dir.clone(),
                 mode: config.xdp_mode,
+                snat_ports: config.snat_ports,
                 ..XdpConfig::new(device)
             });
             match opened {
-                Ok(xdp) => {
-                    tracing::info!(devices = ?xdp.devices(), "XDP data plane attached");
+                Ok(mut xdp) => {
+                    // A SNAT address that cannot be placed is a configuration error: fatal
+                    // in every mode, as a bad flag is (the program is attached by now).
+                    let extra = crate::addr::snat::place(&config.snat_addresses)?;
+                    xdp.set_snat_addresses(&extra)?;
+                    tracing::info!(
+                        devices = ?xdp.devices(),
+                        snat_ports = %format!("{}-{}", config.snat_ports.first, config.snat_ports.last()),
+                        snat_addresses = ?config.snat_addresses,
+                        "XDP data plane attached"
+                    );
                     Some(xdp)
                 }
                 Err(error) if config.dataplane == DataplaneKind::Both => {

@@ -172,6 +172,7 @@ pub fn print(pin_dir: &Path, table: Table, out: &mut impl Write) -> Result<(), I
                         (_, false) => "expired",
                         (CT_STATE_CLOSING, _) => "closing",
                         (CT_STATE_CLOSED, _) => "closed",
+                        (CT_STATE_CLOSED_ACKED, _) => "closed-acked",
                         (CT_STATE_TIME_WAIT, _) => "time-wait",
                         (CT_STATE_HALF_OPEN, _) => "half-open",
                         (CT_STATE_HALF_OPEN_REPLIED, _) => "half-open-replied",

@@ -51,6 +51,15 @@ pub struct Fixture {
 impl Fixture {
     /// Sets up the namespace and loads the data plane with `services`.
     pub fn new(tag: &str, services: &[VirtualService]) -> Fixture {
+        Fixture::with_ports(tag, services, lb_common::SNAT_PORTS_DEFAULT)
+    }
+
+    /// [`Fixture::new`] with the SNAT port range `snat_ports`.
+    pub fn with_ports(
+        tag: &str,
+        services: &[VirtualService],
+        snat_ports: lb_common::SnatPorts,
+    ) -> Fixture {
         let ns = Netns::new(tag);
         ns.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
         for (dev, mac, addr, hosts) in [
@@ -100,6 +109,7 @@ impl Fixture {
             pin_dir: pins.path().to_owned(),
             devices: Vec::new(),
             set_sysctls: false,
+            snat_ports,
             ..XdpConfig::default()
         };
         let mut dp =

@@ -3,6 +3,7 @@
 
 pub mod arp;
 pub mod bpf;
+pub mod capture;
 pub mod cluster;
 pub mod fixture;
 pub mod lb_group;

@@ -90,7 +90,22 @@ impl Loader {
         mode: &str,
         services: &std::path::Path,
     ) -> Loader {
+        Loader::start_with_env(loader, lb, pins, device, mode, services, &[])
+    }
+
+    /// [`Loader::start`] with extra environment variables (`XLB_SNAT_PORTS`,
+    /// `XLB_SNAT_ADDRESSES`: see the `xlb_loader` binary).
+    pub fn start_with_env(
+        loader: &Path,
+        lb: &Netns,
+        pins: &PinDir,
+        device: &str,
+        mode: &str,
+        services: &std::path::Path,
+        env: &[(&str, &str)],
+    ) -> Loader {
         let child = Command::new("nsenter")
+            .envs(env.iter().copied())
             .arg(format!("--net=/var/run/netns/{}", lb.name()))
             .arg(loader)
             .arg(pins.path())

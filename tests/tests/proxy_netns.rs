@@ -12,8 +12,8 @@ use std::ops::Deref;
 use std::time::{Duration, Instant};
 
 use lb_common::{
-    CT_DIR_REVERSE, CT_FWD_MAP, CT_REV_MAP, CtEntry, FlowKey, IPPROTO_TCP, SNAT_PROBES,
-    STAT_CT_MISS_NON_SYN, STAT_NEW_FLOW, STAT_SNAT_EXHAUSTED, flow_hash, snat_port,
+    CT_DIR_REVERSE, CT_FWD_MAP, CT_REV_MAP, CtEntry, FlowKey, IPPROTO_TCP, SNAT_PORTS_DEFAULT,
+    SNAT_PROBES, STAT_CT_MISS_NON_SYN, STAT_NEW_FLOW, STAT_SNAT_EXHAUSTED, flow_hash, snat_port,
 };
 use xlb::config::XdpMode;
 use xlb::dataplane::Dataplane as _;
@@ -457,7 +457,7 @@ fn a_new_flow_xdp_cannot_take_lands_on_the_proxy() {
                 src_ip: backend.octets(),
                 dst_ip: snat.octets(),
                 src_port: BACKEND_PORT,
-                dst_port: snat_port(hash, attempt),
+                dst_port: snat_port(SNAT_PORTS_DEFAULT, hash, attempt),
                 proto: IPPROTO_TCP,
                 _pad: [0; 3],
             };

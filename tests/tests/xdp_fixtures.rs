@@ -73,7 +73,8 @@ fn snat_port_of(out: &[u8]) -> u16 {
     );
     let port = src.port();
     assert!(
-        (SNAT_PORT_MIN as u32..SNAT_PORT_MIN as u32 + SNAT_PORT_COUNT).contains(&(port as u32))
+        SNAT_PORTS_DEFAULT.contains(port),
+        "port {port} is outside the SNAT range"
     );
     port
 }
@@ -144,7 +145,11 @@ fn tcp_flow_syn_next_packet_and_reply_are_translated() {
     let port = snat_port_of(&out);
     assert_eq!(
         port,
-        snat_port(flow_hash(CLIENT, VIP, 40000, 80, IPPROTO_TCP), 0)
+        snat_port(
+            SNAT_PORTS_DEFAULT,
+            flow_hash(CLIENT, VIP, 40000, 80, IPPROTO_TCP),
+            0
+        )
     );
     let to_backend = Some((LB_BACKEND_MAC, host_mac(BACKEND.into())));
     assert_translated(
@@ -455,7 +460,7 @@ fn same_client_port_through_two_vips_to_one_backend_gets_distinct_snat_ports() {
     // Occupy the first-choice port of the second flow with a live reverse entry, as if another
     // flow to the same backend held it.
     let second_hash = flow_hash(CLIENT, VIP2, 45000, 80, IPPROTO_TCP);
-    let taken = snat_port(second_hash, 0);
+    let taken = snat_port(SNAT_PORTS_DEFAULT, second_hash, 0);
     hold_snat_port(&fx, taken, CT_STATE_OPEN, xlb::inspect::monotonic_ns());
 
     let (_, out1) = fx.run(
@@ -469,7 +474,7 @@ fn same_client_port_through_two_vips_to_one_backend_gets_distinct_snat_ports() {
     let (p1, p2) = (snat_port_of(&out1), snat_port_of(&out2));
     assert_ne!(p1, p2);
     assert_ne!(p2, taken, "the occupied port must be skipped");
-    assert_eq!(p2, snat_port(second_hash, 1));
+    assert_eq!(p2, snat_port(SNAT_PORTS_DEFAULT, second_hash, 1));
     // Both replies find their own client.
     let back1 = backend_answer(&fx, p1);
     let back2 = backend_answer(&fx, p2);
@@ -481,7 +486,7 @@ fn same_client_port_through_two_vips_to_one_backend_gets_distinct_snat_ports() {
 fn an_expired_reverse_entry_gives_up_its_snat_port() {
     let fx = fixture("fx-expired");
     let hash = flow_hash(CLIENT, VIP, 45100, 80, IPPROTO_TCP);
-    let first_choice = snat_port(hash, 0);
+    let first_choice = snat_port(SNAT_PORTS_DEFAULT, hash, 0);
     // A flow that closed long ago (the closing timeout is 10 s) still holds the port.
     let long_ago =
         xlb::inspect::monotonic_ns().saturating_sub(CT_TIMEOUT_TCP_CLOSING_NS + 1_000_000_000);
@@ -537,12 +542,37 @@ fn put_flow(
     reverse_map: &str,
     forward_map: &str,
 ) {
+    put_flow_of(
+        fx,
+        (IPPROTO_TCP, 80, 8080),
+        port,
+        state,
+        last_seen_ns,
+        reverse_map,
+        forward_map,
+    );
+}
+
+/// [`put_flow`] for the service `(proto, VIP port, backend port)`.
+fn put_flow_of(
+    fx: &Fixture,
+    (proto, vip_port, backend_port): (u8, u16, u16),
+    port: u16,
+    state: u32,
+    last_seen_ns: u64,
+    reverse_map: &str,
+    forward_map: &str,
+) {
     let other = [192, 0, 2, 9];
-    let key = reverse_key(port);
+    let key = FlowKey {
+        proto,
+        src_port: backend_port,
+        ..reverse_key(port)
+    };
     let reverse = CtEntry {
         nat_src_ip: VIP,
         nat_dst_ip: other,
-        nat_src_port: 80,
+        nat_src_port: vip_port,
         nat_dst_port: 50000,
         state,
         last_seen_ns,
@@ -553,7 +583,7 @@ fn put_flow(
         nat_src_ip: LB_BACKEND_IP.octets(),
         nat_dst_ip: BACKEND,
         nat_src_port: port,
-        nat_dst_port: 8080,
+        nat_dst_port: backend_port,
         state,
         last_seen_ns,
         dir: CT_DIR_FORWARD,
@@ -563,7 +593,7 @@ fn put_flow(
         .insert(key, reverse, 0)
         .expect("insert reverse entry");
     fx.ct_map(forward_map)
-        .insert(reverse.peer_key(IPPROTO_TCP), forward, 0)
+        .insert(reverse.peer_key(proto), forward, 0)
         .expect("insert forward entry");
 }
 
@@ -636,14 +666,19 @@ fn a_time_wait_entry_keeps_its_snat_port_past_the_closing_timeout() {
     let hash = flow_hash(CLIENT, VIP, 45200, 80, IPPROTO_TCP);
     let past_closing =
         xlb::inspect::monotonic_ns().saturating_sub(CT_TIMEOUT_TCP_CLOSING_NS + 1_000_000_000);
-    hold_snat_port(&fx, snat_port(hash, 0), CT_STATE_TIME_WAIT, past_closing);
+    hold_snat_port(
+        &fx,
+        snat_port(SNAT_PORTS_DEFAULT, hash, 0),
+        CT_STATE_TIME_WAIT,
+        past_closing,
+    );
     let (_, out) = fx.run(
         PROGRAM_GENERIC,
         &pkt::tcp(sa(CLIENT, 45200), sa(VIP, 80), SYN, &[]),
     );
     assert_eq!(
         snat_port_of(&out),
-        snat_port(hash, 1),
+        snat_port(SNAT_PORTS_DEFAULT, hash, 1),
         "the held port is skipped"
     );
 }
@@ -910,7 +945,7 @@ fn half_open_flows_time_out_and_stale_ones_give_up_their_port() {
     ];
     for (client_port, idle, state, taken, counter) in cases {
         let hash = flow_hash(CLIENT, VIP, client_port, 80, IPPROTO_TCP);
-        let first = snat_port(hash, 0);
+        let first = snat_port(SNAT_PORTS_DEFAULT, hash, 0);
         hold_half_open(&fx, first, state, now.saturating_sub(idle));
         let before = fx.stat(counter);
         let (_, out) = fx.run(
@@ -930,7 +965,7 @@ fn half_open_flows_time_out_and_stale_ones_give_up_their_port() {
         } else {
             assert_eq!(
                 port,
-                snat_port(hash, 1),
+                snat_port(SNAT_PORTS_DEFAULT, hash, 1),
                 "a fresh half-open flow keeps its port"
             );
             assert_eq!(fx.stat(counter), before);
@@ -999,7 +1034,7 @@ fn an_entry_without_its_peer_is_deleted_never_used() {
     let now = xlb::inspect::monotonic_ns();
     // A live reverse entry without forward entry holds the first-choice port of a new flow.
     let hash = flow_hash(CLIENT, VIP, 41600, 80, IPPROTO_TCP);
-    let first = snat_port(hash, 0);
+    let first = snat_port(SNAT_PORTS_DEFAULT, hash, 0);
     hold_snat_port(&fx, first, CT_STATE_OPEN, now);
     fx.ct_map(CT_FWD_MAP)
         .remove(&reverse_entry_peer(first))
@@ -1203,7 +1238,12 @@ fn under_pressure_the_longest_idle_half_open_flow_gives_up_its_port() {
     let hash = flow_hash(CLIENT, VIP, 41700, 80, IPPROTO_TCP);
     // All 16 candidates held by fresh half-open flows (each from its own client port).
     for attempt in 0..SNAT_PROBES {
-        hold_half_open_from(&fx, snat_port(hash, attempt), 50000 + attempt as u16, now);
+        hold_half_open_from(
+            &fx,
+            snat_port(SNAT_PORTS_DEFAULT, hash, attempt),
+            50000 + attempt as u16,
+            now,
+        );
     }
     let syn = pkt::tcp(sa(CLIENT, 41700), sa(VIP, 80), SYN, &[]);
     let (verdict, out) = fx.run(PROGRAM_GENERIC, &syn);
@@ -1215,7 +1255,7 @@ fn under_pressure_the_longest_idle_half_open_flow_gives_up_its_port() {
     assert_eq!(fx.stat(STAT_SNAT_EXHAUSTED), 1);
     // One of them, 300 ms idle (less than the 1 s after which any prober takes it), is the
     // longest idle: it gives way.
-    let victim = snat_port(hash, 7);
+    let victim = snat_port(SNAT_PORTS_DEFAULT, hash, 7);
     hold_half_open_from(&fx, victim, 50007, now.saturating_sub(300_000_000));
     let (verdict, out) = fx.run(PROGRAM_GENERIC, &syn);
     assert_eq!(verdict, XDP_REDIRECT);
@@ -1300,25 +1340,35 @@ fn a_flow_both_sides_closed_client_first_frees_its_port_after_2_s() {
     let now = xlb::inspect::monotonic_ns();
     let past_closed = now.saturating_sub(CT_TIMEOUT_TCP_CLOSED_NS + 500_000_000);
     let hash = flow_hash(CLIENT, VIP, 41801, 80, IPPROTO_TCP);
-    hold_snat_port(&fx, snat_port(hash, 0), CT_STATE_CLOSED, past_closed);
+    hold_snat_port(
+        &fx,
+        snat_port(SNAT_PORTS_DEFAULT, hash, 0),
+        CT_STATE_CLOSED,
+        past_closed,
+    );
     let (_, out) = fx.run(
         PROGRAM_GENERIC,
         &pkt::tcp(sa(CLIENT, 41801), sa(VIP, 80), SYN, &[]),
     );
     assert_eq!(
         snat_port_of(&out),
-        snat_port(hash, 0),
+        snat_port(SNAT_PORTS_DEFAULT, hash, 0),
         "the closed flow's port is reused"
     );
     let hash = flow_hash(CLIENT, VIP, 41802, 80, IPPROTO_TCP);
-    hold_snat_port(&fx, snat_port(hash, 0), CT_STATE_TIME_WAIT, past_closed);
+    hold_snat_port(
+        &fx,
+        snat_port(SNAT_PORTS_DEFAULT, hash, 0),
+        CT_STATE_TIME_WAIT,
+        past_closed,
+    );
     let (_, out) = fx.run(
         PROGRAM_GENERIC,
         &pkt::tcp(sa(CLIENT, 41802), sa(VIP, 80), SYN, &[]),
     );
     assert_eq!(
         snat_port_of(&out),
-        snat_port(hash, 1),
+        snat_port(SNAT_PORTS_DEFAULT, hash, 1),
         "a TIME_WAIT port is kept"
     );
     // Backend first, then the client: TIME_WAIT stays.
@@ -1341,4 +1391,203 @@ fn a_flow_both_sides_closed_client_first_frees_its_port_after_2_s() {
         .get(&forward_key(41803), 0)
         .expect("forward");
     assert_eq!(fwd.state, CT_STATE_TIME_WAIT);
+}
+
+/// The SNAT port a new flow from `CLIENT:client_port` to `VIP:vip_port/proto` gets when its
+/// first candidate is held by a flow in `state` idle for `idle_ns` (in `reverse_map` and
+/// `forward_map`): `true` when it took that port, `false` when it probed on.
+fn takes_held_port(
+    fx: &Fixture,
+    service: (u8, u16, u16),
+    client_port: u16,
+    state: u32,
+    idle_ns: u64,
+    maps: (&str, &str),
+) -> bool {
+    let (proto, vip_port, _) = service;
+    let hash = flow_hash(CLIENT, VIP, client_port, vip_port, proto);
+    let first = snat_port(SNAT_PORTS_DEFAULT, hash, 0);
+    let last_seen = xlb::inspect::monotonic_ns().saturating_sub(idle_ns);
+    put_flow_of(fx, service, first, state, last_seen, maps.0, maps.1);
+    let frame = match proto {
+        IPPROTO_TCP => pkt::tcp(sa(CLIENT, client_port), sa(VIP, vip_port), SYN, &[]),
+        _ => pkt::udp(sa(CLIENT, client_port), sa(VIP, vip_port), b"q"),
+    };
+    let (verdict, out) = fx.run(PROGRAM_GENERIC, &frame);
+    assert_eq!(verdict, XDP_REDIRECT, "new flow from {client_port}");
+    let port = snat_port_of(&out);
+    assert!(
+        port == first || port == snat_port(SNAT_PORTS_DEFAULT, hash, 1),
+        "port {port}: neither the first nor the second candidate"
+    );
+    port == first
+}
+
+const SECOND: u64 = 1_000_000_000;
+const TCP_SERVICE: (u8, u16, u16) = (IPPROTO_TCP, 80, 8080);
+const UDP_SERVICE: (u8, u16, u16) = (IPPROTO_UDP, 53, 5353);
+const OPEN_MAPS: (&str, &str) = (CT_REV_MAP, CT_FWD_MAP);
+const HALF_MAPS: (&str, &str) = (CT_HALF_MAP, CT_HALF_MAP);
+
+/// A flow the backend closed first holds its port as long as the backend's TIME_WAIT (60 s,
+/// Linux's TCP_TIMEWAIT_LEN) and no longer.
+#[test]
+fn a_time_wait_flow_holds_its_port_60_s_and_no_longer() {
+    let fx = fixture("fx-tw60");
+    assert!(
+        !takes_held_port(
+            &fx,
+            TCP_SERVICE,
+            42000,
+            CT_STATE_TIME_WAIT,
+            59 * SECOND,
+            OPEN_MAPS
+        ),
+        "held at 59 s"
+    );
+    assert!(
+        takes_held_port(
+            &fx,
+            TCP_SERVICE,
+            42001,
+            CT_STATE_TIME_WAIT,
+            61 * SECOND,
+            OPEN_MAPS
+        ),
+        "free at 61 s"
+    );
+    assert_eq!(fx.stat(STAT_CT_EXPIRED), 1);
+}
+
+/// A UDP flow whose traffic went both ways at most once (a query and its answer) lives 30 s.
+#[test]
+fn a_udp_exchange_holds_its_port_30_s() {
+    let fx = fixture("fx-udp30");
+    for (client_port, state, idle, taken) in [
+        (5100, CT_STATE_HALF_OPEN, 29, false),
+        (5101, CT_STATE_HALF_OPEN, 31, true),
+        (5102, CT_STATE_HALF_OPEN_REPLIED, 29, false),
+        (5103, CT_STATE_HALF_OPEN_REPLIED, 31, true),
+    ] {
+        assert_eq!(
+            takes_held_port(
+                &fx,
+                UDP_SERVICE,
+                client_port,
+                state,
+                idle * SECOND,
+                HALF_MAPS
+            ),
+            taken,
+            "state {state} idle {idle} s"
+        );
+    }
+    assert_eq!(fx.stat(STAT_HALF_OPEN_TIMEOUT), 2);
+}
+
+/// A UDP flow whose traffic went both ways more than once (open: the client sent again after
+/// a reply) is a stream and lives 120 s (Linux's udp_timeout_stream).
+#[test]
+fn a_udp_stream_holds_its_port_120_s() {
+    let fx = fixture("fx-udp120");
+    assert!(
+        !takes_held_port(
+            &fx,
+            UDP_SERVICE,
+            5200,
+            CT_STATE_OPEN,
+            119 * SECOND,
+            OPEN_MAPS
+        ),
+        "held at 119 s"
+    );
+    assert!(
+        takes_held_port(
+            &fx,
+            UDP_SERVICE,
+            5201,
+            CT_STATE_OPEN,
+            121 * SECOND,
+            OPEN_MAPS
+        ),
+        "free at 121 s"
+    );
+}
+
+/// Both sides closed, client first, and the client's last ACK went through: the port serves
+/// the next new flow at once, while a flow still waiting for that ACK keeps it.
+#[test]
+fn a_closed_flow_gives_its_port_up_once_the_last_ack_went_by() {
+    let fx = fixture("fx-lastack");
+    let port = open_flow(&fx, 41900);
+    fx.run(
+        PROGRAM_GENERIC,
+        &pkt::tcp(sa(CLIENT, 41900), sa(VIP, 80), FIN | ACK, &[]),
+    );
+    fx.run(
+        PROGRAM_GENERIC,
+        &pkt::tcp(
+            sa(BACKEND, 8080),
+            sa(LB_BACKEND_IP.octets(), port),
+            FIN | ACK,
+            &[],
+        ),
+    );
+    let states = |fx: &Fixture| {
+        let fwd = fx.ct_map(CT_FWD_MAP).get(&forward_key(41900), 0);
+        let rev = fx.ct_map(CT_REV_MAP).get(&reverse_key(port), 0);
+        (fwd.map(|e| e.state).ok(), rev.map(|e| e.state).ok())
+    };
+    // The client retransmitting its FIN is not its last ACK.
+    fx.run(
+        PROGRAM_GENERIC,
+        &pkt::tcp(sa(CLIENT, 41900), sa(VIP, 80), FIN | ACK, &[]),
+    );
+    assert_eq!(states(&fx), (Some(CT_STATE_CLOSED), Some(CT_STATE_CLOSED)));
+    let (verdict, out) = fx.run(
+        PROGRAM_GENERIC,
+        &pkt::tcp(sa(CLIENT, 41900), sa(VIP, 80), ACK, &[]),
+    );
+    assert_eq!(verdict, XDP_REDIRECT, "the last ACK is translated");
+    assert_eq!(
+        pkt::endpoints(&out),
+        (sa(LB_BACKEND_IP.octets(), port), sa(BACKEND, 8080))
+    );
+    assert_eq!(
+        states(&fx),
+        (Some(CT_STATE_CLOSED_ACKED), Some(CT_STATE_CLOSED_ACKED))
+    );
+    // A retransmitted FIN of the backend still reaches the client until the port is reused.
+    let (verdict, out) = fx.run(
+        PROGRAM_GENERIC,
+        &pkt::tcp(
+            sa(BACKEND, 8080),
+            sa(LB_BACKEND_IP.octets(), port),
+            FIN | ACK,
+            &[],
+        ),
+    );
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_eq!(pkt::endpoints(&out), (sa(VIP, 80), sa(CLIENT, 41900)));
+    // Fresh flows in each closing state: only the acknowledged one gives its port up.
+    assert!(takes_held_port(
+        &fx,
+        TCP_SERVICE,
+        41901,
+        CT_STATE_CLOSED_ACKED,
+        0,
+        OPEN_MAPS
+    ));
+    assert_eq!(fx.stat(STAT_CLOSED_REUSED), 1);
+    for (client_port, state) in [
+        (41902, CT_STATE_CLOSED),
+        (41903, CT_STATE_CLOSING),
+        (41904, CT_STATE_TIME_WAIT),
+    ] {
+        assert!(
+            !takes_held_port(&fx, TCP_SERVICE, client_port, state, 0, OPEN_MAPS),
+            "state {state} keeps its port"
+        );
+    }
+    assert_eq!(fx.stat(STAT_CLOSED_REUSED), 1);
 }

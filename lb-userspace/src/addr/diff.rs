@@ -15,6 +15,9 @@ pub struct DeviceAddr {
     pub ifindex: u32,
     /// Whether it carries xlb's mark ([`super::XLB_ADDR_PROTO`]).
     pub xlb: bool,
+    /// Whether it carries the mark of xlb's extra SNAT addresses
+    /// ([`super::XLB_SNAT_ADDR_PROTO`]); the VIP code takes those for host addresses.
+    pub snat: bool,
 }
 
 /// The difference between the wanted VIPs and the addresses present.
@@ -65,6 +68,7 @@ mod tests {
             prefix_len,
             ifindex,
             xlb,
+            snat: false,
         }
     }
 

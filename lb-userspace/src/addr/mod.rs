@@ -41,6 +41,7 @@ mod garp;
 mod netlink;
 pub mod probe;
 pub mod route;
+pub mod snat;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -55,6 +56,9 @@ use netlink::{Link, LinkRef};
 /// `IFA_PROTO` value that marks an address as xlb's (`0x78` is ASCII `x`). The kernel reserves
 /// 0–3 for itself (unspec, loopback, router advertisement, link-local).
 pub const XLB_ADDR_PROTO: u8 = 0x78;
+/// `IFA_PROTO` value that marks xlb's extra SNAT addresses (`0x79`, `y`): apart from the VIPs,
+/// so the VIP code leaves them alone and takes them for host addresses (never allocated).
+pub const XLB_SNAT_ADDR_PROTO: u8 = 0x79;
 
 /// The VIPs the controller wants, each with the Services (`namespace/name`) that use it: the
 /// size of the set is the VIP's reference count. A VIP with an empty set is not wanted.
@@ -135,6 +139,14 @@ pub enum AddrError {
         device: String,
         /// Why not, and what to do.
         reason: VipRefusal,
+    },
+    /// An extra SNAT address cannot be placed.
+    #[error("--snat-addresses {ip}: {reason}")]
+    SnatAddress {
+        /// The address asked for.
+        ip: Ipv4Addr,
+        /// Why not, and what to do.
+        reason: String,
     },
     /// Gratuitous ARP could not be sent. The VIPs are in place and neighbours learn them when
     /// they ask; the next sync tries again.

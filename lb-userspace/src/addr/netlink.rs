@@ -105,6 +105,18 @@ pub(super) async fn add(
     vip: Ipv4Addr,
     prefix_len: u8,
 ) -> Result<(), AddrError> {
+    add_marked(handle, target, vip, prefix_len, XLB_ADDR_PROTO).await
+}
+
+/// Adds `vip` to `target` with the mark `proto` ([`XLB_ADDR_PROTO`] or
+/// [`super::XLB_SNAT_ADDR_PROTO`]). "Already there" is success.
+pub(super) async fn add_marked(
+    handle: &Handle,
+    target: &Link,
+    vip: Ipv4Addr,
+    prefix_len: u8,
+    proto: u8,
+) -> Result<(), AddrError> {
     let mut request = handle
         .address()
         .add(target.index, IpAddr::V4(vip), prefix_len);
@@ -118,11 +130,9 @@ pub(super) async fn add(
         .push(AddressAttribute::Flags(AddressFlags::Noprefixroute));
     message
         .attributes
-        .push(AddressAttribute::Protocol(AddressProtocol::from(
-            XLB_ADDR_PROTO,
-        )));
+        .push(AddressAttribute::Protocol(AddressProtocol::from(proto)));
     let label = format!("{}{LABEL_SUFFIX}", target.name);
-    if label.len() <= MAX_LABEL_LEN {
+    if label.len() <= MAX_LABEL_LEN && proto == XLB_ADDR_PROTO {
         message.attributes.push(AddressAttribute::Label(label));
     }
     match request.execute().await {
@@ -190,14 +200,16 @@ fn device_addr(message: &AddressMessage) -> Option<DeviceAddr> {
             _ => None,
         })
     })?;
-    let xlb = message.attributes.iter().any(|attr| {
-        matches!(attr, AddressAttribute::Protocol(proto) if u8::from(*proto) == XLB_ADDR_PROTO)
+    let proto = message.attributes.iter().find_map(|attr| match attr {
+        AddressAttribute::Protocol(proto) => Some(u8::from(*proto)),
+        _ => None,
     });
     Some(DeviceAddr {
         ip,
         prefix_len: message.header.prefix_len,
         ifindex: message.header.index,
-        xlb,
+        xlb: proto == Some(XLB_ADDR_PROTO),
+        snat: proto == Some(super::XLB_SNAT_ADDR_PROTO),
     })
 }
 

@@ -9,10 +9,12 @@
 pub mod devices;
 pub mod next_hops;
 pub mod pins;
+pub mod ports;
 pub mod proxy;
 pub mod sync;
 pub mod xdp;
 
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use crate::model::VirtualService;
@@ -178,6 +180,28 @@ pub enum DataplaneError {
         #[source]
         source: std::io::Error,
     },
+    /// The SNAT port range would leave the host too few ephemeral ports.
+    #[error(
+        "--snat-ports {first}-{last} leaves the kernel {left} ephemeral ports of net.ipv4.ip_local_port_range {low}-{high} (ports already reserved: {reserved}); it needs at least {needed} for the host's own connections (the proxy fallback's among them): choose a SNAT range outside {low}-{high}, or move ip_local_port_range"
+    )]
+    SnatPortsOverlap {
+        first: u16,
+        last: u16,
+        low: u16,
+        high: u16,
+        reserved: String,
+        left: u32,
+        needed: u32,
+    },
+    /// More extra SNAT addresses for one source address than the program takes.
+    #[error(
+        "{count} extra SNAT addresses go with {source_ip}, at most {} can: list fewer in --snat-addresses",
+        lb_common::MAX_SNAT_EXTRA
+    )]
+    TooManySnatAddresses { source_ip: Ipv4Addr, count: usize },
+    /// A port sysctl holds something xlb cannot read.
+    #[error("cannot parse {path} ({text:?}); fix it by hand, then restart xlb")]
+    BadPortSysctl { path: String, text: String },
 }
 
 /// What to do about a frontend the proxy cannot listen on.

@@ -154,15 +154,24 @@ pub fn check_pinned_layout(dir: &Path, name: &'static str) -> Result<(), Datapla
     }
     let info = MapInfo::from_pin(&path).map_err(|source| DataplaneError::Map { name, source })?;
     // The global counters hold no state worth keeping: an array of another version's length
-    // (new counters added) is replaced, and the counters start again from zero.
-    if name == STATS_MAP && info.max_entries() != STAT_COUNT {
+    // (new counters added) is replaced, and the counters start again from zero. The same for
+    // a half-open table of another size: it holds only handshakes in progress (a client whose
+    // ACK then finds no flow is answered by the kernel and connects again).
+    let wanted_entries = match name {
+        STATS_MAP => Some(STAT_COUNT),
+        CT_HALF_MAP => Some(MAX_HALF_OPEN_ENTRIES),
+        _ => None,
+    };
+    if let Some(wanted) = wanted_entries
+        && info.max_entries() != wanted
+    {
         std::fs::remove_file(&path).map_err(|source| DataplaneError::Pin {
             path: path.clone(),
             source,
         })?;
         tracing::info!(
-            path = %path.display(), was = info.max_entries(), now = STAT_COUNT,
-            "replaced the pinned counters of another xlb version; they start from zero"
+            path = %path.display(), was = info.max_entries(), now = wanted,
+            "replaced a pinned map of another xlb version's size; it starts empty"
         );
         return Ok(());
     }

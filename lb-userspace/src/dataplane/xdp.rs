@@ -12,7 +12,8 @@
 //! - `net.ipv4.conf.<dev>.accept_local=1` on every device it attaches to: such packets carry one
 //!   of the LB's own addresses as source (the SNAT address, or the VIP on replies);
 //! - `net.ipv4.conf.<dev>.rp_filter=2` (loose) on those devices: the SNAT address may belong
-//!   to another device than the one the packet came in on.
+//!   to another device than the one the packet came in on;
+//! - the SNAT port range added to `net.ipv4.ip_local_reserved_ports` ([`super::ports`]).
 //!
 //! # Devices
 //! xlb attaches to [`XdpConfig::devices`] (the link device) and, with
@@ -91,6 +92,8 @@ pub struct XdpConfig {
     pub mode: XdpMode,
     /// Set the sysctls listed in the module docs.
     pub set_sysctls: bool,
+    /// SNAT port range (`--snat-ports`), a load-time constant of the program.
+    pub snat_ports: SnatPorts,
 }
 
 impl Default for XdpConfig {
@@ -101,6 +104,7 @@ impl Default for XdpConfig {
             follow_backend_routes: true,
             mode: XdpMode::Auto,
             set_sysctls: true,
+            snat_ports: SNAT_PORTS_DEFAULT,
         }
     }
 }
@@ -136,6 +140,7 @@ pub struct XdpDataplane {
     stats: PerCpuArray<MapData, u64>,
     svc_stats: PerCpuArray<MapData, ServiceStats>,
     dev_macs: Array<MapData, DeviceMac>,
+    snat_addrs: HashMap<MapData, [u8; 4], SnatAddrs>,
     installed: sync::InstalledSet,
     attached: BTreeMap<String, Attachment>,
     /// Routes toward the installed backends, as last looked up.
@@ -161,6 +166,7 @@ impl XdpDataplane {
             pins::check_pinned_layout(&dir, name)?;
         }
         let mut loader = EbpfLoader::new();
+        loader.override_global(SNAT_PORTS_GLOBAL, &config.snat_ports, true);
         for name in ALL_MAPS {
             loader.map_pin_path(name, dir.join(name));
         }
@@ -188,6 +194,8 @@ impl XdpDataplane {
             .map_err(map_err(SVC_STATS_MAP))?;
         let dev_macs =
             Array::try_from(take_map(&mut ebpf, DEV_MACS_MAP)?).map_err(map_err(DEV_MACS_MAP))?;
+        let snat_addrs = HashMap::try_from(take_map(&mut ebpf, SNAT_ADDRS_MAP)?)
+            .map_err(map_err(SNAT_ADDRS_MAP))?;
         let mut dataplane = XdpDataplane {
             config,
             ebpf,
@@ -198,6 +206,7 @@ impl XdpDataplane {
             stats,
             svc_stats,
             dev_macs,
+            snat_addrs,
             installed: sync::InstalledSet::new(),
             attached: BTreeMap::new(),
             backend_routes: BTreeMap::new(),
@@ -215,6 +224,7 @@ impl XdpDataplane {
         dataplane.installed = dataplane.read_installed()?;
         if dataplane.config.set_sysctls && !dataplane.config.devices.is_empty() {
             devices::set_sysctl("ip_forward", "1")?;
+            super::ports::reserve(dataplane.config.snat_ports)?;
         }
         dataplane.adopt_links()?;
         let wanted = dataplane.config.devices.clone();
@@ -348,6 +358,44 @@ impl XdpDataplane {
         self.dev_macs
             .set(ifindex & (MAX_DEVICE_MACS - 1), value, 0)
             .map_err(map_err(DEV_MACS_MAP))
+    }
+
+    /// Makes `XLB_SNAT_ADDRS` hold exactly `extra`: for each own source address (the one a
+    /// route toward backends gives), the extra SNAT addresses new flows may also take (at
+    /// most [`MAX_SNAT_EXTRA`] each; more is an error). The addresses must be on the host
+    /// (see `crate::addr::snat`) so that backends' replies reach it.
+    pub fn set_snat_addresses(
+        &mut self,
+        extra: &BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>,
+    ) -> Result<(), DataplaneError> {
+        for (src, addrs) in extra {
+            if addrs.len() > MAX_SNAT_EXTRA {
+                return Err(DataplaneError::TooManySnatAddresses {
+                    source_ip: *src,
+                    count: addrs.len(),
+                });
+            }
+            let mut value = SnatAddrs {
+                count: addrs.len() as u32,
+                ..SnatAddrs::default()
+            };
+            for (slot, addr) in value.addrs.iter_mut().zip(addrs) {
+                *slot = addr.octets();
+            }
+            self.snat_addrs
+                .insert(src.octets(), value, 0)
+                .map_err(map_err(SNAT_ADDRS_MAP))?;
+        }
+        let stale: Vec<[u8; 4]> = self
+            .snat_addrs
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|src| !extra.contains_key(&Ipv4Addr::from(*src)))
+            .collect();
+        for src in stale {
+            ignore_missing(self.snat_addrs.remove(&src), SNAT_ADDRS_MAP)?;
+        }
+        Ok(())
     }
 
     /// Reads `device`'s MAC and records it (see [`Self::set_device_mac`]).

@@ -31,10 +31,10 @@
 //! prints the share of legitimate SYNs that took the XDP path and the cost of a flood SYN
 //! beside a legitimate one.
 //!
-//! `bench_xdp capacity` instead drives whole flows (TCP closed by the client first; UDP query
-//! and answer) at paced rates toward one backend for three hold times and prints the share
-//! refused (issue 14, item 4); it takes about 4 minutes, so `cargo xtask bench` does not run
-//! it.
+//! `bench_xdp capacity` instead drives whole flows (TCP closed by the client first, TCP closed
+//! by the backend first, UDP query and answer) at issue 14's target rates toward one backend
+//! for three hold times each and prints the share refused (item 4); it takes about 5 minutes,
+//! so `cargo xtask bench` does not run it. See [`capacity_main`] for its arguments.
 
 use std::net::Ipv4Addr;
 
@@ -46,7 +46,7 @@ use lb_common::steps::{
 use lb_common::{
     ALL_MAPS, CT_FWD_MAP, CT_HALF_MAP, CT_HALF_OPEN_MIN_RECLAIM_NS, CT_REV_MAP, CT_STATE_OPEN,
     CtEntry, FlowKey, IPPROTO_TCP, MAX_HALF_OPEN_ENTRIES, NEXT_HOPS_MAP, NextHop, PROGRAM_FLOOR,
-    PROGRAM_GENERIC, PROGRAM_NOOP, SNAT_PORT_COUNT, STAT_CT_HIT, STAT_CT_REPLY, STAT_EARLY_DROP,
+    PROGRAM_GENERIC, PROGRAM_NOOP, SNAT_PORTS_DEFAULT, STAT_CT_HIT, STAT_CT_REPLY, STAT_EARLY_DROP,
     STAT_NAMES, STAT_NEW_FLOW, STAT_NOT_IPV4, STAT_NOT_OURS, STAT_SNAT_EXHAUSTED,
 };
 use xlb::dataplane::xdp::BPF_OBJECT;
@@ -100,6 +100,8 @@ const ROUNDS: usize = 9;
 /// Rounds of a new-flow measurement from an empty half-open table: one takes about 2 ms, so
 /// a stray interrupt weighs more, and more rounds keep the minimum steady.
 const NEW_FLOW_ROUNDS: usize = 31;
+/// Rounds of a new-flow measurement into full tables: each first floods them (seconds).
+const FULL_TABLE_ROUNDS: usize = 5;
 /// Repeats of one new-flow measurement: each repeat opens a flow, so the half-open table is
 /// emptied between measurements (the SNAT ports toward the one backend would run out).
 const NEW_FLOW_REPEAT: u32 = 2000;
@@ -278,7 +280,8 @@ fn row(fx: &Fixture, path: &Path, floor_frame: &[u8]) {
     let (mut noop_ns, mut floor_ns, mut xlb_ns) = (Vec::new(), Vec::new(), Vec::new());
     let rounds = match path.new_flows {
         Some(Start::Empty) => NEW_FLOW_ROUNDS,
-        _ => ROUNDS,
+        Some(Start::Full) => FULL_TABLE_ROUNDS,
+        None => ROUNDS,
     };
     for round in 0..rounds {
         let frame = match path.new_flows {
@@ -407,22 +410,16 @@ fn fill_tables(fx: &Fixture) {
         })
     };
     flood(FLOOD_VIP, 2 * MAX_HALF_OPEN_ENTRIES as u64, 0);
-    flood(SELF_VIP, SNAT_PORT_COUNT as u64 * 2, 0x80);
+    flood(SELF_VIP, SNAT_PORTS_DEFAULT.count as u64 * 2, 0x80);
     std::thread::sleep(std::time::Duration::from_nanos(
         2 * CT_HALF_OPEN_MIN_RECLAIM_NS,
     ));
 }
 
 fn main() {
-    if std::env::args().nth(1).as_deref() == Some("capacity") {
-        // Issue 14, item 4, at rates around the computed capacity (each run lasts 3 hold
-        // times: 30 s for TCP, 90 s for UDP; a TCP flow closed client first holds its port 2 s).
-        for rate in [1_500, 3_000, 6_000] {
-            capacity(Kind::TcpClientCloses, rate, 30);
-        }
-        for rate in [500, 1_000] {
-            capacity(Kind::UdpExchange, rate, 90);
-        }
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("capacity") {
+        capacity_main(&args[2..]);
         return;
     }
     let repeat: u32 = std::env::args()
@@ -500,7 +497,7 @@ fn main() {
 
     print_machine();
     println!(
-        "\nBPF_PROG_TEST_RUN, kernel-measured mean ns/packet, min/median of {ROUNDS} interleaved rounds ({NEW_FLOW_ROUNDS} for new flows into an empty table), ratios of minima: xlb_skb beside the floor program (one conntrack lookup, DNAT rewrite, XDP_TX, on the established frame) and the no-op (same frame)"
+        "\nBPF_PROG_TEST_RUN, kernel-measured mean ns/packet, min/median of {ROUNDS} interleaved rounds ({NEW_FLOW_ROUNDS} for new flows into an empty table, {FULL_TABLE_ROUNDS} into full tables), ratios of minima: xlb_skb beside the floor program (one conntrack lookup, DNAT rewrite, XDP_TX, on the established frame) and the no-op (same frame)"
     );
     println!(
         "{:<24} {:>10} {:>9} {:>9} {:>9} {:>8}",
@@ -577,7 +574,7 @@ fn main() {
     );
     println!(
         "  (each round after {} flood SYNs; early drops in all rounds: {})",
-        2 * MAX_HALF_OPEN_ENTRIES + 2 * SNAT_PORT_COUNT,
+        2 * MAX_HALF_OPEN_ENTRIES + 2 * SNAT_PORTS_DEFAULT.count,
         fx.stat(STAT_EARLY_DROP) - early_drops
     );
     drop(fx);
@@ -677,25 +674,79 @@ fn flood_share(flood_rate: u64, legit_rate: u64, secs: u64) {
 }
 
 /// What one flow of the capacity bench does.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
     /// SYN, SYN-ACK, ACK, the client's FIN, the backend's FIN, the client's last ACK.
     TcpClientCloses,
-    /// A query and its answer (a DNS exchange).
+    /// SYN, SYN-ACK, ACK, the backend's FIN, the client's FIN, the backend's last ACK: the
+    /// backend keeps TIME_WAIT, so the flow holds its port 60 s.
+    TcpBackendCloses,
+    /// A query and its answer (a DNS exchange): half-open, held 30 s.
     UdpExchange,
 }
 
+impl Kind {
+    /// Issue 14's target rate (new flows per second per backend per LB node) and how long a
+    /// flow holds its port, in seconds (a TCP flow closed client first holds it until its
+    /// last ACK; 10 s, the closing timeout, stands for a lost one).
+    fn target(self) -> (u64, u64) {
+        match self {
+            Kind::TcpClientCloses => (16_000, 10),
+            Kind::TcpBackendCloses => (1_400, 60),
+            Kind::UdpExchange => (2_700, 30),
+        }
+    }
+}
+
+/// `bench_xdp capacity [tcp-client|tcp-backend|udp [RATE [SECS [EXTRA_ADDRS [FIRST-LAST]]]]]`:
+/// one kind (default: each in turn) at its issue-14 target rate for three hold times, with
+/// `EXTRA_ADDRS` extra SNAT addresses (default 3) and the SNAT port range (default
+/// 1024-32767).
+fn capacity_main(args: &[String]) {
+    let kinds = match args.first().map(String::as_str) {
+        None => vec![
+            Kind::TcpClientCloses,
+            Kind::UdpExchange,
+            Kind::TcpBackendCloses,
+        ],
+        Some("tcp-client") => vec![Kind::TcpClientCloses],
+        Some("tcp-backend") => vec![Kind::TcpBackendCloses],
+        Some("udp") => vec![Kind::UdpExchange],
+        Some(other) => panic!("unknown kind {other:?}: tcp-client, tcp-backend or udp"),
+    };
+    let number = |i: usize| args.get(i).map(|a| a.parse::<u64>().expect("a number"));
+    let extra = number(3).unwrap_or(3) as usize;
+    let ports = match args.get(4) {
+        Some(range) => {
+            let (first, last) = range.split_once('-').expect("FIRST-LAST");
+            lb_common::SnatPorts::new(
+                first.parse().expect("first port"),
+                last.parse().expect("last port"),
+            )
+            .expect("a SNAT range of at least 1024 ports")
+        }
+        None => lb_common::SNAT_PORTS_DEFAULT,
+    };
+    for kind in kinds {
+        let (rate, hold) = kind.target();
+        let rate = number(1).unwrap_or(rate);
+        let secs = number(2).unwrap_or(3 * hold);
+        capacity(kind, rate, secs, extra, ports);
+    }
+}
+
 /// Issue 14, item 4: whole flows through the program at `rate` new flows per second toward
-/// one backend (so per backend and per LB address), paced by the wall clock for `secs`
-/// seconds; prints how many new flows were refused (passed to the kernel for the proxy:
-/// `snat_exhausted` and the other refusal counters) in the last third, when the ports held by
-/// earlier flows have reached their steady state.
-fn capacity(kind: Kind, rate: u64, secs: u64) {
+/// one backend (so per backend and per LB node), paced by the wall clock for `secs` seconds,
+/// with `extra` SNAT addresses besides the route's source and the SNAT range `ports`; prints
+/// how many new flows were refused (passed to the kernel for the proxy: `snat_exhausted` and
+/// the other refusal counters) in the last third, when the ports held by earlier flows have
+/// reached their steady state, and the rate the generator reached.
+fn capacity(kind: Kind, rate: u64, secs: u64, extra: usize, ports: lb_common::SnatPorts) {
     let proto = match kind {
-        Kind::TcpClientCloses => Protocol::Tcp,
+        Kind::TcpClientCloses | Kind::TcpBackendCloses => Protocol::Tcp,
         Kind::UdpExchange => Protocol::Udp,
     };
-    let fx = Fixture::new(
+    let mut fx = Fixture::with_ports(
         "bench-cap",
         &[service(
             VIP.into(),
@@ -703,7 +754,16 @@ fn capacity(kind: Kind, rate: u64, secs: u64) {
             proto,
             &[(Ipv4Addr::from(BACKEND), 8080)],
         )],
+        ports,
     );
+    // Extra SNAT addresses on the backends' subnet (no address needs to be on a device for
+    // test runs: replies are handed to the program directly).
+    let extras: Vec<Ipv4Addr> = (0..extra as u8)
+        .map(|i| Ipv4Addr::new(203, 0, 113, 101 + i))
+        .collect();
+    fx.dp
+        .set_snat_addresses(&[(xlb_tests::fixture::LB_BACKEND_IP, extras)].into())
+        .expect("SNAT addresses");
     let program = fx.dp.program(PROGRAM_GENERIC).expect("program");
     let run = |frame: &[u8], out: &mut Vec<u8>| -> u32 {
         out.resize(frame.len() + 512, 0);
@@ -718,27 +778,32 @@ fn capacity(kind: Kind, rate: u64, secs: u64) {
         out.truncate(result.data_size_out as usize);
         result.return_value
     };
-    let (sent, refused_late, sent_late) = fx.ns.enter(|| {
+    let (sent, refused_late, sent_late, behind, elapsed) = fx.ns.enter(|| {
         let start = std::time::Instant::now();
         let mut out = Vec::new();
         let (mut sent, mut refused_late, mut sent_late) = (0u64, 0u64, 0u64);
+        // Flows the generator was behind the wall clock by, at worst (it is the limit when
+        // this grows).
+        let mut behind = 0f64;
         loop {
             let t = start.elapsed().as_secs_f64();
             if t >= secs as f64 {
                 break;
             }
-            if (sent as f64) >= t * rate as f64 {
+            let due = t * rate as f64;
+            if (sent as f64) >= due {
                 std::thread::sleep(std::time::Duration::from_micros(200));
                 continue;
             }
-            // Distinct client tuples: 64 client addresses × ports.
+            behind = f64::max(behind, due - sent as f64);
+            // Distinct client tuples: 3 client addresses × 60,000 ports.
             let client = [192, 0, 2, 1 + (sent % 3) as u8];
             let cport = 1024 + ((sent / 3) % 60_000) as u16;
             let (c, v) = (sa(client, cport), sa(VIP, 80));
             let late = t >= (secs as f64) * 2.0 / 3.0;
             let first = match kind {
-                Kind::TcpClientCloses => pkt::tcp(c, v, SYN, &[]),
                 Kind::UdpExchange => pkt::udp(c, v, b"query"),
+                _ => pkt::tcp(c, v, SYN, &[]),
             };
             let verdict = run(&first, &mut out);
             sent += 1;
@@ -760,17 +825,31 @@ fn capacity(kind: Kind, rate: u64, secs: u64) {
                     run(&pkt::tcp(backend, snat, FIN | ACK, &[]), &mut out);
                     run(&pkt::tcp(c, v, ACK, &[]), &mut out);
                 }
+                Kind::TcpBackendCloses => {
+                    run(&pkt::tcp(backend, snat, SYN | ACK, &[]), &mut out);
+                    run(&pkt::tcp(c, v, ACK, &[]), &mut out);
+                    run(&pkt::tcp(backend, snat, FIN | ACK, &[]), &mut out);
+                    run(&pkt::tcp(c, v, FIN | ACK, &[]), &mut out);
+                    run(&pkt::tcp(backend, snat, ACK, &[]), &mut out);
+                }
                 Kind::UdpExchange => {
                     run(&pkt::udp(backend, snat, b"answer"), &mut out);
                 }
             }
         }
-        (sent, refused_late, sent_late)
+        (sent, refused_late, sent_late, behind, start.elapsed())
     });
     println!(
-        "capacity {kind:?}: {rate} new flows/s to one backend for {secs} s ({sent} flows): refused in the last third {refused_late} of {sent_late} ({:.2}%); snat_exhausted {}, ct_insert_failed {}",
+        "capacity {kind:?}: {rate} new flows/s to one backend for {secs} s, {} SNAT addresses x {} ports: {sent} flows ({:.0}/s reached, at worst {behind:.0} flows behind the clock); refused in the last third {refused_late} of {sent_late} ({:.2}%); snat_exhausted {}, ct_insert_failed {}, closed_reused {}, ct_expired {}, half_open_timeout {}, ct_orphan {}",
+        1 + extra,
+        ports.count,
+        sent as f64 / elapsed.as_secs_f64(),
         100.0 * refused_late as f64 / sent_late.max(1) as f64,
         fx.stat(STAT_SNAT_EXHAUSTED),
         fx.stat(lb_common::STAT_CT_INSERT_FAILED),
+        fx.stat(lb_common::STAT_CLOSED_REUSED),
+        fx.stat(lb_common::STAT_CT_EXPIRED),
+        fx.stat(lb_common::STAT_HALF_OPEN_TIMEOUT),
+        fx.stat(lb_common::STAT_CT_ORPHAN),
     );
 }

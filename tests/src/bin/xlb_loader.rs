@@ -3,6 +3,9 @@
 //! `xlb_loader <pin-dir> <link-device> <auto|native|generic> <services-file>`: opens (or
 //! adopts) the data plane, applies the services file, prints `ready`, then re-applies the file
 //! whenever it changes. Kill it with SIGKILL to test that forwarding survives.
+//!
+//! `XLB_SNAT_PORTS=FIRST-LAST` and `XLB_SNAT_ADDRESSES=IP,IP` in the environment set the SNAT
+//! port range and place extra SNAT addresses, as xlb's flags of those names do.
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
@@ -23,12 +26,29 @@ fn main() {
         "generic" => XdpMode::Skb,
         _ => XdpMode::Auto,
     };
-    let config = XdpConfig {
+    let mut config = XdpConfig {
         pin_dir: PathBuf::from(pin_dir),
         mode,
         ..XdpConfig::new(device)
     };
+    if let Ok(range) = std::env::var("XLB_SNAT_PORTS") {
+        let (first, last) = range.split_once('-').expect("XLB_SNAT_PORTS=FIRST-LAST");
+        config.snat_ports = lb_common::SnatPorts::new(
+            first.parse().expect("first port"),
+            last.parse().expect("last port"),
+        )
+        .expect("a SNAT range of at least 1024 ports");
+    }
+    let extra: Vec<std::net::Ipv4Addr> = std::env::var("XLB_SNAT_ADDRESSES")
+        .unwrap_or_default()
+        .split(',')
+        .filter(|ip| !ip.is_empty())
+        .map(|ip| ip.parse().expect("XLB_SNAT_ADDRESSES: IPv4 addresses"))
+        .collect();
     let mut dp = XdpDataplane::open(config).unwrap_or_else(|e| panic!("open: {e}"));
+    let by_source = xlb::addr::snat::place(&extra).unwrap_or_else(|e| panic!("{e}"));
+    dp.set_snat_addresses(&by_source)
+        .unwrap_or_else(|e| panic!("SNAT addresses: {e}"));
     let read = || {
         parse_services(&std::fs::read_to_string(file).expect("services file")).expect("services")
     };

@@ -61,7 +61,8 @@ use udp::{Flows, udp_loop};
 /// How long a TCP connect to one backend may take before the next backend is tried.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// A UDP flow without a datagram either way for this long ends (the XDP UDP timeout).
+/// A UDP flow without a datagram either way for this long ends (between the XDP data
+/// plane's 30 s for an exchange and 120 s for a stream).
 pub const UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// At most this many UDP flows per frontend; datagrams of further new clients are dropped
