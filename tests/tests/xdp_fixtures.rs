@@ -1228,9 +1228,10 @@ fn an_idle_established_flow_survives_two_million_flood_syns() {
     }
 }
 
-/// When every candidate SNAT port of a new flow is held by a live half-open flow, the port of
-/// the longest idle one is taken over if it has been idle for 100 ms or more; otherwise the
-/// new flow is refused (passed to the kernel for the proxy).
+/// When the candidate SNAT ports of a new flow are held by live half-open flows (the first
+/// `SNAT_PROBES_BEFORE_EARLY_DROP`, then one more by a half-open flow: probing ends there), the
+/// port of the longest idle one seen is taken over if it has been idle for 100 ms or more;
+/// otherwise the new flow is refused (passed to the kernel for the proxy).
 #[test]
 fn under_pressure_the_longest_idle_half_open_flow_gives_up_its_port() {
     let fx = fixture("fx-pressure");
@@ -1253,16 +1254,26 @@ fn under_pressure_the_longest_idle_half_open_flow_gives_up_its_port() {
         "all held and fresh: refused"
     );
     assert_eq!(fx.stat(STAT_SNAT_EXHAUSTED), 1);
-    // One of them, 300 ms idle (less than the 1 s after which any prober takes it), is the
-    // longest idle: it gives way.
-    let victim = snat_port(SNAT_PORTS_DEFAULT, hash, 7);
-    hold_half_open_from(&fx, victim, 50007, now.saturating_sub(300_000_000));
+    // One past where probing ends, 300 ms idle (less than the 1 s after which any prober
+    // takes it): not seen, so still refused.
+    let unseen = snat_port(SNAT_PORTS_DEFAULT, hash, SNAT_PROBES_BEFORE_EARLY_DROP + 1);
+    let unseen_client = 50000 + SNAT_PROBES_BEFORE_EARLY_DROP as u16 + 1;
+    hold_half_open_from(&fx, unseen, unseen_client, now.saturating_sub(300_000_000));
+    let (verdict, _) = fx.run(PROGRAM_GENERIC, &syn);
+    assert_eq!(
+        verdict, XDP_PASS,
+        "the idle flow lies past the probes: refused"
+    );
+    assert_eq!(fx.stat(STAT_SNAT_EXHAUSTED), 2);
+    // One among the probed, 300 ms idle, is the longest idle seen: it gives way.
+    let victim = snat_port(SNAT_PORTS_DEFAULT, hash, 2);
+    hold_half_open_from(&fx, victim, 50002, now.saturating_sub(300_000_000));
     let (verdict, out) = fx.run(PROGRAM_GENERIC, &syn);
     assert_eq!(verdict, XDP_REDIRECT);
     assert_eq!(snat_port_of(&out), victim);
     assert_eq!(fx.stat(STAT_EARLY_DROP), 1);
     let mut victim_fwd = reverse_entry_peer(victim);
-    victim_fwd.src_port = 50007;
+    victim_fwd.src_port = 50002;
     assert!(
         fx.ct_map(CT_HALF_MAP).get(&victim_fwd, 0).is_err(),
         "the victim's forward entry is gone with it"
