@@ -64,9 +64,11 @@ fn spoofed_syns(count: u32, limit: Duration) -> u32 {
     sent
 }
 
-/// Starts the three backends and the loader (generic XDP) serving them on the VIP.
+/// Starts the three backends and the loader (generic XDP, with the extra environment `env`)
+/// serving them on the VIP.
 fn serve_three_backends(
     topology: &Topology,
+    env: &[(&str, &str)],
 ) -> (
     Vec<xlb_tests::servers::Backend>,
     PinDir,
@@ -77,13 +79,14 @@ fn serve_three_backends(
     let dir = tempdir();
     let file = dir.join("services");
     std::fs::write(&file, topology.services(&[0, 1, 2])).expect("services file");
-    let loader = xlb_tests::topology::Loader::start(
+    let loader = xlb_tests::topology::Loader::start_with_env(
         Path::new(env!("CARGO_BIN_EXE_xlb_loader")),
         &topology.lb,
         &pins,
         "l0",
         "generic",
         &file,
+        env,
     );
     (backends, pins, loader)
 }
@@ -91,7 +94,7 @@ fn serve_three_backends(
 #[test]
 fn a_spoofed_syn_flood_leaves_real_and_idle_connections_alone() {
     let topology = Topology::separate("ctfl");
-    let (backends, pins, loader) = serve_three_backends(&topology);
+    let (backends, pins, loader) = serve_three_backends(&topology, &[]);
 
     // The idle connection: opened before the flood, pinged after it.
     let (tx, rx) = channel::<()>();
@@ -184,21 +187,8 @@ fn short_connections_reusing_ports_see_no_reset() {
     topology
         .client
         .run(&["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"]);
-    let backends = topology.start_backends();
-    let pins = PinDir::new();
-    let dir = tempdir();
-    let file = dir.join("services");
-    std::fs::write(&file, topology.services(&[0, 1, 2])).expect("services file");
     let range = format!("{}-{}", STRESS_PORTS.0, STRESS_PORTS.1);
-    let loader = xlb_tests::topology::Loader::start_with_env(
-        Path::new(env!("CARGO_BIN_EXE_xlb_loader")),
-        &topology.lb,
-        &pins,
-        "l0",
-        "generic",
-        &file,
-        &[("XLB_SNAT_PORTS", &range)],
-    );
+    let (backends, pins, loader) = serve_three_backends(&topology, &[("XLB_SNAT_PORTS", &range)]);
     let ports = (STRESS_PORTS.1 - STRESS_PORTS.0) as usize + 1;
     let watch = Watch::start(&topology.client, "c0", Ipv4Addr::new(192, 0, 2, 1));
     const THREADS: usize = 4;
