@@ -86,6 +86,21 @@ pub(super) struct Link {
     pub(super) mac: Option<[u8; 6]>,
 }
 
+/// Waits on the calling thread for `work`, whose connection runs on its own thread
+/// ([`Netlink`]), so the wait cannot deadlock: inside a multi-threaded tokio runtime in
+/// `block_in_place`, which hands the thread's other tasks to another worker first; elsewhere
+/// (a current-thread runtime included) directly.
+pub(super) fn wait<T>(work: impl std::future::Future<Output = T>) -> T {
+    let multi_thread = tokio::runtime::Handle::try_current().is_ok_and(|runtime| {
+        runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+    });
+    if multi_thread {
+        tokio::task::block_in_place(|| futures::executor::block_on(work))
+    } else {
+        futures::executor::block_on(work)
+    }
+}
+
 /// Every IPv4 address on the host.
 pub(super) async fn addresses(handle: &Handle) -> Result<Vec<DeviceAddr>, AddrError> {
     let mut request = handle.address().get();

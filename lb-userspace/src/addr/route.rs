@@ -20,7 +20,7 @@ use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteType,
 };
 
-use super::netlink::{LinkRef, errno, find_link, netlink_error, route_oif};
+use super::netlink::{LinkRef, errno, find_link, netlink_error, route_oif, wait};
 use super::{AddrError, Netlink};
 
 /// The kernel's route toward one address.
@@ -228,23 +228,11 @@ impl RouteLookup {
     /// calling thread: the connection runs on its own thread, so this cannot deadlock, and the
     /// kernel answers route lookups without waiting on the network.
     pub fn routes(&self, ips: &[Ipv4Addr]) -> Result<BTreeMap<Ipv4Addr, Route>, AddrError> {
-        self.wait(routes(self.netlink.handle(), ips))
+        wait(routes(self.netlink.handle(), ips))
     }
 
     /// The valid neighbours (see [`neighbours`]), waited for as [`RouteLookup::routes`].
     pub fn neighbours(&self) -> Result<BTreeMap<(u32, Ipv4Addr), [u8; 6]>, AddrError> {
-        self.wait(neighbours(self.netlink.handle()))
-    }
-
-    /// Waits for `lookup` as [`RouteLookup::routes`] says.
-    fn wait<T>(&self, lookup: impl std::future::Future<Output = T>) -> T {
-        let multi_thread = tokio::runtime::Handle::try_current().is_ok_and(|runtime| {
-            runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
-        });
-        if multi_thread {
-            tokio::task::block_in_place(|| futures::executor::block_on(lookup))
-        } else {
-            futures::executor::block_on(lookup)
-        }
+        wait(neighbours(self.netlink.handle()))
     }
 }

@@ -103,14 +103,7 @@ pub fn place(wanted: &[Ipv4Addr]) -> Result<BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>, A
         }
         Ok(plan.by_source)
     };
-    let multi_thread = tokio::runtime::Handle::try_current().is_ok_and(|runtime| {
-        runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
-    });
-    if multi_thread {
-        tokio::task::block_in_place(|| futures::executor::block_on(work))
-    } else {
-        futures::executor::block_on(work)
-    }
+    netlink::wait(work)
 }
 
 /// The extra SNAT addresses on the host (those with the mark), as `(address, prefix length,
