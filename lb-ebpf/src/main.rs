@@ -2,12 +2,13 @@
 //!
 //! Per packet: parse (packet.rs) → open flows (conntrack.rs): the reverse map when the
 //! destination port is a SNAT port (a backend reply, translated back to `VIP → client`), then
-//! the forward map (client → VIP, translated to `SNAT → backend`, nat.rs) → cached route or
-//! FIB lookup, and transmit (forward.rs). A tracked packet thus costs one hash lookup. On a
-//! miss `VIP:port/proto` is looked up in `XLB_SERVICES`, and a packet to a service or to a
-//! SNAT port is looked up in the half-open map (flows whose handshake is not complete); a
-//! sane TCP SYN / UDP datagram to a service without a flow starts a new half-open flow
-//! (backend, SNAT port, both entries). Everything else passes to the kernel untouched. Only
+//! the forward map (client → VIP, translated to `SNAT → backend`, nat.rs) → the flow's cached
+//! route (refreshed by FIB lookup), and transmit (forward.rs). A tracked packet thus costs one
+//! hash lookup. On a miss `VIP:port/proto` is looked up in `XLB_SERVICES`, and a packet to a
+//! service or to a SNAT port is looked up in the half-open map (flows whose handshake is not
+//! complete); a sane TCP SYN / UDP datagram to a service without a flow starts a new half-open
+//! flow (backend, its next hop from `XLB_NEXT_HOPS` or a FIB lookup, SNAT address and port,
+//! both entries). Everything else passes to the kernel untouched. Only
 //! frames addressed to the receiving device's MAC are translated.
 //!
 //! Two entry points share the code: `xlb` for native (driver) XDP and `xlb_skb` for generic
