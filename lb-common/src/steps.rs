@@ -1,8 +1,8 @@
 //! Steps of the XDP program that a benchmark load may leave out, so `bench_xdp` can time each
 //! by its absence in the same run (issue 15). The program reads the set from its load-time
 //! constant [`SKIP_STEPS_GLOBAL`]; xlb loads it as 0, and as read-only data is frozen the
-//! verifier knows the value and removes every branch on it: the attached program carries none
-//! of this.
+//! verifier knows the value and treats the branches it rules out as dead code: what the
+//! attached program keeps of this is the read of the constant at each step.
 
 /// Name of the program's `u32` global holding the steps left out (a bit set of `STEP_*`).
 pub const SKIP_STEPS_GLOBAL: &str = "XLB_SKIP_STEPS";

@@ -257,9 +257,8 @@ pub fn open_peer_ok(direction: Direction, key: &FlowKey, e: &CtEntry, proto: u8)
 
 /// Whether SNAT port key `key` may be taken from the half-open flow `old` found there (both
 /// its entries are deleted if so): it timed out, or is a TCP flow idle for more than
-/// [`CT_HALF_OPEN_RECLAIM_NS`] (an early drop). Its peer is not looked at: that lookup, on
-/// every probe of every new flow under a flood, was a third of a new flow's cost with full
-/// tables; a reverse entry that lost its forward one to the LRU is never used (see
+/// [`CT_HALF_OPEN_RECLAIM_NS`] (an early drop). Its peer is not looked at: under a flood that
+/// was one more cache-cold lookup for every held port every new flow probed; a reverse entry that lost its forward one to the LRU is never used (see
 /// `half_open`), and gives its port back when it times out or is dropped early.
 ///
 /// Not inlined (a BPF subprogram): its keys would overflow the caller's share of the

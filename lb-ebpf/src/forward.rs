@@ -131,7 +131,7 @@ pub fn new_flow_route(
 /// confirmed it within `NEXT_HOP_MAX_AGE_NS` of `now`; `None` otherwise. Same scratch slot
 /// as [`route`].
 #[inline(always)]
-pub fn next_hop(ip: [u8; 4], now: u64) -> Option<&'static Route> {
+fn next_hop(ip: [u8; 4], now: u64) -> Option<&'static Route> {
     let hop = XLB_NEXT_HOPS.get_ptr(&ip)?;
     // SAFETY: points into a map value, valid for this program run.
     let hop = unsafe { &*hop };
@@ -156,7 +156,7 @@ pub fn next_hop(ip: [u8; 4], now: u64) -> Option<&'static Route> {
 /// of the ingress device from a fixed documentation address (198.18.0.1), the frame's MACs
 /// kept as they are.
 #[inline(always)]
-pub fn fixed_route(ctx: &XdpContext) -> Option<&'static Route> {
+fn fixed_route(ctx: &XdpContext) -> Option<&'static Route> {
     let eth = ptr_at::<EthHdr>(ctx, 0)?;
     let out = XLB_ROUTE_SCRATCH.get_ptr_mut(0)?;
     // SAFETY: per-CPU scratch slot, private to this CPU while the program runs; eth was

@@ -2,7 +2,7 @@
 
 /// The steps left out, a bit set of `lb_common::steps::STEP_*`: 0 as built, set by
 /// `bench_xdp` at load time. Read-only data, frozen at load, so the verifier knows the value
-/// and removes the branches on it.
+/// and treats the branches it rules out as dead code.
 #[unsafe(no_mangle)]
 static XLB_SKIP_STEPS: u32 = 0;
 
