@@ -24,6 +24,8 @@ pub const PIN_DIR: &str = "/sys/fs/bpf/xlb";
 pub const PROGRAM_NATIVE: &str = "xlb";
 /// Name of the XDP program attached in generic (skb) mode.
 pub const PROGRAM_GENERIC: &str = "xlb_skb";
+/// Name of the TC ingress program (clsact/TCX classifier).
+pub const PROGRAM_TC: &str = "xlb_tc";
 /// A do-nothing XDP program (returns `XDP_PASS`), the baseline for benchmarks.
 pub const PROGRAM_NOOP: &str = "xlb_noop";
 /// The floor XDP program (one conntrack lookup, DNAT rewrite, `XDP_TX`), the other baseline.

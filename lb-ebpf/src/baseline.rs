@@ -6,7 +6,7 @@ use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{IPPROTO_TCP, csum};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
-use crate::{conntrack::flow_key, maps::XLB_CT_FWD, packet::ptr_at};
+use crate::{conntrack::flow_key, frame::Native, maps::XLB_CT_FWD, packet::ptr_at};
 
 /// Ethertype IPv4 in network byte order, as it sits in `EthHdr::ether_type`.
 const ETH_P_IPV4_BE: u16 = 0x0800u16.to_be();
@@ -28,11 +28,11 @@ pub fn xlb_noop(_ctx: XdpContext) -> u32 {
 /// beat.
 #[xdp]
 pub fn xlb_floor(ctx: XdpContext) -> u32 {
-    floor(&ctx).unwrap_or(xdp_action::XDP_PASS)
+    floor(&Native(ctx)).unwrap_or(xdp_action::XDP_PASS)
 }
 
 #[inline(always)]
-fn floor(ctx: &XdpContext) -> Option<u32> {
+fn floor(ctx: &Native) -> Option<u32> {
     let eth = ptr_at::<EthHdr>(ctx, 0)?;
     let ip = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN)?;
     let ports = ptr_at::<[u8; 4]>(ctx, TCP_OFFSET)?;

@@ -12,7 +12,6 @@
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
-    programs::XdpContext,
 };
 use lb_common::{
     steps::{STEP_MAC_CHECK, STEP_SNAT_PROBE},
@@ -21,6 +20,7 @@ use lb_common::{
 
 use crate::{
     forward::Route,
+    frame::Frame,
     maps::{
         XLB_BACKENDS, XLB_CLOCK, XLB_CT_FWD, XLB_CT_HALF, XLB_CT_REV, XLB_CT_SCRATCH, XLB_DEV_MACS,
         count,
@@ -187,11 +187,11 @@ pub fn pick_backend(service: *mut ServiceValue) -> Option<&'static BackendValue>
 /// unknown unicast), a broadcast or multicast frame, or a frame on an unregistered device is
 /// never translated.
 #[inline(always)]
-pub fn to_our_mac(ctx: &XdpContext) -> bool {
+pub fn to_our_mac<F: Frame>(ctx: &F) -> bool {
     if skipped(STEP_MAC_CHECK) {
         return true;
     }
-    let ifindex = ctx.ingress_ifindex() as u32;
+    let ifindex = ctx.ingress_ifindex();
     let Some(dev) = XLB_DEV_MACS.get_ptr(ifindex & (MAX_DEVICE_MACS - 1)) else {
         return false;
     };

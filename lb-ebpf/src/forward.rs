@@ -1,18 +1,18 @@
-//! Where a translated packet goes: FIB lookup, then `XDP_TX`, `XDP_REDIRECT` or `XDP_PASS`.
+//! Where a translated packet goes: next hop or FIB lookup, then `XDP_TX`, a redirect, or the
+//! kernel.
 
 use aya_ebpf::{
-    EbpfContext as _,
     bindings::{
         BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SRC, bpf_fib_lookup,
         xdp_action,
     },
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect},
-    programs::XdpContext,
 };
 use lb_common::{steps::STEP_ROUTE, *};
 use network_types::eth::EthHdr;
 
 use crate::{
+    frame::{Frame, Hook},
     maps::{XLB_FIB_SCRATCH, XLB_NEXT_HOPS, XLB_ROUTE_SCRATCH, XLB_XMIT, count},
     packet::ptr_at,
     steps::skipped,
@@ -47,8 +47,8 @@ pub struct Route {
 /// Linux 6.7+). `None` when there is no usable route. The result lives in a per-CPU scratch
 /// slot (the 512-byte BPF stack is short), valid until the next call on this CPU.
 #[inline(always)]
-pub fn route(
-    ctx: &XdpContext,
+pub fn route<F: Frame>(
+    ctx: &F,
     proto: u8,
     dst: [u8; 4],
     tot_len: u16,
@@ -69,8 +69,10 @@ pub fn route(
     unsafe {
         (*params).family = AF_INET;
         (*params).l4_protocol = proto;
-        (*params).__bindgen_anon_1.tot_len = tot_len;
-        (*params).ifindex = ctx.ingress_ifindex() as u32;
+        // At TC the kernel checks the skb itself when no length is given, which lets a GSO
+        // packet (longer than the MTU, segmented on the way out) through.
+        (*params).__bindgen_anon_1.tot_len = if F::HOOK == Hook::Tc { 0 } else { tot_len };
+        (*params).ifindex = ctx.ingress_ifindex();
         (*params).__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
     }
     let flags = if want_src { BPF_FIB_LOOKUP_SRC } else { 0 };
@@ -110,8 +112,8 @@ pub fn route(
 /// Not inlined (a BPF subprogram): the verifier then meets one state after it, not one per
 /// way the route was found, and the whole program stays within its instruction budget.
 #[inline(never)]
-pub fn new_flow_route(
-    ctx: &XdpContext,
+pub fn new_flow_route<F: Frame>(
+    ctx: &F,
     proto: u8,
     ip: [u8; 4],
     tot_len: u16,
@@ -156,14 +158,14 @@ fn next_hop(ip: [u8; 4], now: u64) -> Option<&'static Route> {
 /// of the ingress device from a fixed documentation address (198.18.0.1), the frame's MACs
 /// kept as they are.
 #[inline(always)]
-fn fixed_route(ctx: &XdpContext) -> Option<&'static Route> {
+fn fixed_route<F: Frame>(ctx: &F) -> Option<&'static Route> {
     let eth = ptr_at::<EthHdr>(ctx, 0)?;
     let out = XLB_ROUTE_SCRATCH.get_ptr_mut(0)?;
     // SAFETY: per-CPU scratch slot, private to this CPU while the program runs; eth was
     // bounds checked.
     unsafe {
         *out = Route {
-            ifindex: ctx.ingress_ifindex() as u32,
+            ifindex: ctx.ingress_ifindex(),
             src: [198, 18, 0, 1],
             smac: (*eth).src_addr,
             dmac: (*eth).dst_addr,
@@ -175,28 +177,26 @@ fn fixed_route(ctx: &XdpContext) -> Option<&'static Route> {
 
 /// Sends the (already translated) packet out of `ifindex` with the given MACs.
 ///
-/// Generic XDP (`GENERIC`): the frame is an skb, so `XDP_TX` / redirect work into any device,
-/// veth included; frames longer than [`GENERIC_MAX_XMIT_FRAME`] (GSO super-packets) are
-/// passed to the kernel translated. Native XDP: only devices in the xmit devmap (drivers that take XDP frames)
-/// are used; for others (a veth whose peer runs no XDP program loses redirected frames) the
-/// translated packet is passed to the kernel with its Ethernet header untouched, and the
-/// kernel forwards it.
+/// - TC: `bpf_redirect` to the device's egress, any device and any length: the skb goes as it
+///   is, a GSO packet is segmented by the egress device.
+/// - Generic XDP: the frame is an skb, so `XDP_TX` / redirect work into any device, veth
+///   included; frames longer than [`GENERIC_MAX_XMIT_FRAME`] (GSO super-packets) are passed
+///   to the kernel translated.
+/// - Native XDP: only devices in the xmit devmap (drivers that take XDP frames) are used; for
+///   others (a veth whose peer runs no XDP program loses redirected frames) the translated
+///   packet is passed to the kernel with its Ethernet header untouched, and the kernel
+///   forwards it.
 #[inline(always)]
-pub fn xmit<const GENERIC: bool>(
-    ctx: &XdpContext,
-    ifindex: u32,
-    smac: [u8; 6],
-    dmac: [u8; 6],
-) -> Result<u32, u32> {
-    let same_device = ifindex == ctx.ingress_ifindex() as u32;
-    if GENERIC && ctx.data_end() - ctx.data() > GENERIC_MAX_XMIT_FRAME {
+pub fn xmit<F: Frame>(ctx: &F, ifindex: u32, smac: [u8; 6], dmac: [u8; 6]) -> Result<u32, u32> {
+    let same_device = ifindex == ctx.ingress_ifindex();
+    if F::HOOK == Hook::Generic && ctx.len() > GENERIC_MAX_XMIT_FRAME {
         // Pass: a GSO/GRO super-packet (generic XDP sees the whole skb); the generic
         // redirect drops any skb longer than the egress MTU, so the kernel forwards the
         // translated packet and segments it (ip_forward=1, accept_local=1, as below).
         count(STAT_XMIT_PASS);
         return Ok(xdp_action::XDP_PASS);
     }
-    if !GENERIC && XLB_XMIT.get_ifindex(ifindex).is_none() {
+    if F::HOOK == Hook::Native && XLB_XMIT.get_ifindex(ifindex).is_none() {
         // Pass: the kernel forwards the translated packet (ip_forward=1, accept_local=1).
         count(STAT_XMIT_PASS);
         return Ok(xdp_action::XDP_PASS);
@@ -207,12 +207,17 @@ pub fn xmit<const GENERIC: bool>(
         (*eth).src_addr = smac;
         (*eth).dst_addr = dmac;
     }
+    if F::HOOK != Hook::Native {
+        if same_device && F::HOOK == Hook::Generic {
+            return Ok(xdp_action::XDP_TX);
+        }
+        // SAFETY: plain helper call. At TC it returns TC_ACT_REDIRECT, in generic XDP
+        // XDP_REDIRECT (flags are 0, so it cannot fail); both are XDP_REDIRECT here.
+        unsafe { bpf_redirect(ifindex, 0) };
+        return Ok(xdp_action::XDP_REDIRECT);
+    }
     if same_device {
         return Ok(xdp_action::XDP_TX);
-    }
-    if GENERIC {
-        // SAFETY: plain helper call; returns XDP_REDIRECT or XDP_ABORTED.
-        return Ok(unsafe { bpf_redirect(ifindex, 0) } as u32);
     }
     // The devmap lookup above succeeded, so this redirects; XDP_PASS if it vanished meanwhile.
     match XLB_XMIT.redirect(ifindex, xdp_action::XDP_PASS as u64) {

@@ -11,26 +11,33 @@
 //! both entries). Everything else passes to the kernel untouched. Only
 //! frames addressed to the receiving device's MAC are translated.
 //!
-//! Two entry points share the code: `xlb` for native (driver) XDP and `xlb_skb` for generic
-//! (skb) XDP; they differ only in how a translated packet is transmitted (see
-//! `forward::xmit`). `baseline.rs` holds the programs benchmarks compare xlb with.
+//! Three entry points share the code, one per hook (`frame.rs`): `xlb` for native (driver)
+//! XDP, `xlb_skb` for generic (skb) XDP and `xlb_tc` for TC ingress; they differ in how a
+//! translated packet leaves (`forward::xmit`) and in what an skb carries besides its bytes.
+//! `baseline.rs` holds the programs benchmarks compare xlb with.
 #![no_std]
 #![no_main]
 
 mod baseline;
 mod conntrack;
 mod forward;
+mod frame;
 mod maps;
 mod nat;
 mod packet;
 mod snat;
 mod steps;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 use lb_common::{steps::STEP_MISS_LOOKUPS, *};
 
 use crate::{
     conntrack::{Direction, TCP_ACK, TCP_CONTROL, TCP_FIN, TCP_RST, TCP_SYN},
+    frame::{Frame, Generic, Native, Tc, tc_verdict},
     maps::{XLB_CT_FWD, XLB_CT_HALF, XLB_CT_REV, XLB_SERVICES, XLB_VIPS, count, count_service},
     packet::{Flow, Parsed, parse},
     steps::skipped,
@@ -39,13 +46,21 @@ use crate::{
 /// Native-mode entry point.
 #[xdp]
 pub fn xlb(ctx: XdpContext) -> u32 {
-    finish(try_xlb::<false>(&ctx))
+    finish(try_xlb(&Native(ctx)))
 }
 
 /// Generic-mode entry point.
 #[xdp]
 pub fn xlb_skb(ctx: XdpContext) -> u32 {
-    finish(try_xlb::<true>(&ctx))
+    finish(try_xlb(&Generic(ctx)))
+}
+
+/// TC ingress entry point (clsact/TCX), for devices where the skb path beats generic XDP.
+#[classifier]
+pub fn xlb_tc(ctx: TcContext) -> i32 {
+    let frame = Tc(ctx);
+    frame.pull_headers();
+    tc_verdict(finish(try_xlb(&frame)))
 }
 
 /// Counts the packet and its verdict.
@@ -73,7 +88,7 @@ fn pass(reason: u32) -> Result<u32, u32> {
 }
 
 #[inline(always)]
-fn try_xlb<const GENERIC: bool>(ctx: &XdpContext) -> Result<u32, u32> {
+fn try_xlb<F: Frame>(ctx: &F) -> Result<u32, u32> {
     let flow = match parse(ctx) {
         Parsed::Flow(flow) => flow,
         // Pass: not ours; ARP, IPv6, ICMP and the rest belong to the kernel.
@@ -106,15 +121,7 @@ fn try_xlb<const GENERIC: bool>(ctx: &XdpContext) -> Result<u32, u32> {
         // SAFETY: entry points into a map value, valid for this program run.
         let e = unsafe { &*entry };
         if conntrack::alive(e, flow.proto, now) {
-            return translate::<GENERIC>(
-                ctx,
-                &flow,
-                &key,
-                entry,
-                Direction::FromBackend,
-                now,
-                true,
-            );
+            return translate::<F>(ctx, &flow, &key, entry, Direction::FromBackend, now, true);
         }
         // Expired: deleted with its peer; the packet is looked at afresh below.
         count(STAT_CT_EXPIRED);
@@ -131,15 +138,7 @@ fn try_xlb<const GENERIC: bool>(ctx: &XdpContext) -> Result<u32, u32> {
             // A SYN on a closing flow is a new connection reusing the tuple: it replaces the
             // flow (as Linux conntrack does), wherever the new flow then goes.
             if !(syn_only && e.state != CT_STATE_OPEN) {
-                return translate::<GENERIC>(
-                    ctx,
-                    &flow,
-                    &key,
-                    entry,
-                    Direction::FromClient,
-                    now,
-                    true,
-                );
+                return translate::<F>(ctx, &flow, &key, entry, Direction::FromClient, now, true);
             }
             if !conntrack::to_our_mac(ctx) {
                 return pass(STAT_NOT_OUR_MAC);
@@ -163,7 +162,7 @@ fn try_xlb<const GENERIC: bool>(ctx: &XdpContext) -> Result<u32, u32> {
         && !skipped(STEP_MISS_LOOKUPS)
         && let Some(entry) = XLB_CT_HALF.get_ptr_mut(&key)
     {
-        let verdict = half_open::<GENERIC>(ctx, &flow, &key, entry);
+        let verdict = half_open::<F>(ctx, &flow, &key, entry);
         if verdict != NOT_HANDLED {
             return Ok(verdict);
         }
@@ -180,7 +179,7 @@ fn try_xlb<const GENERIC: bool>(ctx: &XdpContext) -> Result<u32, u32> {
         // Pass: a TCP segment of a flow we do not track; the proxy fallback owns it.
         return pass(STAT_CT_MISS_NON_SYN);
     }
-    Ok(new_flow::<GENERIC>(ctx, &flow, service))
+    Ok(new_flow::<F>(ctx, &flow, service))
 }
 
 /// [`half_open`]'s answer when the entry was dead: not an XDP action.
@@ -203,12 +202,7 @@ fn action(result: Result<u32, u32>) -> u32 {
 ///
 /// Not inlined (a BPF subprogram): the whole program inlined exceeds the 512-byte BPF stack.
 #[inline(never)]
-fn half_open<const GENERIC: bool>(
-    ctx: &XdpContext,
-    flow: &Flow,
-    key: &FlowKey,
-    entry: *mut CtEntry,
-) -> u32 {
+fn half_open<F: Frame>(ctx: &F, flow: &Flow, key: &FlowKey, entry: *mut CtEntry) -> u32 {
     let now = conntrack::now_ns();
     // SAFETY: entry points into a map value, valid for this program run.
     let e = unsafe { &*entry };
@@ -249,7 +243,7 @@ fn half_open<const GENERIC: bool>(
             (*peer).last_seen_ns = 0;
         }
         count(STAT_HALF_OPEN_HIT);
-        return action(translate_copy::<GENERIC>(ctx, flow, e));
+        return action(translate_copy::<F>(ctx, flow, e));
     }
     let direction = if e.dir == CT_DIR_REVERSE {
         if !tcp || flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK) {
@@ -271,7 +265,7 @@ fn half_open<const GENERIC: bool>(
             && conntrack::open(key, e, p, flow.proto, now)
             && let Some(open) = XLB_CT_FWD.get_ptr_mut(key)
         {
-            return action(translate::<GENERIC>(
+            return action(translate::<F>(
                 ctx,
                 flow,
                 key,
@@ -284,9 +278,7 @@ fn half_open<const GENERIC: bool>(
         Direction::FromClient
     };
     count(STAT_HALF_OPEN_HIT);
-    action(translate::<GENERIC>(
-        ctx, flow, key, entry, direction, now, false,
-    ))
+    action(translate::<F>(ctx, flow, key, entry, direction, now, false))
 }
 
 /// Whether `port` (host order) is in the SNAT port range, where every reverse key's
@@ -309,16 +301,12 @@ fn martian(src: [u8; 4]) -> bool {
 ///
 /// Not inlined (a BPF subprogram): the whole program inlined exceeds the 512-byte BPF stack.
 #[inline(never)]
-fn new_flow<const GENERIC: bool>(ctx: &XdpContext, flow: &Flow, service: *mut ServiceValue) -> u32 {
-    action(try_new_flow::<GENERIC>(ctx, flow, service))
+fn new_flow<F: Frame>(ctx: &F, flow: &Flow, service: *mut ServiceValue) -> u32 {
+    action(try_new_flow::<F>(ctx, flow, service))
 }
 
 #[inline(always)]
-fn try_new_flow<const GENERIC: bool>(
-    ctx: &XdpContext,
-    flow: &Flow,
-    service: *mut ServiceValue,
-) -> Result<u32, u32> {
+fn try_new_flow<F: Frame>(ctx: &F, flow: &Flow, service: *mut ServiceValue) -> Result<u32, u32> {
     if !conntrack::to_our_mac(ctx) {
         // Pass: not addressed to this host; the kernel drops it.
         return pass(STAT_NOT_OUR_MAC);
@@ -352,24 +340,20 @@ fn try_new_flow<const GENERIC: bool>(
     // SAFETY: points into a per-CPU scratch slot, valid for this program run.
     let entry = unsafe { &*entry };
     count(STAT_NEW_FLOW);
-    count_service(service_id, (ctx.data_end() - ctx.data()) as u64, 1);
+    count_service(service_id, ctx.len() as u64, 1);
     nat::rewrite(ctx, flow, entry)?;
     if !route.resolved {
         // Pass: the kernel forwards the translated packet and resolves the neighbour.
         return pass(STAT_FIB_NO_NEIGH);
     }
-    forward::xmit::<GENERIC>(ctx, route.ifindex, route.smac, route.dmac)
+    forward::xmit::<F>(ctx, route.ifindex, route.smac, route.dmac)
 }
 
 /// Translates a packet per the copied entry `e` without touching any map (the last packet of
 /// an ended half-open flow) and sends it on.
 #[inline(always)]
-fn translate_copy<const GENERIC: bool>(
-    ctx: &XdpContext,
-    flow: &Flow,
-    e: &CtEntry,
-) -> Result<u32, u32> {
-    count_service(e.service_id, (ctx.data_end() - ctx.data()) as u64, 0);
+fn translate_copy<F: Frame>(ctx: &F, flow: &Flow, e: &CtEntry) -> Result<u32, u32> {
+    count_service(e.service_id, ctx.len() as u64, 0);
     nat::rewrite(ctx, flow, e)?;
     let tot_len = flow.l4_len + (flow.l4_offset - network_types::eth::EthHdr::LEN) as u16;
     let Some(route) = forward::route(ctx, flow.proto, e.nat_dst_ip, tot_len, false) else {
@@ -378,7 +362,7 @@ fn translate_copy<const GENERIC: bool>(
     if !route.resolved {
         return pass(STAT_FIB_NO_NEIGH);
     }
-    forward::xmit::<GENERIC>(ctx, route.ifindex, route.smac, route.dmac)
+    forward::xmit::<F>(ctx, route.ifindex, route.smac, route.dmac)
 }
 
 /// Translates a packet of a tracked flow per `entry` (found at `key`) and sends it on,
@@ -387,8 +371,8 @@ fn translate_copy<const GENERIC: bool>(
 /// peer entry is still there: an entry found without its peer is deleted and the packet
 /// passed untouched, so no flow ever translates one way only.
 #[inline(always)]
-fn translate<const GENERIC: bool>(
-    ctx: &XdpContext,
+fn translate<F: Frame>(
+    ctx: &F,
     flow: &Flow,
     key: &FlowKey,
     entry: *mut CtEntry,
@@ -419,7 +403,7 @@ fn translate<const GENERIC: bool>(
             conntrack::on_tcp_flags(entry, flow.tcp_flags, direction, now);
         }
     }
-    count_service(e.service_id, (ctx.data_end() - ctx.data()) as u64, 0);
+    count_service(e.service_id, ctx.len() as u64, 0);
     nat::rewrite(ctx, flow, e)?;
     if refresh {
         let tot_len = flow.l4_len + (flow.l4_offset - network_types::eth::EthHdr::LEN) as u16;
@@ -446,7 +430,7 @@ fn translate<const GENERIC: bool>(
     }
     // SAFETY: as above; read after the refresh.
     let (ifindex, smac, dmac) = unsafe { ((*entry).ifindex, (*entry).smac, (*entry).dmac) };
-    forward::xmit::<GENERIC>(ctx, ifindex, smac, dmac)
+    forward::xmit::<F>(ctx, ifindex, smac, dmac)
 }
 
 #[cfg(not(test))]

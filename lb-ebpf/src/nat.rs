@@ -1,18 +1,21 @@
 //! Header rewrite with incremental checksum updates.
 
-use aya_ebpf::programs::XdpContext;
 use lb_common::{CtEntry, IPPROTO_TCP, csum};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
-use crate::packet::{Flow, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET, ptr_at};
+use crate::{
+    frame::Frame,
+    packet::{Flow, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET, ptr_at},
+};
 
 /// Rewrites the packet of `flow` to `entry`'s source and destination (addresses and ports),
 /// updating the IPv4 checksum and the L4 checksum. A full L4 checksum gets the address and
 /// port deltas; a `CHECKSUM_PARTIAL` one (see `lb_common::csum`) only the address delta. A UDP
-/// checksum of 0 (none) stays 0. IP options are left as they are. `Err` means a header moved
-/// out of the frame, which parsing rules out (abort).
+/// checksum of 0 (none) stays 0. IP options are left as they are. The frame hears how the sum of
+/// its bytes changed ([`Frame::rewritten`]). `Err` means a header moved out of the frame, which
+/// parsing rules out (abort).
 #[inline(always)]
-pub fn rewrite(ctx: &XdpContext, flow: &Flow, entry: &CtEntry) -> Result<(), u32> {
+pub fn rewrite<F: Frame>(ctx: &F, flow: &Flow, entry: &CtEntry) -> Result<(), u32> {
     let abort = aya_ebpf::bindings::xdp_action::XDP_ABORTED;
     let addr_delta =
         csum::delta4(flow.src, entry.nat_src_ip) + csum::delta4(flow.dst, entry.nat_dst_ip);
@@ -39,18 +42,26 @@ pub fn rewrite(ctx: &XdpContext, flow: &Flow, entry: &CtEntry) -> Result<(), u32
     let check = ptr_at::<[u8; 2]>(ctx, check_offset).ok_or(abort)?;
     // SAFETY: as above.
     let old = unsafe { *check };
-    let new = if !is_tcp && old == [0, 0] {
-        old
+    // How the sum over the IP header and segment changes: the IP header's own checksum
+    // cancels its address change; in the segment, the ports change and so does the field.
+    let (new, sum_diff) = if !is_tcp && old == [0, 0] {
+        (old, port_delta)
     } else if csum::is_partial(old, flow.src, flow.dst, flow.proto, flow.l4_len) {
-        csum::update_partial(old, addr_delta)
+        (
+            csum::update_partial(old, addr_delta),
+            addr_delta + port_delta,
+        )
     } else {
         let full = csum::update_full(old, addr_delta + port_delta);
         // In UDP a computed 0 is sent as 0xffff (RFC 768); 0 would mean "no checksum".
-        if !is_tcp && full == [0, 0] {
+        let full = if !is_tcp && full == [0, 0] {
             [0xff, 0xff]
         } else {
             full
-        }
+        };
+        // A full field absorbs both deltas, so the segment's sum changes by minus the
+        // address delta.
+        (full, (!csum::fold(addr_delta)) as u32)
     };
     let ports = ptr_at::<[u8; 4]>(ctx, flow.l4_offset).ok_or(abort)?;
     // SAFETY: as above.
@@ -58,5 +69,6 @@ pub fn rewrite(ctx: &XdpContext, flow: &Flow, entry: &CtEntry) -> Result<(), u32
         *check = new;
         *ports = [new_sport[0], new_sport[1], new_dport[0], new_dport[1]];
     }
+    ctx.rewritten(sum_diff);
     Ok(())
 }

@@ -1,15 +1,14 @@
 //! Bounds-checked packet access and IPv4/TCP/UDP parsing.
 
-use aya_ebpf::programs::XdpContext;
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP, steps::STEP_PACKET_CHECKS};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
-use crate::steps::skipped;
+use crate::{frame::Frame, steps::skipped};
 
 /// Returns a pointer to a `T` at `offset` bytes into the frame, or `None` when the frame is too
 /// short. The only way this crate reads or writes packet memory.
 #[inline(always)]
-pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+pub fn ptr_at<T>(ctx: &impl Frame, offset: usize) -> Option<*mut T> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + core::mem::size_of::<T>() > end {
@@ -84,7 +83,7 @@ pub enum Parsed {
 /// left untouched); fragments, IHL < 5, and headers beyond the frame or the IP total length
 /// are reported as malformed.
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Parsed {
+pub fn parse<F: Frame>(ctx: &F) -> Parsed {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return Parsed::NotIpv4;
     };
@@ -123,7 +122,7 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
             dst,
         };
     }
-    let frame_len = ctx.data_end() - ctx.data();
+    let frame_len = ctx.len();
     let l4_offset = EthHdr::LEN + ihl;
     let l4_hdr_len = if proto == IPPROTO_TCP {
         TCP_HDR_LEN
@@ -198,7 +197,7 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
 /// starts at an even address in both XDP modes (headroom is a multiple of 4), so the words are
 /// 2-aligned; a byte-wise read would cost twice the instructions on every packet.
 #[inline(always)]
-fn ip_checksum_ok(ctx: &XdpContext, ihl: usize) -> bool {
+fn ip_checksum_ok<F: Frame>(ctx: &F, ihl: usize) -> bool {
     let Some(fixed) = ptr_at::<[u16; 10]>(ctx, EthHdr::LEN) else {
         return false;
     };

@@ -316,14 +316,16 @@ pub enum KubeconfigSource {
 /// Which XDP mode to attach in (`--xdp-mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
 pub enum XdpMode {
-    /// Per device: generic on a veth (faster there, see `attach`); elsewhere native (driver)
-    /// mode, falling back to generic (skb) mode with a log line.
+    /// Per device: native (driver) XDP where the driver takes it; TC ingress on a veth and,
+    /// with a log line, where native XDP fails (faster there, see `XdpDataplane::attach`).
     #[default]
     Auto,
-    /// Native (driver) mode only.
+    /// Native (driver) XDP only.
     Native,
-    /// Generic (skb) mode only.
+    /// Generic (skb) XDP only.
     Skb,
+    /// TC ingress (TCX) only.
+    Tc,
 }
 
 /// A node label selector: `key`, or `key=value`.

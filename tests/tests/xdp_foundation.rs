@@ -163,6 +163,11 @@ fn traffic_crosses_native_xdp_on_veth() {
 }
 
 #[test]
-fn auto_mode_attaches_generically_to_a_veth() {
-    ping_through(XdpMode::Auto, AttachMode::Generic);
+fn traffic_crosses_tc_on_veth() {
+    ping_through(XdpMode::Tc, AttachMode::Tc);
+}
+
+#[test]
+fn auto_mode_attaches_at_tc_to_a_veth() {
+    ping_through(XdpMode::Auto, AttachMode::Tc);
 }

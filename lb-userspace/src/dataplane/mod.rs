@@ -116,15 +116,15 @@ pub enum DataplaneError {
         source: std::io::Error,
     },
     #[error(
-        "XDP attach failed on {iface} in native mode ({native}) and in generic mode ({generic}); check the device is up and has no other XDP program (`ip link show {iface}`)"
+        "attach failed on {iface} in native XDP mode ({native}) and at TC ingress ({tc}); check the device is up and has no other XDP program (`ip link show {iface}`)"
     )]
     Attach {
         iface: String,
         native: String,
-        generic: String,
+        tc: String,
     },
     #[error(
-        "XDP attach in {mode} mode failed on {iface}: {source}; retry with the other --xdp-mode or check `ip link show {iface}`"
+        "attach in {mode} mode failed on {iface}: {source}; retry with another --xdp-mode or check `ip link show {iface}`"
     )]
     AttachMode {
         iface: String,

@@ -3,8 +3,8 @@
 //!
 //! Everything lives under one directory ([`super::xdp::XdpConfig::pin_dir`], default
 //! [`lb_common::PIN_DIR`]), which must be on bpffs: one file per map (`XLB_SERVICES`,
-//! `XLB_CT_FWD`, …, all with BTF), the programs (`prog_xlb`, `prog_xlb_skb`) and one bpf_link
-//! per device (`link_drv_<ifname>` for native, `link_skb_<ifname>` for generic XDP). The data
+//! `XLB_CT_FWD`, …, all with BTF), the programs (`prog_xlb`, `prog_xlb_skb`, `prog_xlb_tc`) and one bpf_link
+//! per device (`link_drv_<ifname>` for native, `link_skb_<ifname>` for generic XDP, `link_tc_<ifname>` for TC). The data
 //! plane keeps forwarding while no xlb process runs (crash, SIGKILL, upgrade). A restarted
 //! loader reuses the pinned maps (conntrack included, so established connections survive) once
 //! their layout is checked, and swaps its freshly loaded program into the pinned links
@@ -19,14 +19,16 @@ use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 
+use aya::Ebpf;
 use aya::maps::MapInfo;
-use aya::programs::Xdp;
-use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::ProgramError;
+use aya::programs::links::{FdLink, LinkError, PinnedLink};
+use aya::programs::tc::SchedClassifierLink;
 use aya::programs::xdp::XdpLink;
 use lb_common::*;
 
 use super::DataplaneError;
-use super::xdp::AttachMode;
+use super::xdp::{AttachMode, tc_mut, xdp_mut};
 
 /// Where bpffs is conventionally mounted, and where xlb mounts it when it is missing.
 pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
@@ -211,7 +213,7 @@ pub struct LinkPin {
 
 /// The device and mode a link pin's file name (`link_drv_eth0`, `link_skb_eth0`) stands for.
 fn parse_link_name(file: &str) -> Option<(AttachMode, &str)> {
-    [AttachMode::Native, AttachMode::Generic]
+    [AttachMode::Native, AttachMode::Generic, AttachMode::Tc]
         .into_iter()
         .find_map(|mode| {
             let device = file.strip_prefix(&format!("link_{}_", mode.tag()))?;
@@ -248,17 +250,29 @@ pub fn stale_links(dir: &Path) -> bool {
     link_pins(dir).is_ok_and(|pins| !pins.is_empty())
 }
 
-/// Takes over the pinned link at `path`: swaps `program` into it (`BPF_LINK_UPDATE`), so the
-/// device keeps its XDP program without a gap.
-pub fn adopt_link(program: &mut Xdp, path: &Path) -> Result<FdLink, String> {
+/// Takes over the pinned link at `path`, attached in `mode`: swaps the freshly loaded program
+/// of that mode into it (`BPF_LINK_UPDATE`), so the device keeps its program without a gap.
+pub fn adopt_link(ebpf: &mut Ebpf, mode: AttachMode, path: &Path) -> Result<FdLink, String> {
     let pinned = PinnedLink::from_pin(path).map_err(|e| format!("opening the pin: {e}"))?;
-    let link = XdpLink::try_from(FdLink::from(pinned))
-        .map_err(|e| format!("the pin is not an XDP link: {e}"))?;
-    let id = program
-        .attach_to_link(link)
-        .map_err(|e| format!("swapping the program in: {e}"))?;
-    let link = program.take_link(id).map_err(|e| e.to_string())?;
-    FdLink::try_from(link).map_err(|e| e.to_string())
+    let link = FdLink::from(pinned);
+    let not_ours = |e: LinkError| format!("the pin is not a link of this kind: {e}");
+    let swap_failed = |e: ProgramError| format!("swapping the program in: {e}");
+    match mode {
+        AttachMode::Native | AttachMode::Generic => {
+            let program = xdp_mut(ebpf, mode.program()).map_err(|e| e.to_string())?;
+            let link = XdpLink::try_from(link).map_err(not_ours)?;
+            let id = program.attach_to_link(link).map_err(swap_failed)?;
+            FdLink::try_from(program.take_link(id).map_err(|e| e.to_string())?)
+                .map_err(|e| e.to_string())
+        }
+        AttachMode::Tc => {
+            let program = tc_mut(ebpf).map_err(|e| e.to_string())?;
+            let link = SchedClassifierLink::try_from(link).map_err(not_ours)?;
+            let id = program.attach_to_link(link).map_err(swap_failed)?;
+            FdLink::try_from(program.take_link(id).map_err(|e| e.to_string())?)
+                .map_err(|e| e.to_string())
+        }
+    }
 }
 
 #[cfg(test)]

@@ -38,7 +38,10 @@ use std::path::{Path, PathBuf};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray, PerCpuValues},
-    programs::{Xdp, XdpMode as XdpAttachFlags, links::FdLink, xdp::XdpLinkId},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode as XdpAttachFlags, links::FdLink,
+        tc::TcAttachOptions,
+    },
 };
 use lb_common::*;
 
@@ -58,6 +61,8 @@ pub enum AttachMode {
     Native,
     /// Generic (skb) XDP, program [`PROGRAM_GENERIC`].
     Generic,
+    /// TC ingress (a TCX link), program [`PROGRAM_TC`].
+    Tc,
 }
 
 impl AttachMode {
@@ -66,13 +71,24 @@ impl AttachMode {
         match self {
             AttachMode::Native => "drv",
             AttachMode::Generic => "skb",
+            AttachMode::Tc => "tc",
         }
     }
 
-    fn program(self) -> &'static str {
+    pub(super) fn program(self) -> &'static str {
         match self {
             AttachMode::Native => PROGRAM_NATIVE,
             AttachMode::Generic => PROGRAM_GENERIC,
+            AttachMode::Tc => PROGRAM_TC,
+        }
+    }
+
+    /// Its name in errors.
+    fn describe(self) -> &'static str {
+        match self {
+            AttachMode::Native => "native",
+            AttachMode::Generic => "generic",
+            AttachMode::Tc => "TC",
         }
     }
 }
@@ -172,12 +188,19 @@ impl XdpDataplane {
         }
         let mut ebpf = loader.load(BPF_OBJECT)?;
         for name in [PROGRAM_NATIVE, PROGRAM_GENERIC, PROGRAM_NOOP, PROGRAM_FLOOR] {
-            load_program(xdp_mut(&mut ebpf, name)?, name)?;
+            let program = xdp_mut(&mut ebpf, name)?;
+            load_program(|| program.load(), name)?;
         }
-        for name in [PROGRAM_NATIVE, PROGRAM_GENERIC] {
+        let program = tc_mut(&mut ebpf)?;
+        load_program(|| program.load(), PROGRAM_TC)?;
+        for name in [PROGRAM_NATIVE, PROGRAM_GENERIC, PROGRAM_TC] {
             let path = pins::program_path(&dir, name);
             let _ = std::fs::remove_file(&path);
-            xdp_mut(&mut ebpf, name)?
+            ebpf.program_mut(name)
+                .ok_or(DataplaneError::Program {
+                    name,
+                    source: aya::programs::ProgramError::NotLoaded,
+                })?
                 .pin(&path)
                 .map_err(|source| DataplaneError::PinObject { path, source })?;
         }
@@ -408,9 +431,7 @@ impl XdpDataplane {
     /// Takes over the links pinned by a previous loader: swaps the freshly loaded program in.
     fn adopt_links(&mut self) -> Result<(), DataplaneError> {
         for pin in pins::link_pins(&self.config.pin_dir)? {
-            let adopted = xdp_mut(&mut self.ebpf, pin.mode.program())
-                .map_err(|e| e.to_string())
-                .and_then(|program| pins::adopt_link(program, &pin.path));
+            let adopted = pins::adopt_link(&mut self.ebpf, pin.mode, &pin.path);
             match adopted {
                 Ok(link) => {
                     self.register_mac(&pin.device)?;
@@ -440,19 +461,7 @@ impl XdpDataplane {
     fn ensure_attached(&mut self, device: &str) -> Result<(), DataplaneError> {
         let ifindex = devices::ifindex(device)?;
         if !self.attached.contains_key(device) {
-            let (mode, id) = self.attach(device, ifindex)?;
-            let program = xdp_mut(&mut self.ebpf, mode.program())?;
-            let link = program
-                .take_link(id)
-                .map_err(|source| DataplaneError::Program {
-                    name: mode.program(),
-                    source,
-                })?;
-            let link = FdLink::try_from(link).map_err(|e| DataplaneError::AttachMode {
-                iface: device.to_owned(),
-                mode: mode.tag(),
-                source: aya::programs::ProgramError::IOError(std::io::Error::other(e.to_string())),
-            })?;
+            let (mode, link) = self.attach(device, ifindex)?;
             let path = pins::link_path(&self.config.pin_dir, mode, device);
             let _ = std::fs::remove_file(&path);
             let pinned = link
@@ -489,62 +498,83 @@ impl XdpDataplane {
         Ok(())
     }
 
-    /// Attaches to `device` in the configured mode (in `Auto`: generic on a veth, elsewhere
-    /// native first, falling back to generic with a log line).
+    /// Attaches to `device` in the configured mode. In `Auto`: native XDP where the driver
+    /// takes it; else (a veth, a driver without XDP) TC, where the skb goes on as it is
+    /// (generic XDP must first copy every GSO packet into one linear buffer: bulk TCP through
+    /// a veth ran N.NNx faster with TC in `bench_e2e`).
     fn attach(
         &mut self,
         device: &str,
         ifindex: u32,
-    ) -> Result<(AttachMode, XdpLinkId), DataplaneError> {
-        let mut try_mode = |mode: AttachMode| -> Result<XdpLinkId, aya::programs::ProgramError> {
-            let program = xdp_mut(&mut self.ebpf, mode.program())
-                .map_err(|_| aya::programs::ProgramError::NotLoaded)?;
-            let flags = if mode == AttachMode::Native {
-                XdpAttachFlags::Driver
-            } else {
-                XdpAttachFlags::Skb
-            };
-            program.attach_to_if_index(ifindex, flags)
-        };
+    ) -> Result<(AttachMode, FdLink), DataplaneError> {
         let only = match self.config.mode {
             XdpMode::Native => Some(AttachMode::Native),
             XdpMode::Skb => Some(AttachMode::Generic),
+            XdpMode::Tc => Some(AttachMode::Tc),
             XdpMode::Auto if devices::is_veth(device) => {
-                // Native XDP on a veth turns every packet into an XDP frame, copying each GSO
-                // packet into pages, and cannot transmit to a peer without XDP: bulk TCP
-                // through it ran 3.5x slower than generic mode in bench_e2e.
-                tracing::info!(device, "veth: generic XDP (faster than native on veth)");
-                Some(AttachMode::Generic)
+                // Native XDP on a veth also turns every packet into an XDP frame, copying
+                // each GSO packet into pages, and cannot transmit to a peer without XDP.
+                tracing::info!(device, "veth: TC ingress (faster than XDP on veth)");
+                Some(AttachMode::Tc)
             }
             XdpMode::Auto => None,
         };
         if let Some(mode) = only {
-            return try_mode(mode).map(|id| (mode, id)).map_err(|source| {
-                DataplaneError::AttachMode {
+            return self
+                .attach_in(mode, device, ifindex)
+                .map(|link| (mode, link))
+                .map_err(|source| DataplaneError::AttachMode {
                     iface: device.into(),
-                    mode: match mode {
-                        AttachMode::Native => "native",
-                        AttachMode::Generic => "generic",
-                    },
+                    mode: mode.describe(),
                     source,
-                }
-            });
+                });
         }
-        // Auto: native, falling back to generic.
-        match try_mode(AttachMode::Native) {
-            Ok(id) => Ok((AttachMode::Native, id)),
+        match self.attach_in(AttachMode::Native, device, ifindex) {
+            Ok(link) => Ok((AttachMode::Native, link)),
             Err(native) => {
-                tracing::warn!(device, error = %native, "native XDP attach failed (driver lacks XDP?); falling back to generic mode");
-                match try_mode(AttachMode::Generic) {
-                    Ok(id) => Ok((AttachMode::Generic, id)),
-                    Err(generic) => Err(DataplaneError::Attach {
+                tracing::warn!(device, error = %native, "native XDP attach failed (driver lacks XDP?); falling back to TC ingress");
+                match self.attach_in(AttachMode::Tc, device, ifindex) {
+                    Ok(link) => Ok((AttachMode::Tc, link)),
+                    Err(tc) => Err(DataplaneError::Attach {
                         iface: device.into(),
                         native: native.to_string(),
-                        generic: generic.to_string(),
+                        tc: tc.to_string(),
                     }),
                 }
             }
         }
+    }
+
+    /// Attaches the program of `mode` to `device` and hands over its link.
+    fn attach_in(
+        &mut self,
+        mode: AttachMode,
+        device: &str,
+        ifindex: u32,
+    ) -> Result<FdLink, aya::programs::ProgramError> {
+        let not_loaded = |_| aya::programs::ProgramError::NotLoaded;
+        let link = match mode {
+            AttachMode::Native | AttachMode::Generic => {
+                let flags = if mode == AttachMode::Native {
+                    XdpAttachFlags::Driver
+                } else {
+                    XdpAttachFlags::Skb
+                };
+                let program = xdp_mut(&mut self.ebpf, mode.program()).map_err(not_loaded)?;
+                let id = program.attach_to_if_index(ifindex, flags)?;
+                FdLink::try_from(program.take_link(id)?).map_err(|e| e.to_string())
+            }
+            AttachMode::Tc => {
+                let program = tc_mut(&mut self.ebpf).map_err(not_loaded)?;
+                let id = program.attach_with_options(
+                    device,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )?;
+                FdLink::try_from(program.take_link(id)?).map_err(|e| e.to_string())
+            }
+        };
+        link.map_err(|e| aya::programs::ProgramError::IOError(std::io::Error::other(e)))
     }
 
     /// Whether devices toward backends are attached too (see [`XdpConfig::follow_backend_routes`]).
@@ -687,10 +717,13 @@ impl Dataplane for XdpDataplane {
 const PROGRAM_LOAD_ATTEMPTS: u32 = 5;
 
 /// Loads `program` (named `name`) into the kernel.
-fn load_program(program: &mut Xdp, name: &'static str) -> Result<(), DataplaneError> {
+fn load_program(
+    mut load: impl FnMut() -> Result<(), aya::programs::ProgramError>,
+    name: &'static str,
+) -> Result<(), DataplaneError> {
     let mut attempt = 1;
     loop {
-        match program.load() {
+        match load() {
             Ok(()) => return Ok(()),
             Err(aya::programs::ProgramError::LoadError { io_error, .. })
                 if io_error.raw_os_error() == Some(libc::EAGAIN)
@@ -713,7 +746,22 @@ fn service_key(frontend: &Frontend) -> ServiceKey {
     }
 }
 
-fn xdp_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DataplaneError> {
+pub(super) fn xdp_mut<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut Xdp, DataplaneError> {
+    let program = ebpf.program_mut(name).ok_or(DataplaneError::Program {
+        name,
+        source: aya::programs::ProgramError::NotLoaded,
+    })?;
+    program
+        .try_into()
+        .map_err(|source| DataplaneError::Program { name, source })
+}
+
+/// The TC program.
+pub(super) fn tc_mut(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, DataplaneError> {
+    let name = PROGRAM_TC;
     let program = ebpf.program_mut(name).ok_or(DataplaneError::Program {
         name,
         source: aya::programs::ProgramError::NotLoaded,
