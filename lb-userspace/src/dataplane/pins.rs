@@ -289,6 +289,10 @@ mod tests {
             parse_link_name("link_skb_veth-a_1"),
             Some((AttachMode::Generic, "veth-a_1"))
         );
+        assert_eq!(
+            parse_link_name("link_tc_eth0"),
+            Some((AttachMode::Tc, "eth0"))
+        );
         assert_eq!(parse_link_name("link_skb_"), None);
         assert_eq!(parse_link_name("prog_xlb"), None);
         assert_eq!(parse_link_name("XLB_CT_FWD"), None);

@@ -270,6 +270,18 @@ impl XdpDataplane {
             .map_err(|source| DataplaneError::Program { name, source })
     }
 
+    /// The loaded TC program ([`PROGRAM_TC`]), e.g. for `BPF_PROG_TEST_RUN`.
+    pub fn tc_program(&self) -> Result<&SchedClassifier, DataplaneError> {
+        let name = PROGRAM_TC;
+        let program = self.ebpf.program(name).ok_or(DataplaneError::Program {
+            name,
+            source: aya::programs::ProgramError::NotLoaded,
+        })?;
+        program
+            .try_into()
+            .map_err(|source| DataplaneError::Program { name, source })
+    }
+
     /// The pin directory in use.
     pub fn pin_dir(&self) -> &Path {
         &self.config.pin_dir

@@ -3,7 +3,7 @@
 //! close; Rust std sockets, one connection at a time) from the client namespace, side by side:
 //!
 //! - direct: to a backend's address, routed by the lb namespace's kernel (no LB);
-//! - xlb XDP generic and xlb XDP native (`xlb_loader`, next to this binary);
+//! - xlb XDP generic, xlb XDP native and xlb TC (`xlb_loader`, next to this binary);
 //! - nftables DNAT + SNAT (masquerade) in the lb namespace;
 //! - HAProxy in TCP mode in the lb namespace.
 //!
@@ -258,6 +258,7 @@ fn main() {
         measure("direct (no LB)", &t, direct_conn, direct_bulk),
         xlb("xlb XDP generic", &t, &loader, "generic"),
         xlb("xlb XDP native", &t, &loader, "native"),
+        xlb("xlb TC", &t, &loader, "tc"),
         nftables(&t),
         haproxy(&t),
     ];
@@ -265,13 +266,17 @@ fn main() {
     drop(backends);
 
     let base = &results[0];
+    let nft = results
+        .iter()
+        .find(|r| r.name.starts_with("nftables"))
+        .expect("an nftables row");
     println!(
         "client ns -> lb ns -> backend ns; iperf3 1 stream {IPERF_SECONDS} s; connections: {} s loop, connect+read greeting+close",
         CONN_SECONDS.as_secs()
     );
     println!(
-        "{:<22} {:>8} {:>8} {:>10} {:>8}",
-        "path", "Gb/s", "/direct", "conn/s", "/direct"
+        "{:<22} {:>8} {:>8} {:>8} {:>10} {:>8} {:>8}",
+        "path", "Gb/s", "/direct", "/nft", "conn/s", "/direct", "/nft"
     );
     let fmt = |v: Option<f64>, d: usize| v.map_or("failed".to_owned(), |v| format!("{v:.d$}"));
     let ratio = |v: Option<f64>, b: Option<f64>| match (v, b) {
@@ -280,12 +285,14 @@ fn main() {
     };
     for r in &results {
         println!(
-            "{:<22} {:>8} {:>8} {:>10} {:>8}",
+            "{:<22} {:>8} {:>8} {:>8} {:>10} {:>8} {:>8}",
             r.name,
             fmt(r.gbps, 2),
             ratio(r.gbps, base.gbps),
+            ratio(r.gbps, nft.gbps),
             fmt(r.conns, 0),
-            ratio(r.conns, base.conns)
+            ratio(r.conns, base.conns),
+            ratio(r.conns, nft.conns)
         );
     }
 }

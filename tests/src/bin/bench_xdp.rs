@@ -38,7 +38,7 @@
 
 use std::net::Ipv4Addr;
 
-use aya::programs::{TestRun as _, TestRunOptions, Xdp};
+use aya::programs::{TestRun, TestRunOptions, TestRunResult, Xdp};
 use aya::{Ebpf, EbpfLoader};
 use lb_common::steps::{
     SKIP_STEPS_GLOBAL, STEP_COUNTERS, STEP_MAC_CHECK, STEP_PACKET_CHECKS, STEP_ROUTE, STEPS,
@@ -125,7 +125,10 @@ fn cell((min, median): (f64, f64)) -> String {
 
 /// Runs `program` `repeat` times on `frame` inside the fixture's namespace; returns the
 /// kernel's mean ns per run and the last run's verdict.
-fn time(fx: &Fixture, program: &Xdp, frame: &[u8], repeat: u32) -> (f64, u32) {
+fn time<P>(fx: &Fixture, program: &P, frame: &[u8], repeat: u32) -> (f64, u32)
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult> + Sync,
+{
     let mut out = vec![0u8; frame.len() + 512];
     let result = fx
         .ns
@@ -323,6 +326,59 @@ fn row(fx: &Fixture, path: &Path, floor_frame: &[u8]) {
         xlb.0 / noop.0,
         path.repeat
     );
+}
+
+/// Issue 15, item 3: the tracked paths as generic XDP (`xlb_skb`) and as the TC program
+/// (`xlb_tc`, the same code on an skb) run them, on the same maps and frames, in interleaved
+/// rounds. `test_run` hands both a linear frame, so this is the per-packet cost alone; what
+/// TC saves on GSO packets (generic XDP copies each into one buffer first) shows in
+/// `bench_e2e`.
+fn by_hook(
+    fx: &mut Fixture,
+    data: &[u8],
+    data_mac: [u8; 6],
+    reply: &[u8],
+    reply_mac: [u8; 6],
+    repeat: u32,
+) {
+    /// `TC_ACT_REDIRECT`.
+    const TC_ACT_REDIRECT: u32 = 7;
+    println!(
+        "\nBy hook, same maps and frames: ns/packet min/median of {ROUNDS} interleaved rounds"
+    );
+    println!(
+        "{:<24} {:>12} {:>12} {:>8}",
+        "path", "generic XDP", "TC", "TC/XDP"
+    );
+    for (name, frame, mac, stat) in [
+        ("established (fwd hit)", data, data_mac, STAT_CT_HIT),
+        ("reply (rev hit)", reply, reply_mac, STAT_CT_REPLY),
+    ] {
+        fx.dp.set_device_mac(LO_IFINDEX, mac).expect("lo MAC");
+        let fx = &*fx;
+        let skb = fx.dp.program(PROGRAM_GENERIC).expect("xlb_skb");
+        let tc = fx.dp.tc_program().expect("xlb_tc");
+        let (mut skb_ns, mut tc_ns) = (Vec::new(), Vec::new());
+        for _ in 0..ROUNDS {
+            skb_ns.push(time(fx, skb, frame, repeat).0);
+            let before = fx.stat(stat);
+            let (ns, verdict) = time(fx, tc, frame, repeat);
+            assert_eq!(verdict, TC_ACT_REDIRECT, "{name} at TC: verdict {verdict}");
+            assert_eq!(
+                fx.stat(stat) - before,
+                repeat as u64,
+                "{name} at TC: not every repeat took the path"
+            );
+            tc_ns.push(ns);
+        }
+        let (skb_ns, tc_ns) = (min_median(skb_ns), min_median(tc_ns));
+        println!(
+            "{name:<24} {:>12} {:>12} {:>8.2}",
+            cell(skb_ns),
+            cell(tc_ns),
+            tc_ns.0 / skb_ns.0
+        );
+    }
 }
 
 /// Issue 15: where the time goes. Each step left out in turn (a variant of the program loaded
@@ -557,6 +613,8 @@ fn main() {
         &data,
     );
     step_breakdown(&fx, &syn, &data);
+    by_hook(&mut fx, &data, to_self, &reply, to_client, repeat);
+    fx.dp.set_device_mac(LO_IFINDEX, to_self).expect("lo MAC");
 
     // New flows with full tables (issue 15, item 2).
     let early_drops = fx.stat(STAT_EARLY_DROP);

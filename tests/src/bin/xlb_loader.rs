@@ -18,12 +18,13 @@ use xlb_tests::spec::parse_services;
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let [_, pin_dir, device, mode, file] = &args[..] else {
-        eprintln!("usage: xlb_loader PIN_DIR LINK_DEVICE auto|native|generic SERVICES_FILE");
+        eprintln!("usage: xlb_loader PIN_DIR LINK_DEVICE auto|native|generic|tc SERVICES_FILE");
         std::process::exit(2);
     };
     let mode = match mode.as_str() {
         "native" => XdpMode::Native,
         "generic" => XdpMode::Skb,
+        "tc" => XdpMode::Tc,
         _ => XdpMode::Auto,
     };
     let mut config = XdpConfig {
