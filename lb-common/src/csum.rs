@@ -48,6 +48,15 @@ pub const fn update_partial(check: [u8; 2], delta: u32) -> [u8; 2] {
     fold(sum).to_be_bytes()
 }
 
+/// How a rewrite changed the one's-complement sum of a segment's bytes (what an skb's
+/// `CHECKSUM_COMPLETE` value covers, with the IP header, whose own checksum cancels its
+/// address change): the ports changed by `port_delta` and the checksum field from
+/// `old_check` to `new_check`. Nothing else in the segment changed.
+#[inline(always)]
+pub const fn segment_delta(port_delta: u32, old_check: [u8; 2], new_check: [u8; 2]) -> u32 {
+    port_delta + delta2(old_check, new_check)
+}
+
 /// One's-complement sum of the IPv4 pseudo-header (RFC 793/768), not folded.
 #[inline(always)]
 pub const fn pseudo_header_sum(src: [u8; 4], dst: [u8; 4], proto: u8, l4_len: u16) -> u32 {
@@ -166,6 +175,40 @@ mod tests {
             check_seg[16..18].copy_from_slice(&updated);
             let pseudo = pseudo_header_sum(nsrc, ndst, TCP, check_seg.len() as u16);
             assert_eq!(fold(sum_bytes(&check_seg, pseudo)), 0xffff);
+        }
+    }
+
+    /// The sum of a rewritten segment's bytes (full checksum updated, ports changed) is the
+    /// old sum plus `segment_delta`, as `bpf_csum_update` adds it to a CHECKSUM_COMPLETE skb.
+    #[test]
+    fn segment_delta_is_the_change_of_the_segment_sum() {
+        let mut seed = 0x0bad_cafe;
+        for _ in 0..5000 {
+            let (src, dst) = (rng(&mut seed).to_be_bytes(), rng(&mut seed).to_be_bytes());
+            let (nsrc, ndst) = (rng(&mut seed).to_be_bytes(), rng(&mut seed).to_be_bytes());
+            let (sport, dport) = (rng(&mut seed) as u16, rng(&mut seed) as u16);
+            let (nsport, ndport) = (rng(&mut seed) as u16, rng(&mut seed) as u16);
+            let len = (rng(&mut seed) % 40) as usize;
+            let payload: Vec<u8> = (0..len).map(|_| rng(&mut seed) as u8).collect();
+            let seg = segment(src, dst, sport, dport, &payload);
+            let port_delta = delta2(sport.to_be_bytes(), nsport.to_be_bytes())
+                + delta2(dport.to_be_bytes(), ndport.to_be_bytes());
+            let old = [seg[16], seg[17]];
+            let new = update_full(old, delta4(src, nsrc) + delta4(dst, ndst) + port_delta);
+            let mut rewritten = seg.clone();
+            rewritten[0..2].copy_from_slice(&nsport.to_be_bytes());
+            rewritten[2..4].copy_from_slice(&ndport.to_be_bytes());
+            rewritten[16..18].copy_from_slice(&new);
+            let before = sum_bytes(&seg, 0);
+            let after = sum_bytes(&rewritten, 0);
+            // Compared as one's-complement values: 0x0000 and 0xffff are the same.
+            let norm = |v: u16| if v == 0xffff { 0 } else { v };
+            assert_eq!(
+                norm(fold(
+                    before + fold(segment_delta(port_delta, old, new)) as u32
+                )),
+                norm(fold(after)),
+            );
         }
     }
 

@@ -118,6 +118,15 @@ const HEADERS_MAX: usize = EthHdr::LEN + 60 + 20;
 const _: () = assert!(Ipv4Hdr::LEN == 20);
 
 impl Tc {
+    /// Whether the skb carries a VLAN tag the driver took out of the frame (hardware VLAN
+    /// receive offload). XDP sees such a frame with its 802.1Q header and leaves it alone;
+    /// so does TC, or a translated packet would leave tagged.
+    #[inline(always)]
+    pub fn vlan_tagged(&self) -> bool {
+        // SAFETY: the context is the kernel's __sk_buff for this run.
+        unsafe { (*self.0.skb.skb).vlan_present != 0 }
+    }
+
     /// Makes the headers directly readable: an skb may hold them partly in paged data (a
     /// driver that pulled only a few bytes). Costs nothing when they already are.
     #[inline(always)]

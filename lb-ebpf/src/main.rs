@@ -59,6 +59,10 @@ pub fn xlb_skb(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn xlb_tc(ctx: TcContext) -> i32 {
     let frame = Tc(ctx);
+    if frame.vlan_tagged() {
+        // Pass: not IPv4 as XDP would see it (an 802.1Q frame).
+        return tc_verdict(finish(pass(STAT_NOT_IPV4)));
+    }
     frame.pull_headers();
     tc_verdict(finish(try_xlb(&frame)))
 }

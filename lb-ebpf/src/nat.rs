@@ -42,26 +42,18 @@ pub fn rewrite<F: Frame>(ctx: &F, flow: &Flow, entry: &CtEntry) -> Result<(), u3
     let check = ptr_at::<[u8; 2]>(ctx, check_offset).ok_or(abort)?;
     // SAFETY: as above.
     let old = unsafe { *check };
-    // How the sum over the IP header and segment changes: the IP header's own checksum
-    // cancels its address change; in the segment, the ports change and so does the field.
-    let (new, sum_diff) = if !is_tcp && old == [0, 0] {
-        (old, port_delta)
+    let new = if !is_tcp && old == [0, 0] {
+        old
     } else if csum::is_partial(old, flow.src, flow.dst, flow.proto, flow.l4_len) {
-        (
-            csum::update_partial(old, addr_delta),
-            addr_delta + port_delta,
-        )
+        csum::update_partial(old, addr_delta)
     } else {
         let full = csum::update_full(old, addr_delta + port_delta);
         // In UDP a computed 0 is sent as 0xffff (RFC 768); 0 would mean "no checksum".
-        let full = if !is_tcp && full == [0, 0] {
+        if !is_tcp && full == [0, 0] {
             [0xff, 0xff]
         } else {
             full
-        };
-        // A full field absorbs both deltas, so the segment's sum changes by minus the
-        // address delta.
-        (full, (!csum::fold(addr_delta)) as u32)
+        }
     };
     let ports = ptr_at::<[u8; 4]>(ctx, flow.l4_offset).ok_or(abort)?;
     // SAFETY: as above.
@@ -69,6 +61,8 @@ pub fn rewrite<F: Frame>(ctx: &F, flow: &Flow, entry: &CtEntry) -> Result<(), u3
         *check = new;
         *ports = [new_sport[0], new_sport[1], new_dport[0], new_dport[1]];
     }
-    ctx.rewritten(sum_diff);
+    // The IP header's checksum cancels its address change; in the segment the ports and the
+    // checksum field changed.
+    ctx.rewritten(csum::segment_delta(port_delta, old, new));
     Ok(())
 }

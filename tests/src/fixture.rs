@@ -138,6 +138,24 @@ impl Fixture {
         (result.return_value, out)
     }
 
+    /// Runs the TC program once on `frame` (an skb arriving on `lo`) inside the namespace:
+    /// (TC verdict, output frame).
+    pub fn run_tc(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let program = self.dp.tc_program().unwrap_or_else(|e| panic!("{e}"));
+        let mut out = vec![0u8; frame.len() + 512];
+        let result = self.ns.enter(|| {
+            program.test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                repeat: 1,
+                ..TestRunOptions::default()
+            })
+        });
+        let result = result.unwrap_or_else(|e| panic!("test run of the TC program: {e}"));
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
     /// Runs program `name` once on each of `count` frames that `make(i, frame)` writes (the
     /// buffer holds the previous frame), inside the namespace entered once; returns how many
     /// runs ended with each verdict (indexed by XDP action, 0..=4).

@@ -454,6 +454,61 @@ fn partial_checksums_are_updated_as_partial() {
     }
 }
 
+/// The TC program is the same code on an skb: a TCP handshake with data, its reply, a UDP
+/// exchange and a partial checksum come out as generic XDP translates them, redirected.
+#[test]
+fn tc_translates_as_generic_xdp_does() {
+    const TC_ACT_REDIRECT: u32 = 7;
+    let fx = fixture("fx-tc");
+    let to_backend = Some((LB_BACKEND_MAC, host_mac(BACKEND.into())));
+    let to_client = Some((LB_CLIENT_MAC, host_mac(CLIENT.into())));
+    let syn = pkt::tcp(sa(CLIENT, 40000), sa(VIP, 80), SYN, &[]);
+    let (verdict, out) = fx.run_tc(&syn);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let port = snat_port_of(&out);
+    let snat = sa(LB_BACKEND_IP.octets(), port);
+    assert_translated(&syn, &out, snat, sa(BACKEND, 8080), to_backend);
+    let reply = pkt::tcp(sa(BACKEND, 8080), snat, SYN | ACK, &[]);
+    let (verdict, out) = fx.run_tc(&reply);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_translated(&reply, &out, sa(VIP, 80), sa(CLIENT, 40000), to_client);
+    let data = pkt::tcp(sa(CLIENT, 40000), sa(VIP, 80), ACK | PSH, b"GET /\r\n\r\n");
+    let (verdict, out) = fx.run_tc(&data);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_translated(&data, &out, snat, sa(BACKEND, 8080), to_backend);
+    assert_eq!(fx.stat(STAT_FLOW_OPENED), 1);
+    assert_eq!(fx.stat(STAT_CT_HIT), 1);
+    // The same open flow through generic XDP: the same frame.
+    let (verdict, xdp_out) = fx.run(PROGRAM_GENERIC, &data);
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_eq!(out, xdp_out, "TC and generic XDP translate the flow alike");
+
+    let query = pkt::udp(sa(CLIENT, 41000), sa(VIP, 53), b"q");
+    let (verdict, out) = fx.run_tc(&query);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let udp_snat = sa(LB_BACKEND_IP.octets(), snat_port_of(&out));
+    assert_translated(&query, &out, udp_snat, sa(BACKEND, 5353), to_backend);
+
+    let full = pkt::tcp(sa(CLIENT, 40001), sa(VIP, 80), SYN, b"");
+    let mut partial = full.clone();
+    pkt::make_partial(&mut partial);
+    let (verdict, mut out) = fx.run_tc(&partial);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let mut expected = pkt::translated(
+        &full,
+        sa(LB_BACKEND_IP.octets(), snat_port_of(&out)),
+        sa(BACKEND, 8080),
+    );
+    pkt::make_partial(&mut expected);
+    assert_eq!(
+        out[14..],
+        expected[14..],
+        "partial checksum of the new pseudo-header"
+    );
+    pkt::complete_partial(&mut out);
+    assert!(pkt::checksums_ok(&out), "completed checksum invalid");
+}
+
 #[test]
 fn same_client_port_through_two_vips_to_one_backend_gets_distinct_snat_ports() {
     let fx = fixture("fx-collide");
