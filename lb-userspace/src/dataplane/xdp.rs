@@ -55,7 +55,7 @@ use crate::model::{Backend, Frontend, Protocol, VirtualService};
 pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
 
 /// How the program ended up attached to a device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum AttachMode {
     /// Native (driver) XDP, program [`PROGRAM_NATIVE`].
     Native,
@@ -187,15 +187,24 @@ impl XdpDataplane {
             loader.map_pin_path(name, dir.join(name));
         }
         let mut ebpf = loader.load(BPF_OBJECT)?;
-        for name in [PROGRAM_NATIVE, PROGRAM_GENERIC, PROGRAM_NOOP, PROGRAM_FLOOR] {
-            let program = xdp_mut(&mut ebpf, name)?;
-            load_program(|| program.load(), name)?;
-        }
-        let program = tc_mut(&mut ebpf)?;
-        load_program(|| program.load(), PROGRAM_TC)?;
-        for name in [PROGRAM_NATIVE, PROGRAM_GENERIC, PROGRAM_TC] {
+        let hooks = hooks_to_load(&config, &pins::link_pins(&dir)?);
+        for mode in [AttachMode::Native, AttachMode::Generic, AttachMode::Tc] {
+            let name = mode.program();
             let path = pins::program_path(&dir, name);
             let _ = std::fs::remove_file(&path);
+            if !hooks.contains(&mode) {
+                continue;
+            }
+            match mode {
+                AttachMode::Tc => {
+                    let program = tc_mut(&mut ebpf)?;
+                    load_program(|| program.load(), name)?;
+                }
+                _ => {
+                    let program = xdp_mut(&mut ebpf, name)?;
+                    load_program(|| program.load(), name)?;
+                }
+            }
             ebpf.program_mut(name)
                 .ok_or(DataplaneError::Program {
                     name,
@@ -203,6 +212,12 @@ impl XdpDataplane {
                 })?
                 .pin(&path)
                 .map_err(|source| DataplaneError::PinObject { path, source })?;
+        }
+        if config.devices.is_empty() {
+            for name in [PROGRAM_NOOP, PROGRAM_FLOOR] {
+                let program = xdp_mut(&mut ebpf, name)?;
+                load_program(|| program.load(), name)?;
+            }
         }
         let services =
             HashMap::try_from(take_map(&mut ebpf, SERVICES_MAP)?).map_err(map_err(SERVICES_MAP))?;
@@ -771,6 +786,25 @@ pub(super) fn xdp_mut<'a>(
         .map_err(|source| DataplaneError::Program { name, source })
 }
 
+/// The hooks whose programs [`XdpDataplane::open`] loads: all of them when no device is to be
+/// attached (`BPF_PROG_TEST_RUN` fixtures and benchmarks, which also get the baselines);
+/// otherwise those the configured mode attaches with, and those of links an earlier xlb
+/// pinned (adopted with a program of their own hook). Verifying the program costs seconds of
+/// CPU per build, so builds no device uses are not loaded.
+fn hooks_to_load(config: &XdpConfig, pinned: &[pins::LinkPin]) -> BTreeSet<AttachMode> {
+    let mut hooks: BTreeSet<AttachMode> = match config.mode {
+        _ if config.devices.is_empty() => {
+            [AttachMode::Native, AttachMode::Generic, AttachMode::Tc].into()
+        }
+        XdpMode::Auto => [AttachMode::Native, AttachMode::Tc].into(),
+        XdpMode::Native => [AttachMode::Native].into(),
+        XdpMode::Skb => [AttachMode::Generic].into(),
+        XdpMode::Tc => [AttachMode::Tc].into(),
+    };
+    hooks.extend(pinned.iter().map(|pin| pin.mode));
+    hooks
+}
+
 /// The TC program.
 pub(super) fn tc_mut(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, DataplaneError> {
     let name = PROGRAM_TC;
@@ -811,5 +845,42 @@ fn ignore_missing(
             Ok(())
         }
         Err(source) => Err(DataplaneError::Map { name, source }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_hooks_a_device_can_use_are_loaded() {
+        use AttachMode::{Generic, Native, Tc};
+        let config = |mode, devices: &[&str]| XdpConfig {
+            mode,
+            devices: devices.iter().map(|d| d.to_string()).collect(),
+            ..XdpConfig::default()
+        };
+        let hooks = |config: &XdpConfig, pinned: &[pins::LinkPin]| {
+            hooks_to_load(config, pinned)
+                .into_iter()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            hooks(&config(XdpMode::Auto, &[]), &[]),
+            [Native, Generic, Tc],
+            "test_run users get every build"
+        );
+        assert_eq!(hooks(&config(XdpMode::Auto, &["eth0"]), &[]), [Native, Tc]);
+        assert_eq!(hooks(&config(XdpMode::Skb, &["eth0"]), &[]), [Generic]);
+        let pinned = pins::LinkPin {
+            device: "eth1".into(),
+            mode: Generic,
+            path: PathBuf::from("/sys/fs/bpf/xlb/link_skb_eth1"),
+        };
+        assert_eq!(
+            hooks(&config(XdpMode::Tc, &["eth0"]), &[pinned]),
+            [Generic, Tc],
+            "an adopted link keeps its hook"
+        );
     }
 }
