@@ -1,5 +1,6 @@
 //! End to end through network namespaces (TESTING.md "Measuring"): Gb/s (iperf3, one TCP
-//! stream, 3 s) and connections/s (a 2 s loop of connect, read the backend's one-line greeting,
+//! stream, 3 s) with the machine's busy CPU time per GB moved (what the path costs even when
+//! one stream is bound by its ends), and connections/s (a 2 s loop of connect, read the backend's one-line greeting,
 //! close; Rust std sockets, one connection at a time) from the client namespace, side by side:
 //!
 //! - direct: to a backend's address, routed by the lb namespace's kernel (no LB);
@@ -35,6 +36,8 @@ const IPERF_SECONDS: &str = "3";
 struct Row {
     name: &'static str,
     gbps: Option<f64>,
+    /// Busy CPU ms of the whole machine per GB of the iperf3 run.
+    cpu_ms_per_gb: Option<f64>,
     conns: Option<f64>,
 }
 
@@ -67,8 +70,26 @@ fn conn_rate(client: &Netns, addr: SocketAddr) -> Option<f64> {
     })
 }
 
-/// One iperf3 run from `client` to `addr` (bounded by `timeout`); Gb/s received.
-fn iperf(client: &Netns, addr: SocketAddrV4) -> Option<f64> {
+/// Busy CPU time of the whole machine so far, in clock ticks (`/proc/stat`: user, nice,
+/// system, irq and softirq of all CPUs; idle, iowait and steal left out).
+fn busy_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").expect("/proc/stat");
+    let cpu = stat.lines().next().expect("the cpu line");
+    let fields: Vec<u64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    fields[0] + fields[1] + fields[2] + fields[5] + fields[6]
+}
+
+/// One iperf3 run from `client` to `addr` (bounded by `timeout`): Gb/s received, and the busy
+/// CPU time of the whole machine per GB moved, in ms. Both ends cost the same on every path,
+/// so the difference between paths in CPU per GB is what the path between them costs, even
+/// when one stream's Gb/s is bound by the ends.
+fn iperf(client: &Netns, addr: SocketAddrV4) -> Option<(f64, f64)> {
+    let ticks = busy_ticks();
     let out = client.output(&[
         "timeout",
         "20",
@@ -83,15 +104,27 @@ fn iperf(client: &Netns, addr: SocketAddrV4) -> Option<f64> {
         "3000",
         "-J",
     ]);
+    let busy_s = (busy_ticks() - ticks) as f64 / ticks_per_second();
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
     let bps = json["end"]["sum_received"]["bits_per_second"].as_f64();
-    if bps.is_none() {
-        eprintln!(
-            "  iperf3 to {addr} failed: {}",
-            json["error"].as_str().unwrap_or("no result")
-        );
+    let bytes = json["end"]["sum_received"]["bytes"].as_f64();
+    match (bps, bytes) {
+        (Some(bps), Some(bytes)) if bytes > 0.0 => Some((bps / 1e9, busy_s * 1e3 / (bytes / 1e9))),
+        _ => {
+            eprintln!(
+                "  iperf3 to {addr} failed: {}",
+                json["error"].as_str().unwrap_or("no result")
+            );
+            None
+        }
     }
-    bps.map(|b| b / 1e9)
+}
+
+/// Clock ticks per second of `/proc/stat`.
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 { ticks as f64 } else { 100.0 }
 }
 
 /// Waits (at most 10 s) until `addr` accepts connections from `client`.
@@ -115,12 +148,18 @@ fn measure(name: &'static str, t: &Topology, conn: SocketAddr, bulk: SocketAddrV
         return Row {
             name,
             gbps: None,
+            cpu_ms_per_gb: None,
             conns: None,
         };
     }
     let conns = conn_rate(&t.client, conn);
-    let gbps = iperf(&t.client, bulk);
-    Row { name, gbps, conns }
+    let bulk = iperf(&t.client, bulk);
+    Row {
+        name,
+        gbps: bulk.map(|b| b.0),
+        cpu_ms_per_gb: bulk.map(|b| b.1),
+        conns,
+    }
 }
 
 fn vip(port: u16) -> SocketAddrV4 {
@@ -270,13 +309,26 @@ fn main() {
         .iter()
         .find(|r| r.name.starts_with("nftables"))
         .expect("an nftables row");
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".to_owned());
+    println!(
+        "CPU {model}, {} CPUs",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
     println!(
         "client ns -> lb ns -> backend ns; iperf3 1 stream {IPERF_SECONDS} s; connections: {} s loop, connect+read greeting+close",
         CONN_SECONDS.as_secs()
     );
     println!(
-        "{:<22} {:>8} {:>8} {:>8} {:>10} {:>8} {:>8}",
-        "path", "Gb/s", "/direct", "/nft", "conn/s", "/direct", "/nft"
+        "{:<22} {:>8} {:>8} {:>8} {:>9} {:>6} {:>10} {:>8} {:>8}",
+        "path", "Gb/s", "/direct", "/nft", "CPU ms/GB", "/nft", "conn/s", "/direct", "/nft"
     );
     let fmt = |v: Option<f64>, d: usize| v.map_or("failed".to_owned(), |v| format!("{v:.d$}"));
     let ratio = |v: Option<f64>, b: Option<f64>| match (v, b) {
@@ -285,11 +337,13 @@ fn main() {
     };
     for r in &results {
         println!(
-            "{:<22} {:>8} {:>8} {:>8} {:>10} {:>8} {:>8}",
+            "{:<22} {:>8} {:>8} {:>8} {:>9} {:>6} {:>10} {:>8} {:>8}",
             r.name,
             fmt(r.gbps, 2),
             ratio(r.gbps, base.gbps),
             ratio(r.gbps, nft.gbps),
+            fmt(r.cpu_ms_per_gb, 0),
+            ratio(r.cpu_ms_per_gb, nft.cpu_ms_per_gb),
             fmt(r.conns, 0),
             ratio(r.conns, base.conns),
             ratio(r.conns, nft.conns)
