@@ -26,6 +26,12 @@ pub const PROGRAM_NATIVE: &str = "xlb";
 pub const PROGRAM_GENERIC: &str = "xlb_skb";
 /// Name of the TC ingress program (clsact/TCX classifier).
 pub const PROGRAM_TC: &str = "xlb_tc";
+/// The new-flow program each main program tail-calls (see [`NEW_FLOW_XDP_MAP`]): native XDP.
+pub const PROGRAM_NEW_FLOW_NATIVE: &str = "xlb_new_flow";
+/// The new-flow program of generic XDP.
+pub const PROGRAM_NEW_FLOW_GENERIC: &str = "xlb_skb_new_flow";
+/// The new-flow program of TC.
+pub const PROGRAM_NEW_FLOW_TC: &str = "xlb_tc_new_flow";
 /// A do-nothing XDP program (returns `XDP_PASS`), the baseline for benchmarks.
 pub const PROGRAM_NOOP: &str = "xlb_noop";
 /// The floor XDP program (one conntrack lookup, DNAT rewrite, `XDP_TX`), the other baseline.

@@ -43,8 +43,21 @@ pub const SNAT_PORTS_GLOBAL: &str = "XLB_SNAT_PORTS";
 /// candidates across that address and these. Written by userspace (`--snat-addresses`).
 pub const SNAT_ADDRS_MAP: &str = "XLB_SNAT_ADDRS";
 
+/// The new-flow programs of the XDP hooks (`PROG_ARRAY`, slots [`NEW_FLOW_SLOT_NATIVE`] and
+/// [`NEW_FLOW_SLOT_GENERIC`]): a packet that starts a flow is tail-called from the main program
+/// into the new-flow program of its hook, so the two are verified apart, each within the
+/// verifier's budget. Written by userspace at start; pinned, so new flows keep working while
+/// no xlb runs.
+pub const NEW_FLOW_XDP_MAP: &str = "XLB_NEW_FLOW_XDP";
+/// The same for TC (slot 0): a `PROG_ARRAY` holds programs of one type only.
+pub const NEW_FLOW_TC_MAP: &str = "XLB_NEW_FLOW_TC";
+/// Slot of the native XDP new-flow program in [`NEW_FLOW_XDP_MAP`].
+pub const NEW_FLOW_SLOT_NATIVE: u32 = 0;
+/// Slot of the generic XDP new-flow program in [`NEW_FLOW_XDP_MAP`].
+pub const NEW_FLOW_SLOT_GENERIC: u32 = 1;
+
 /// Every map the program defines, for pinning and `xlb inspect`.
-pub const ALL_MAPS: [&str; 12] = [
+pub const ALL_MAPS: [&str; 14] = [
     SERVICES_MAP,
     BACKENDS_MAP,
     VIPS_MAP,
@@ -55,6 +68,8 @@ pub const ALL_MAPS: [&str; 12] = [
     XMIT_MAP,
     NEXT_HOPS_MAP,
     SNAT_ADDRS_MAP,
+    NEW_FLOW_XDP_MAP,
+    NEW_FLOW_TC_MAP,
     crate::STATS_MAP,
     crate::SVC_STATS_MAP,
 ];

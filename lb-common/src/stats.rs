@@ -109,8 +109,12 @@ pub const STAT_CLOSED_REUSED: u32 = 39;
 /// `NEXT_HOPS_MAP` (not resolved yet, or userspace has not confirmed it lately).
 pub const STAT_NEXT_HOP_MISS: u32 = 40;
 
+/// A packet that starts a flow found no new-flow program to go on to (its `PROG_ARRAY` slot
+/// empty): passed to the kernel untouched.
+pub const STAT_NEW_FLOW_UNREACHABLE: u32 = 41;
+
 /// Number of counters in [`STATS_MAP`].
-pub const STAT_COUNT: u32 = 41;
+pub const STAT_COUNT: u32 = 42;
 
 /// Human-readable name of each counter, indexed like the map (for `xlb inspect stats`).
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
@@ -155,6 +159,7 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "open_insert_failed",
     "closed_reused",
     "next_hop_miss",
+    "new_flow_unreachable",
 ];
 
 /// Per-service counters, one per CPU in [`SVC_STATS_MAP`] at the service's id.

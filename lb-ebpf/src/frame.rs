@@ -11,7 +11,10 @@ use aya_ebpf::{
     helpers::{bpf_csum_update, bpf_skb_pull_data},
     programs::{TcContext, XdpContext},
 };
+use lb_common::{NEW_FLOW_SLOT_GENERIC, NEW_FLOW_SLOT_NATIVE};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+
+use crate::maps::{XLB_NEW_FLOW_TC, XLB_NEW_FLOW_XDP};
 
 /// The hook a build of the program runs at.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -35,6 +38,9 @@ pub trait Frame {
     fn ingress_ifindex(&self) -> u32;
     /// The context pointer helpers take.
     fn as_ptr(&self) -> *mut c_void;
+    /// Goes on to the new-flow program of this hook (a tail call: no return on success).
+    /// Returns when that program is missing.
+    fn to_new_flow(&self);
     /// Called after a rewrite that changed the sum of the L3/L4 bytes by `diff` (a 16-bit
     /// one's-complement difference): keeps an skb's `CHECKSUM_COMPLETE` sum right. XDP
     /// frames carry no such sum.
@@ -50,7 +56,7 @@ pub struct Generic(pub XdpContext);
 pub struct Tc(pub TcContext);
 
 macro_rules! xdp_frame {
-    ($name:ident, $hook:expr) => {
+    ($name:ident, $hook:expr, $slot:expr) => {
         impl Frame for $name {
             const HOOK: Hook = $hook;
             #[inline(always)]
@@ -73,12 +79,17 @@ macro_rules! xdp_frame {
             fn as_ptr(&self) -> *mut c_void {
                 self.0.as_ptr()
             }
+            #[inline(always)]
+            fn to_new_flow(&self) {
+                // SAFETY: a tail call with this run's context; on failure it returns.
+                unsafe { XLB_NEW_FLOW_XDP.tail_call(&self.0, $slot) };
+            }
         }
     };
 }
 
-xdp_frame!(Native, Hook::Native);
-xdp_frame!(Generic, Hook::Generic);
+xdp_frame!(Native, Hook::Native, NEW_FLOW_SLOT_NATIVE);
+xdp_frame!(Generic, Hook::Generic, NEW_FLOW_SLOT_GENERIC);
 
 impl Frame for Tc {
     const HOOK: Hook = Hook::Tc;
@@ -103,6 +114,11 @@ impl Frame for Tc {
     #[inline(always)]
     fn as_ptr(&self) -> *mut c_void {
         self.0.as_ptr()
+    }
+    #[inline(always)]
+    fn to_new_flow(&self) {
+        // SAFETY: a tail call with this run's context; on failure it returns.
+        unsafe { XLB_NEW_FLOW_TC.tail_call(&self.0, 0) };
     }
     #[inline(always)]
     fn rewritten(&self, diff: u32) {

@@ -171,10 +171,10 @@ fn try_xlb<F: Frame>(ctx: &F) -> Result<u32, u32> {
             return Ok(verdict);
         }
     }
-    let Some(service) = service else {
+    if service.is_none() {
         // Pass: neither a tracked flow nor a service.
         return pass(STAT_NOT_OURS);
-    };
+    }
     if flow.proto == IPPROTO_TCP && !syn_only {
         if flow.tcp_flags & TCP_SYN != 0 && flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
             // Pass: SYN with FIN or RST is no connection attempt; the kernel drops it.
@@ -183,6 +183,48 @@ fn try_xlb<F: Frame>(ctx: &F) -> Result<u32, u32> {
         // Pass: a TCP segment of a flow we do not track; the proxy fallback owns it.
         return pass(STAT_CT_MISS_NON_SYN);
     }
+    // A new flow: the new-flow program of this hook takes the packet from here.
+    ctx.to_new_flow();
+    // Pass: no new-flow program to go on to.
+    pass(STAT_NEW_FLOW_UNREACHABLE)
+}
+
+/// Native XDP new-flow program: a packet `xlb` found to start a flow (tail call).
+#[xdp]
+pub fn xlb_new_flow(ctx: XdpContext) -> u32 {
+    finish(try_new_flow_entry(&Native(ctx)))
+}
+
+/// Generic XDP new-flow program, tail-called by `xlb_skb`.
+#[xdp]
+pub fn xlb_skb_new_flow(ctx: XdpContext) -> u32 {
+    finish(try_new_flow_entry(&Generic(ctx)))
+}
+
+/// TC new-flow program, tail-called by `xlb_tc` (which made the headers readable).
+#[classifier]
+pub fn xlb_tc_new_flow(ctx: TcContext) -> i32 {
+    tc_verdict(finish(try_new_flow_entry(&Tc(ctx))))
+}
+
+/// A packet the main program found to start a flow: parsed again (a tail call keeps only the
+/// packet) and its service looked up again (userspace may have removed it in between).
+#[inline(always)]
+fn try_new_flow_entry<F: Frame>(ctx: &F) -> Result<u32, u32> {
+    let Parsed::Flow(flow) = parse(ctx) else {
+        // Pass: the main program parsed this same packet; nothing here forwards it.
+        return pass(STAT_NOT_OURS);
+    };
+    let service_key = ServiceKey {
+        vip: flow.dst,
+        port: flow.dst_port,
+        proto: flow.proto,
+        _pad: 0,
+    };
+    let Some(service) = XLB_SERVICES.get_ptr_mut(&service_key) else {
+        // Pass: the service went away since.
+        return pass(STAT_NOT_OURS);
+    };
     Ok(new_flow::<F>(ctx, &flow, service))
 }
 

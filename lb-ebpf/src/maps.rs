@@ -2,7 +2,7 @@
 //! and value BTF and `bpftool map dump` prints readable keys. Layouts live in `lb-common`.
 
 use aya_ebpf::{
-    btf_maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, ProgramArray},
     macros::btf_map,
 };
 use lb_common::{steps::STEP_COUNTERS, *};
@@ -86,6 +86,14 @@ pub static XLB_SNAT_SCRATCH: PerCpuArray<[u32; crate::snat::SCRATCH_WORDS], 1> =
 /// program (not pinned).
 #[btf_map]
 pub static XLB_ROUTE_SCRATCH: PerCpuArray<crate::forward::Route, 1> = PerCpuArray::new();
+
+/// The XDP new-flow programs (`lb_common::NEW_FLOW_XDP_MAP`).
+#[btf_map]
+pub static XLB_NEW_FLOW_XDP: ProgramArray<2> = ProgramArray::new();
+
+/// The TC new-flow program (`lb_common::NEW_FLOW_TC_MAP`).
+#[btf_map]
+pub static XLB_NEW_FLOW_TC: ProgramArray<1> = ProgramArray::new();
 
 /// Adds one to global counter `index`.
 #[inline(always)]

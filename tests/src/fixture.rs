@@ -13,7 +13,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use aya::maps::{HashMap, MapData};
 use aya::programs::{TestRun as _, TestRunOptions};
-use lb_common::{CtEntry, FlowKey};
+use lb_common::{CtEntry, FlowKey, PROGRAM_TC};
 use xlb::dataplane::Dataplane as _;
 use xlb::dataplane::xdp::{XdpConfig, XdpDataplane};
 use xlb::model::{Backend, Frontend, Protocol, VirtualService};
@@ -141,7 +141,10 @@ impl Fixture {
     /// Runs the TC program once on `frame` (an skb arriving on `lo`) inside the namespace:
     /// (TC verdict, output frame).
     pub fn run_tc(&self, frame: &[u8]) -> (u32, Vec<u8>) {
-        let program = self.dp.tc_program().unwrap_or_else(|e| panic!("{e}"));
+        let program = self
+            .dp
+            .tc_program(PROGRAM_TC)
+            .unwrap_or_else(|e| panic!("{e}"));
         let mut out = vec![0u8; frame.len() + 512];
         let result = self.ns.enter(|| {
             program.test_run(TestRunOptions {

@@ -454,6 +454,32 @@ fn partial_checksums_are_updated_as_partial() {
     }
 }
 
+/// A packet that starts a flow goes on to the new-flow program of its hook (a tail call);
+/// with that program missing from its slot, the SYN passes to the kernel untouched, counted,
+/// and no flow is created.
+#[test]
+fn without_its_new_flow_program_a_syn_passes_untouched() {
+    let fx = fixture("fx-nf");
+    let data = aya::maps::MapData::from_pin(fx.pins.path().join(NEW_FLOW_XDP_MAP))
+        .expect("the pinned new-flow map");
+    let mut slots = aya::maps::ProgramArray::try_from(aya::maps::Map::ProgramArray(data))
+        .expect("a PROG_ARRAY");
+    slots
+        .clear_index(&NEW_FLOW_SLOT_GENERIC)
+        .expect("empty the generic slot");
+    let syn = pkt::tcp(sa(CLIENT, 40000), sa(VIP, 80), SYN, &[]);
+    let (verdict, out) = fx.run(PROGRAM_GENERIC, &syn);
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(out, syn, "passed untouched");
+    assert_eq!(fx.stat(STAT_NEW_FLOW_UNREACHABLE), 1);
+    assert_eq!(fx.stat(STAT_NEW_FLOW), 0);
+    assert!(half_open_states(&fx).is_empty(), "no flow created");
+    // The native slot still holds its program: the same SYN opens a flow there.
+    let (_, out) = fx.run(PROGRAM_NATIVE, &syn);
+    assert_ne!(out, syn, "translated by the native new-flow program");
+    assert_eq!(fx.stat(STAT_NEW_FLOW), 1);
+}
+
 /// The TC program is the same code on an skb: a TCP handshake with data, its reply, a UDP
 /// exchange and a partial checksum come out as generic XDP translates them, redirected.
 #[test]

@@ -3,12 +3,14 @@
 //!
 //! Everything lives under one directory ([`super::xdp::XdpConfig::pin_dir`], default
 //! [`lb_common::PIN_DIR`]), which must be on bpffs: one file per map (`XLB_SERVICES`,
-//! `XLB_CT_FWD`, …, all with BTF), the programs (`prog_xlb`, `prog_xlb_skb`, `prog_xlb_tc`) and one bpf_link
-//! per device (`link_drv_<ifname>` for native, `link_skb_<ifname>` for generic XDP, `link_tc_<ifname>` for TC). The data
-//! plane keeps forwarding while no xlb process runs (crash, SIGKILL, upgrade). A restarted
-//! loader reuses the pinned maps (conntrack included, so established connections survive) once
-//! their layout is checked, and swaps its freshly loaded program into the pinned links
-//! (`BPF_LINK_UPDATE`).
+//! `XLB_CT_FWD`, …, all with BTF), the programs of the hooks in use (`prog_xlb`,
+//! `prog_xlb_skb`, `prog_xlb_tc`, each with its new-flow program, `prog_xlb_new_flow` and so
+//! on) and one bpf_link per device (`link_drv_<ifname>` for native, `link_skb_<ifname>` for
+//! generic XDP, `link_tc_<ifname>` for TC). The data plane keeps forwarding while no xlb
+//! process runs (crash, SIGKILL, upgrade). A restarted loader reuses the pinned maps
+//! (conntrack included, so established connections survive) once their layout is checked,
+//! writes its new-flow programs into their slots, and swaps its freshly loaded main programs
+//! into the pinned links (`BPF_LINK_UPDATE`).
 //!
 //! # bpffs
 //! When the pin directory lies under [`BPFFS_ROOT`] and no bpffs is mounted there (a fresh
@@ -139,6 +141,7 @@ fn expected_layout(name: &str) -> Option<(usize, usize)> {
         DEV_MACS_MAP => (4, size_of::<DeviceMac>()),
         NEXT_HOPS_MAP => (4, size_of::<NextHop>()),
         STATS_MAP => (4, 8),
+        NEW_FLOW_XDP_MAP | NEW_FLOW_TC_MAP => (4, 4),
         SVC_STATS_MAP => (4, size_of::<ServiceStats>()),
         _ => return None,
     })

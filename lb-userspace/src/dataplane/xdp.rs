@@ -37,7 +37,7 @@ use std::path::{Path, PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray, PerCpuValues, ProgramArray},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode as XdpAttachFlags, links::FdLink,
         tc::TcAttachOptions,
@@ -80,6 +80,24 @@ impl AttachMode {
             AttachMode::Native => PROGRAM_NATIVE,
             AttachMode::Generic => PROGRAM_GENERIC,
             AttachMode::Tc => PROGRAM_TC,
+        }
+    }
+
+    /// The new-flow program its main program tail-calls.
+    pub(super) fn new_flow_program(self) -> &'static str {
+        match self {
+            AttachMode::Native => PROGRAM_NEW_FLOW_NATIVE,
+            AttachMode::Generic => PROGRAM_NEW_FLOW_GENERIC,
+            AttachMode::Tc => PROGRAM_NEW_FLOW_TC,
+        }
+    }
+
+    /// Where that program goes: its `PROG_ARRAY` and slot.
+    fn new_flow_slot(self) -> (&'static str, u32) {
+        match self {
+            AttachMode::Native => (NEW_FLOW_XDP_MAP, NEW_FLOW_SLOT_NATIVE),
+            AttachMode::Generic => (NEW_FLOW_XDP_MAP, NEW_FLOW_SLOT_GENERIC),
+            AttachMode::Tc => (NEW_FLOW_TC_MAP, 0),
         }
     }
 
@@ -189,29 +207,7 @@ impl XdpDataplane {
         let mut ebpf = loader.load(BPF_OBJECT)?;
         let hooks = hooks_to_load(&config, &pins::link_pins(&dir)?);
         for mode in [AttachMode::Native, AttachMode::Generic, AttachMode::Tc] {
-            let name = mode.program();
-            let path = pins::program_path(&dir, name);
-            let _ = std::fs::remove_file(&path);
-            if !hooks.contains(&mode) {
-                continue;
-            }
-            match mode {
-                AttachMode::Tc => {
-                    let program = tc_mut(&mut ebpf)?;
-                    load_program(|| program.load(), name)?;
-                }
-                _ => {
-                    let program = xdp_mut(&mut ebpf, name)?;
-                    load_program(|| program.load(), name)?;
-                }
-            }
-            ebpf.program_mut(name)
-                .ok_or(DataplaneError::Program {
-                    name,
-                    source: aya::programs::ProgramError::NotLoaded,
-                })?
-                .pin(&path)
-                .map_err(|source| DataplaneError::PinObject { path, source })?;
+            load_hook(&mut ebpf, mode, &dir, hooks.contains(&mode))?;
         }
         if config.devices.is_empty() {
             for name in [PROGRAM_NOOP, PROGRAM_FLOOR] {
@@ -285,9 +281,9 @@ impl XdpDataplane {
             .map_err(|source| DataplaneError::Program { name, source })
     }
 
-    /// The loaded TC program ([`PROGRAM_TC`]), e.g. for `BPF_PROG_TEST_RUN`.
-    pub fn tc_program(&self) -> Result<&SchedClassifier, DataplaneError> {
-        let name = PROGRAM_TC;
+    /// The loaded TC program `name` ([`PROGRAM_TC`], [`PROGRAM_NEW_FLOW_TC`]), e.g. for
+    /// `BPF_PROG_TEST_RUN`.
+    pub fn tc_program(&self, name: &'static str) -> Result<&SchedClassifier, DataplaneError> {
         let program = self.ebpf.program(name).ok_or(DataplaneError::Program {
             name,
             source: aya::programs::ProgramError::NotLoaded,
@@ -784,6 +780,74 @@ pub(super) fn xdp_mut<'a>(
     program
         .try_into()
         .map_err(|source| DataplaneError::Program { name, source })
+}
+
+/// Loads the programs of hook `mode` (its new-flow program first, written into its slot, then
+/// its main program) and pins both; or, when the hook is not `wanted`, removes their pins and
+/// empties the slot, so nothing of an earlier xlb's build of that hook stays alive.
+fn load_hook(
+    ebpf: &mut Ebpf,
+    mode: AttachMode,
+    dir: &Path,
+    wanted: bool,
+) -> Result<(), DataplaneError> {
+    let (array_name, slot) = mode.new_flow_slot();
+    if !wanted {
+        let _ = program_array(ebpf, array_name)?.clear_index(&slot);
+    }
+    for name in [mode.new_flow_program(), mode.program()] {
+        let path = pins::program_path(dir, name);
+        let _ = std::fs::remove_file(&path);
+        if !wanted {
+            continue;
+        }
+        let program = ebpf.program_mut(name).ok_or(DataplaneError::Program {
+            name,
+            source: aya::programs::ProgramError::NotLoaded,
+        })?;
+        match mode {
+            AttachMode::Tc => {
+                let program: &mut SchedClassifier = program
+                    .try_into()
+                    .map_err(|source| DataplaneError::Program { name, source })?;
+                load_program(|| program.load(), name)?;
+            }
+            AttachMode::Native | AttachMode::Generic => {
+                let program: &mut Xdp = program
+                    .try_into()
+                    .map_err(|source| DataplaneError::Program { name, source })?;
+                load_program(|| program.load(), name)?;
+            }
+        }
+        let program = ebpf.program_mut(name).ok_or(DataplaneError::Program {
+            name,
+            source: aya::programs::ProgramError::NotLoaded,
+        })?;
+        program
+            .pin(&path)
+            .map_err(|source| DataplaneError::PinObject { path, source })?;
+        if name == mode.new_flow_program() {
+            let fd = program
+                .fd()
+                .and_then(|fd| fd.try_clone().map_err(aya::programs::ProgramError::IOError))
+                .map_err(|source| DataplaneError::Program { name, source })?;
+            program_array(ebpf, array_name)?
+                .set(slot, &fd, 0)
+                .map_err(map_err(array_name))?;
+        }
+    }
+    Ok(())
+}
+
+/// The `PROG_ARRAY` map `name`.
+fn program_array<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<ProgramArray<&'a mut MapData>, DataplaneError> {
+    let map = ebpf
+        .map_mut(name)
+        .ok_or(DataplaneError::MissingMap { name })?;
+    ProgramArray::try_from(map).map_err(map_err(name))
 }
 
 /// The hooks whose programs [`XdpDataplane::open`] loads: all of them when no device is to be

@@ -38,6 +38,7 @@
 
 use std::net::Ipv4Addr;
 
+use aya::maps::ProgramArray;
 use aya::programs::{TestRun, TestRunOptions, TestRunResult, Xdp};
 use aya::{Ebpf, EbpfLoader};
 use lb_common::steps::{
@@ -45,9 +46,11 @@ use lb_common::steps::{
 };
 use lb_common::{
     ALL_MAPS, CT_FWD_MAP, CT_HALF_MAP, CT_HALF_OPEN_MIN_RECLAIM_NS, CT_REV_MAP, CT_STATE_OPEN,
-    CtEntry, FlowKey, IPPROTO_TCP, MAX_HALF_OPEN_ENTRIES, NEXT_HOPS_MAP, NextHop, PROGRAM_FLOOR,
-    PROGRAM_GENERIC, PROGRAM_NATIVE, PROGRAM_NOOP, SNAT_PORTS_DEFAULT, STAT_CT_HIT, STAT_CT_REPLY,
-    STAT_EARLY_DROP, STAT_NAMES, STAT_NEW_FLOW, STAT_NOT_IPV4, STAT_NOT_OURS, STAT_SNAT_EXHAUSTED,
+    CtEntry, FlowKey, IPPROTO_TCP, MAX_HALF_OPEN_ENTRIES, NEW_FLOW_SLOT_GENERIC, NEW_FLOW_XDP_MAP,
+    NEXT_HOPS_MAP, NextHop, PROGRAM_FLOOR, PROGRAM_GENERIC, PROGRAM_NATIVE,
+    PROGRAM_NEW_FLOW_GENERIC, PROGRAM_NEW_FLOW_NATIVE, PROGRAM_NEW_FLOW_TC, PROGRAM_NOOP,
+    PROGRAM_TC, SNAT_PORTS_DEFAULT, STAT_CT_HIT, STAT_CT_REPLY, STAT_EARLY_DROP, STAT_NAMES,
+    STAT_NEW_FLOW, STAT_NOT_IPV4, STAT_NOT_OURS, STAT_SNAT_EXHAUSTED,
 };
 use xlb::dataplane::xdp::BPF_OBJECT;
 use xlb::model::Protocol;
@@ -184,31 +187,55 @@ fn half_open_entries(fx: &Fixture) -> usize {
     fx.ct_map(CT_HALF_MAP).keys().count()
 }
 
-/// The program xlb attaches in generic mode, loaded again with `skip` steps left out, on the
-/// fixture's pinned maps; the verifier's complaint when it refuses it (leaving a step out can
-/// cost its state pruning more than the step's own branches).
+/// The programs xlb attaches in generic mode (main and new-flow), loaded again with `skip`
+/// steps left out, on the fixture's pinned maps but with a new-flow `PROG_ARRAY` of their own
+/// (so the variant's main program goes on to the variant's new-flow program); the verifier's
+/// complaint when it refuses one (leaving a step out can cost its state pruning more than the
+/// step's own branches).
 fn load_variant(fx: &Fixture, skip: u32) -> Result<Ebpf, String> {
     let dir = fx.dp.pin_dir().to_owned();
     let mut loader = EbpfLoader::new();
     loader.override_global(SKIP_STEPS_GLOBAL, &skip, true);
-    for name in ALL_MAPS {
+    for name in ALL_MAPS
+        .into_iter()
+        .filter(|&name| name != NEW_FLOW_XDP_MAP)
+    {
         loader.map_pin_path(name, dir.join(name));
     }
     let mut ebpf = loader.load(BPF_OBJECT).expect("loading the object");
-    let program: &mut Xdp = ebpf
-        .program_mut(PROGRAM_GENERIC)
-        .expect("program")
-        .try_into()
-        .expect("XDP program");
-    match program.load() {
-        Ok(()) => Ok(ebpf),
-        Err(aya::programs::ProgramError::LoadError { io_error, .. }) => Err(io_error.to_string()),
-        Err(e) => Err(e.to_string()),
+    for name in [PROGRAM_NEW_FLOW_GENERIC, PROGRAM_GENERIC] {
+        let program: &mut Xdp = ebpf
+            .program_mut(name)
+            .expect("program")
+            .try_into()
+            .expect("XDP program");
+        match program.load() {
+            Ok(()) => {}
+            Err(aya::programs::ProgramError::LoadError { io_error, .. }) => {
+                return Err(format!("{name}: {io_error}"));
+            }
+            Err(e) => return Err(format!("{name}: {e}")),
+        }
     }
+    let fd = xdp_named(&ebpf, PROGRAM_NEW_FLOW_GENERIC)
+        .fd()
+        .expect("program fd")
+        .try_clone()
+        .expect("program fd");
+    let mut array = ProgramArray::try_from(ebpf.map_mut(NEW_FLOW_XDP_MAP).expect("new-flow map"))
+        .expect("PROG_ARRAY");
+    array
+        .set(NEW_FLOW_SLOT_GENERIC, &fd, 0)
+        .expect("the variant's new-flow program in its slot");
+    Ok(ebpf)
 }
 
 fn xdp(ebpf: &Ebpf) -> &Xdp {
-    ebpf.program(PROGRAM_GENERIC)
+    xdp_named(ebpf, PROGRAM_GENERIC)
+}
+
+fn xdp_named<'a>(ebpf: &'a Ebpf, name: &str) -> &'a Xdp {
+    ebpf.program(name)
         .expect("program")
         .try_into()
         .expect("XDP program")
@@ -223,11 +250,15 @@ fn print_verified(fx: &Fixture) {
             .map_or("?".to_owned(), |n| n.to_string())
     };
     let xdp = |name| count(fx.dp.program(name).expect("program").info());
+    let tc = |name| count(fx.dp.tc_program(name).expect("TC program").info());
     println!(
-        "verifier, instructions processed (limit 1000000): xlb {}, xlb_skb {}, xlb_tc {}",
+        "verifier, instructions processed (limit 1000000), main / new-flow program: native XDP {} / {}, generic XDP {} / {}, TC {} / {}",
         xdp(PROGRAM_NATIVE),
+        xdp(PROGRAM_NEW_FLOW_NATIVE),
         xdp(PROGRAM_GENERIC),
-        count(fx.dp.tc_program().expect("xlb_tc").info())
+        xdp(PROGRAM_NEW_FLOW_GENERIC),
+        tc(PROGRAM_TC),
+        tc(PROGRAM_NEW_FLOW_TC),
     );
 }
 
@@ -376,7 +407,7 @@ fn by_hook(
         fx.dp.set_device_mac(LO_IFINDEX, mac).expect("lo MAC");
         let fx = &*fx;
         let skb = fx.dp.program(PROGRAM_GENERIC).expect("xlb_skb");
-        let tc = fx.dp.tc_program().expect("xlb_tc");
+        let tc = fx.dp.tc_program(PROGRAM_TC).expect("xlb_tc");
         let (mut skb_ns, mut tc_ns) = (Vec::new(), Vec::new());
         for _ in 0..ROUNDS {
             skb_ns.push(time(fx, skb, frame, repeat).0);
