@@ -12,7 +12,7 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use aya::maps::{HashMap, MapData};
-use aya::programs::{TestRun as _, TestRunOptions};
+use aya::programs::{TestRun, TestRunOptions, TestRunResult};
 use lb_common::{CtEntry, FlowKey, PROGRAM_TC};
 use xlb::dataplane::Dataplane as _;
 use xlb::dataplane::xdp::{XdpConfig, XdpDataplane};
@@ -124,6 +124,23 @@ impl Fixture {
     /// Runs program `name` once on `frame` inside the namespace: (verdict, output frame).
     pub fn run(&self, name: &'static str, frame: &[u8]) -> (u32, Vec<u8>) {
         let program = self.dp.program(name).unwrap_or_else(|e| panic!("{e}"));
+        self.run_once(program, name, frame)
+    }
+
+    /// Runs the TC program once on `frame` (an skb arriving on `lo`) inside the namespace:
+    /// (TC verdict, output frame).
+    pub fn run_tc(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let program = self
+            .dp
+            .tc_program(PROGRAM_TC)
+            .unwrap_or_else(|e| panic!("{e}"));
+        self.run_once(program, PROGRAM_TC, frame)
+    }
+
+    fn run_once<P>(&self, program: &P, name: &str, frame: &[u8]) -> (u32, Vec<u8>)
+    where
+        P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult> + Sync,
+    {
         let mut out = vec![0u8; frame.len() + 512];
         let result = self.ns.enter(|| {
             program.test_run(TestRunOptions {
@@ -134,27 +151,6 @@ impl Fixture {
             })
         });
         let result = result.unwrap_or_else(|e| panic!("test run of {name}: {e}"));
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
-    }
-
-    /// Runs the TC program once on `frame` (an skb arriving on `lo`) inside the namespace:
-    /// (TC verdict, output frame).
-    pub fn run_tc(&self, frame: &[u8]) -> (u32, Vec<u8>) {
-        let program = self
-            .dp
-            .tc_program(PROGRAM_TC)
-            .unwrap_or_else(|e| panic!("{e}"));
-        let mut out = vec![0u8; frame.len() + 512];
-        let result = self.ns.enter(|| {
-            program.test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                repeat: 1,
-                ..TestRunOptions::default()
-            })
-        });
-        let result = result.unwrap_or_else(|e| panic!("test run of the TC program: {e}"));
         out.truncate(result.data_size_out as usize);
         (result.return_value, out)
     }

@@ -30,7 +30,7 @@ use aya::programs::xdp::XdpLink;
 use lb_common::*;
 
 use super::DataplaneError;
-use super::xdp::{AttachMode, tc_mut, xdp_mut};
+use super::xdp::{AttachMode, typed_mut};
 
 /// Where bpffs is conventionally mounted, and where xlb mounts it when it is missing.
 pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
@@ -262,14 +262,16 @@ pub fn adopt_link(ebpf: &mut Ebpf, mode: AttachMode, path: &Path) -> Result<FdLi
     let swap_failed = |e: ProgramError| format!("swapping the program in: {e}");
     match mode {
         AttachMode::Native | AttachMode::Generic => {
-            let program = xdp_mut(ebpf, mode.program()).map_err(|e| e.to_string())?;
+            let program =
+                typed_mut::<aya::programs::Xdp>(ebpf, mode.program()).map_err(|e| e.to_string())?;
             let link = XdpLink::try_from(link).map_err(not_ours)?;
             let id = program.attach_to_link(link).map_err(swap_failed)?;
             FdLink::try_from(program.take_link(id).map_err(|e| e.to_string())?)
                 .map_err(|e| e.to_string())
         }
         AttachMode::Tc => {
-            let program = tc_mut(ebpf).map_err(|e| e.to_string())?;
+            let program = typed_mut::<aya::programs::SchedClassifier>(ebpf, PROGRAM_TC)
+                .map_err(|e| e.to_string())?;
             let link = SchedClassifierLink::try_from(link).map_err(not_ours)?;
             let id = program.attach_to_link(link).map_err(swap_failed)?;
             FdLink::try_from(program.take_link(id).map_err(|e| e.to_string())?)

@@ -211,7 +211,7 @@ impl XdpDataplane {
         }
         if config.devices.is_empty() {
             for name in [PROGRAM_NOOP, PROGRAM_FLOOR] {
-                let program = xdp_mut(&mut ebpf, name)?;
+                let program = typed_mut::<Xdp>(&mut ebpf, name)?;
                 load_program(|| program.load(), name)?;
             }
         }
@@ -272,25 +272,13 @@ impl XdpDataplane {
     /// The loaded XDP program `name` ([`PROGRAM_NATIVE`], [`PROGRAM_GENERIC`] or
     /// [`PROGRAM_NOOP`]), e.g. for `BPF_PROG_TEST_RUN`.
     pub fn program(&self, name: &'static str) -> Result<&Xdp, DataplaneError> {
-        let program = self.ebpf.program(name).ok_or(DataplaneError::Program {
-            name,
-            source: aya::programs::ProgramError::NotLoaded,
-        })?;
-        program
-            .try_into()
-            .map_err(|source| DataplaneError::Program { name, source })
+        typed(&self.ebpf, name)
     }
 
     /// The loaded TC program `name` ([`PROGRAM_TC`], [`PROGRAM_NEW_FLOW_TC`]), e.g. for
     /// `BPF_PROG_TEST_RUN`.
     pub fn tc_program(&self, name: &'static str) -> Result<&SchedClassifier, DataplaneError> {
-        let program = self.ebpf.program(name).ok_or(DataplaneError::Program {
-            name,
-            source: aya::programs::ProgramError::NotLoaded,
-        })?;
-        program
-            .try_into()
-            .map_err(|source| DataplaneError::Program { name, source })
+        typed(&self.ebpf, name)
     }
 
     /// The pin directory in use.
@@ -584,12 +572,14 @@ impl XdpDataplane {
                 } else {
                     XdpAttachFlags::Skb
                 };
-                let program = xdp_mut(&mut self.ebpf, mode.program()).map_err(not_loaded)?;
+                let program =
+                    typed_mut::<Xdp>(&mut self.ebpf, mode.program()).map_err(not_loaded)?;
                 let id = program.attach_to_if_index(ifindex, flags)?;
                 FdLink::try_from(program.take_link(id)?).map_err(|e| e.to_string())
             }
             AttachMode::Tc => {
-                let program = tc_mut(&mut self.ebpf).map_err(not_loaded)?;
+                let program =
+                    typed_mut::<SchedClassifier>(&mut self.ebpf, PROGRAM_TC).map_err(not_loaded)?;
                 let id = program.attach_with_options(
                     device,
                     TcAttachType::Ingress,
@@ -770,11 +760,29 @@ fn service_key(frontend: &Frontend) -> ServiceKey {
     }
 }
 
-pub(super) fn xdp_mut<'a>(
+/// Program `name` of `ebpf` as its kind (`Xdp`, `SchedClassifier`).
+pub(super) fn typed_mut<'a, P>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
-) -> Result<&'a mut Xdp, DataplaneError> {
+) -> Result<&'a mut P, DataplaneError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
     let program = ebpf.program_mut(name).ok_or(DataplaneError::Program {
+        name,
+        source: aya::programs::ProgramError::NotLoaded,
+    })?;
+    program
+        .try_into()
+        .map_err(|source| DataplaneError::Program { name, source })
+}
+
+/// Program `name` of `ebpf` as its kind, read-only.
+fn typed<'a, P>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a P, DataplaneError>
+where
+    &'a P: TryFrom<&'a aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let program = ebpf.program(name).ok_or(DataplaneError::Program {
         name,
         source: aya::programs::ProgramError::NotLoaded,
     })?;
@@ -802,21 +810,13 @@ fn load_hook(
         if !wanted {
             continue;
         }
-        let program = ebpf.program_mut(name).ok_or(DataplaneError::Program {
-            name,
-            source: aya::programs::ProgramError::NotLoaded,
-        })?;
         match mode {
             AttachMode::Tc => {
-                let program: &mut SchedClassifier = program
-                    .try_into()
-                    .map_err(|source| DataplaneError::Program { name, source })?;
+                let program = typed_mut::<SchedClassifier>(ebpf, name)?;
                 load_program(|| program.load(), name)?;
             }
             AttachMode::Native | AttachMode::Generic => {
-                let program: &mut Xdp = program
-                    .try_into()
-                    .map_err(|source| DataplaneError::Program { name, source })?;
+                let program = typed_mut::<Xdp>(ebpf, name)?;
                 load_program(|| program.load(), name)?;
             }
         }
@@ -868,18 +868,6 @@ fn hooks_to_load(config: &XdpConfig, pinned: &[pins::LinkPin]) -> BTreeSet<Attac
     };
     hooks.extend(pinned.iter().map(|pin| pin.mode));
     hooks
-}
-
-/// The TC program.
-pub(super) fn tc_mut(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, DataplaneError> {
-    let name = PROGRAM_TC;
-    let program = ebpf.program_mut(name).ok_or(DataplaneError::Program {
-        name,
-        source: aya::programs::ProgramError::NotLoaded,
-    })?;
-    program
-        .try_into()
-        .map_err(|source| DataplaneError::Program { name, source })
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, DataplaneError> {
