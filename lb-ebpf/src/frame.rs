@@ -16,6 +16,11 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::maps::{XLB_NEW_FLOW_TC, XLB_NEW_FLOW_XDP};
 
+/// Words of the skb's control block (`__sk_buff::cb`, kept across the tail call into the
+/// new-flow program) that carry a rewrite's checksum change to the end of the run.
+const CB_CSUM_PENDING: usize = 0;
+const CB_CSUM_DIFF: usize = 1;
+
 /// The hook a build of the program runs at.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Hook {
@@ -122,9 +127,13 @@ impl Frame for Tc {
     }
     #[inline(always)]
     fn rewritten(&self, diff: u32) {
-        // SAFETY: plain helper call on this run's skb; it only adds to skb->csum, and only
-        // when the skb is CHECKSUM_COMPLETE.
-        unsafe { bpf_csum_update(self.0.skb.skb, diff) };
+        // Left for `finish_checksum` in the skb's control block: a helper call here, deep in
+        // the program's paths, doubled the verifier's work on the new-flow program.
+        // SAFETY: the context is the kernel's __sk_buff for this run; cb is the program's.
+        unsafe {
+            (*self.0.skb.skb).cb[CB_CSUM_DIFF] = diff;
+            (*self.0.skb.skb).cb[CB_CSUM_PENDING] = 1;
+        }
     }
 }
 
@@ -134,6 +143,29 @@ const HEADERS_MAX: usize = EthHdr::LEN + 60 + 20;
 const _: () = assert!(Ipv4Hdr::LEN == 20);
 
 impl Tc {
+    /// Starts a run: no checksum change pending.
+    #[inline(always)]
+    pub fn start_checksum(&self) {
+        // SAFETY: the context is the kernel's __sk_buff for this run; cb is the program's.
+        unsafe { (*self.0.skb.skb).cb[CB_CSUM_PENDING] = 0 };
+    }
+
+    /// Ends a run: moves an skb's `CHECKSUM_COMPLETE` sum by what the rewrite changed, if it
+    /// rewrote (whatever the verdict: a passed packet goes on to the kernel).
+    #[inline(always)]
+    pub fn finish_checksum(&self) {
+        // SAFETY: as above.
+        let (rewritten, diff) = unsafe {
+            let skb = self.0.skb.skb;
+            ((*skb).cb[CB_CSUM_PENDING], (*skb).cb[CB_CSUM_DIFF])
+        };
+        if rewritten != 0 {
+            // SAFETY: plain helper call on this run's skb; it only adds to skb->csum, and
+            // only when the skb is CHECKSUM_COMPLETE.
+            unsafe { bpf_csum_update(self.0.skb.skb, diff) };
+        }
+    }
+
     /// Whether the skb carries a VLAN tag the driver took out of the frame (hardware VLAN
     /// receive offload). XDP sees such a frame with its 802.1Q header and leaves it alone;
     /// so does TC, or a translated packet would leave tagged.

@@ -64,7 +64,10 @@ pub fn xlb_tc(ctx: TcContext) -> i32 {
         return tc_verdict(finish(pass(STAT_NOT_IPV4)));
     }
     frame.pull_headers();
-    tc_verdict(finish(try_xlb(&frame)))
+    frame.start_checksum();
+    let action = finish(try_xlb(&frame));
+    frame.finish_checksum();
+    tc_verdict(action)
 }
 
 /// Counts the packet and its verdict.
@@ -204,7 +207,11 @@ pub fn xlb_skb_new_flow(ctx: XdpContext) -> u32 {
 /// TC new-flow program, tail-called by `xlb_tc` (which made the headers readable).
 #[classifier]
 pub fn xlb_tc_new_flow(ctx: TcContext) -> i32 {
-    tc_verdict(finish(try_new_flow_entry(&Tc(ctx))))
+    let frame = Tc(ctx);
+    frame.start_checksum();
+    let action = finish(try_new_flow_entry(&frame));
+    frame.finish_checksum();
+    tc_verdict(action)
 }
 
 /// A packet the main program found to start a flow: parsed again (a tail call keeps only the
