@@ -435,22 +435,7 @@ fn partial_checksums_are_updated_as_partial() {
         pkt::make_partial(&mut partial);
         let (verdict, mut out) = fx.run(PROGRAM_GENERIC, &partial);
         assert_eq!(verdict, XDP_REDIRECT);
-        let port = snat_port_of(&out);
-        // The output still carries a partial checksum, now of the new addresses...
-        let mut expected_partial =
-            pkt::translated(&full, sa(LB_BACKEND_IP.octets(), port), sa(BACKEND, bport));
-        pkt::make_partial(&mut expected_partial);
-        assert_eq!(
-            out[14..],
-            expected_partial[14..],
-            "partial checksum of the new pseudo-header"
-        );
-        // ...which the kernel's completion turns into the correct full checksum.
-        pkt::complete_partial(&mut out);
-        assert!(
-            pkt::checksums_ok(&out),
-            "completed checksum invalid for proto {proto}"
-        );
+        assert_partial_translated(&full, &mut out, sa(BACKEND, bport));
     }
 }
 
@@ -520,19 +505,26 @@ fn tc_translates_as_generic_xdp_does() {
     pkt::make_partial(&mut partial);
     let (verdict, mut out) = fx.run_tc(&partial);
     assert_eq!(verdict, TC_ACT_REDIRECT);
-    let mut expected = pkt::translated(
-        &full,
-        sa(LB_BACKEND_IP.octets(), snat_port_of(&out)),
-        sa(BACKEND, 8080),
-    );
+    assert_partial_translated(&full, &mut out, sa(BACKEND, 8080));
+}
+
+/// Checks `out`, the translation toward `backend` of `full` sent with a partial checksum, still
+/// carries a partial checksum, now of the new addresses, which the kernel's completion turns
+/// into the correct full checksum.
+fn assert_partial_translated(full: &[u8], out: &mut [u8], backend: std::net::SocketAddrV4) {
+    let snat = sa(LB_BACKEND_IP.octets(), snat_port_of(out));
+    let mut expected = pkt::translated(full, snat, backend);
     pkt::make_partial(&mut expected);
     assert_eq!(
         out[14..],
         expected[14..],
         "partial checksum of the new pseudo-header"
     );
-    pkt::complete_partial(&mut out);
-    assert!(pkt::checksums_ok(&out), "completed checksum invalid");
+    pkt::complete_partial(out);
+    assert!(
+        pkt::checksums_ok(out),
+        "completed checksum invalid: {out:02x?}"
+    );
 }
 
 #[test]
