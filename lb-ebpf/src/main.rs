@@ -158,13 +158,7 @@ fn try_xlb<F: Frame>(ctx: &F) -> Result<u32, u32> {
     }
     // Half-open flows: a reverse entry ends in a SNAT port; a forward one is addressed to a
     // service, so traffic that is neither pays no half-open lookup.
-    let service_key = ServiceKey {
-        vip: flow.dst,
-        port: flow.dst_port,
-        proto: flow.proto,
-        _pad: 0,
-    };
-    let service = XLB_SERVICES.get_ptr_mut(&service_key);
+    let service = XLB_SERVICES.get_ptr_mut(&service_key_of(&flow));
     if (service.is_some() || in_snat_range(flow.dst_port))
         && !skipped(STEP_MISS_LOOKUPS)
         && let Some(entry) = XLB_CT_HALF.get_ptr_mut(&key)
@@ -222,17 +216,22 @@ fn try_new_flow_entry<F: Frame>(ctx: &F) -> Result<u32, u32> {
         // Pass: the main program parsed this same packet; nothing here forwards it.
         return pass(STAT_NOT_OURS);
     };
-    let service_key = ServiceKey {
-        vip: flow.dst,
-        port: flow.dst_port,
-        proto: flow.proto,
-        _pad: 0,
-    };
-    let Some(service) = XLB_SERVICES.get_ptr_mut(&service_key) else {
+    let Some(service) = XLB_SERVICES.get_ptr_mut(&service_key_of(&flow)) else {
         // Pass: the service went away since.
         return pass(STAT_NOT_OURS);
     };
     Ok(new_flow::<F>(ctx, &flow, service))
+}
+
+/// The service a packet of `flow` is addressed to: `VIP:port/proto`.
+#[inline(always)]
+fn service_key_of(flow: &Flow) -> ServiceKey {
+    ServiceKey {
+        vip: flow.dst,
+        port: flow.dst_port,
+        proto: flow.proto,
+        _pad: 0,
+    }
 }
 
 /// [`half_open`]'s answer when the entry was dead: not an XDP action.

@@ -7,6 +7,7 @@ pub mod capture;
 pub mod cluster;
 pub mod fixture;
 pub mod lb_group;
+pub mod measure;
 pub mod netns;
 pub mod pkt;
 pub mod rbac;

@@ -10,13 +10,14 @@
 //! forwards them (see `xlb::dataplane::xdp`).
 
 use std::collections::BTreeMap;
+use std::net::SocketAddrV4;
 use std::path::Path;
 use std::sync::mpsc::channel;
 use std::time::Duration;
 
 use xlb_tests::bpf::PinDir;
 use xlb_tests::servers::LongLived;
-use xlb_tests::topology::{Topology, tcp_spread, tempdir, udp_spread, vip};
+use xlb_tests::topology::{Topology, VIP, tcp_spread, tempdir, udp_spread, vip};
 
 /// The test loader binary.
 fn loader_exe() -> &'static Path {
@@ -262,21 +263,8 @@ fn tc_redirects_gso_packets_whole() {
     // iperf3 retries until its server listens (it starts beside the loader).
     let received = (0..10)
         .find_map(|_| {
-            let out = topology.client.output(&[
-                "timeout",
-                "20",
-                "iperf3",
-                "-c",
-                &vip().ip().to_string(),
-                "-p",
-                &IPERF_PORT.to_string(),
-                "-t",
-                "1",
-                "--connect-timeout",
-                "2000",
-                "-J",
-            ]);
-            let json: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            let json =
+                xlb_tests::measure::iperf3(&topology.client, SocketAddrV4::new(VIP, IPERF_PORT), 1);
             let bytes = json["end"]["sum_received"]["bytes"].as_f64();
             if bytes.is_none() {
                 std::thread::sleep(Duration::from_millis(300));

@@ -31,7 +31,7 @@ const CONN_SECONDS: Duration = Duration::from_secs(2);
 /// Upper bound on connections per loop (client ports and TIME_WAIT stay far from exhaustion).
 const CONN_MAX: u32 = 20_000;
 /// iperf3 run length in seconds.
-const IPERF_SECONDS: &str = "3";
+const IPERF_SECONDS: u32 = 3;
 
 struct Row {
     name: &'static str,
@@ -90,22 +90,8 @@ fn busy_ticks() -> u64 {
 /// when one stream's Gb/s is bound by the ends.
 fn iperf(client: &Netns, addr: SocketAddrV4) -> Option<(f64, f64)> {
     let ticks = busy_ticks();
-    let out = client.output(&[
-        "timeout",
-        "20",
-        "iperf3",
-        "-c",
-        &addr.ip().to_string(),
-        "-p",
-        &addr.port().to_string(),
-        "-t",
-        IPERF_SECONDS,
-        "--connect-timeout",
-        "3000",
-        "-J",
-    ]);
+    let json = xlb_tests::measure::iperf3(client, addr, IPERF_SECONDS);
     let busy_s = (busy_ticks() - ticks) as f64 / ticks_per_second();
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
     let bps = json["end"]["sum_received"]["bits_per_second"].as_f64();
     let bytes = json["end"]["sum_received"]["bytes"].as_f64();
     match (bps, bytes) {
@@ -309,15 +295,7 @@ fn main() {
         .iter()
         .find(|r| r.name.starts_with("nftables"))
         .expect("an nftables row");
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown".to_owned());
+    let model = xlb_tests::measure::cpu_model();
     println!(
         "CPU {model}, {} CPUs",
         std::thread::available_parallelism().map_or(0, |n| n.get())

@@ -265,15 +265,7 @@ fn print_verified(fx: &Fixture) {
 /// The CPU model, the kernel, and each CPU vulnerability with its mitigation state: the
 /// figures below are only comparable to others taken under the same.
 fn print_machine() {
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown".into());
+    let model = xlb_tests::measure::cpu_model();
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     println!(
         "CPU {model}, {} CPUs, kernel {}",
