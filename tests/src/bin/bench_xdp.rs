@@ -31,6 +31,9 @@
 //! prints the share of legitimate SYNs that took the XDP path and the cost of a flood SYN
 //! beside a legitimate one.
 //!
+//! `bench_xdp profile [SECS]` only opens new flows, in a loop, for a sampling profiler (see
+//! [`profile_new_flows`]).
+//!
 //! `bench_xdp capacity` instead drives whole flows (TCP closed by the client first, TCP closed
 //! by the backend first, UDP query and answer) at issue 14's target rates toward one backend
 //! for three hold times each and prints the share refused (item 4); it takes about 5 minutes,
@@ -526,6 +529,8 @@ fn main() {
         capacity_main(&args[2..]);
         return;
     }
+    let profile_secs = (args.get(1).map(String::as_str) == Some("profile"))
+        .then(|| args.get(2).and_then(|a| a.parse().ok()).unwrap_or(15));
     let repeat: u32 = std::env::args()
         .nth(1)
         .and_then(|a| a.parse().ok())
@@ -599,6 +604,10 @@ fn main() {
     fx.dp.set_device_mac(LO_IFINDEX, to_self).expect("lo MAC");
     fx.run(PROGRAM_GENERIC, &data);
 
+    if let Some(secs) = profile_secs {
+        profile_new_flows(&fx, &syn, secs);
+        return;
+    }
     print_machine();
     print_verified(&fx);
     println!(
@@ -689,6 +698,27 @@ fn main() {
     for flood_rate in [50_000u64, 100_000] {
         flood_share(flood_rate, 1_000, 3);
     }
+}
+
+/// `bench_xdp profile [SECS]`: new flows through `xlb_skb` into an emptied half-open table
+/// for `SECS` seconds (15 by default), as the "new flow (SYN)" row times them, so that a
+/// sampling profiler sees where a new flow's time goes inside the kernel (map code, helpers),
+/// which leaving steps out cannot show. See the README for the `perf` command.
+fn profile_new_flows(fx: &Fixture, syn: &[u8], secs: u64) {
+    let xlb = fx.dp.program(PROGRAM_GENERIC).expect("xlb");
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    let mut ns = Vec::new();
+    while std::time::Instant::now() < end {
+        clear_half_open(fx);
+        confirm_next_hop(fx);
+        let frame = from_port(syn, 50_000 + (ns.len() % 10_000) as u16);
+        ns.push(time(fx, xlb, &frame, NEW_FLOW_REPEAT).0);
+    }
+    println!(
+        "new flow, {} rounds of {NEW_FLOW_REPEAT}: ns/packet min/median {}",
+        ns.len(),
+        cell(min_median(ns))
+    );
 }
 
 /// Issue 14, item 3: spoofed SYNs at `flood_rate` per second (distinct sources, paced by the
