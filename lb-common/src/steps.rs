@@ -22,13 +22,21 @@ pub const STEP_SNAT_PROBE: u32 = 1 << 3;
 pub const STEP_MISS_LOOKUPS: u32 = 1 << 4;
 /// The packet checks beyond bounds (IP header checksum, TCP/UDP header sanity).
 pub const STEP_PACKET_CHECKS: u32 = 1 << 5;
+/// The redirect helper call that sends a translated packet out of another device: the packet
+/// goes back out of the ingress device (`XDP_TX`) instead, as the floor program sends it.
+pub const STEP_REDIRECT: u32 = 1 << 6;
+/// The clock read (`conntrack::now_ns`): a fixed time of 0 instead, so nothing times out and
+/// no entry is refreshed.
+pub const STEP_CLOCK: u32 = 1 << 7;
 
 /// Every step with the name `bench_xdp` prints for it.
-pub const STEPS: [(u32, &str); 6] = [
+pub const STEPS: [(u32, &str); 8] = [
     (STEP_COUNTERS, "counters"),
     (STEP_MAC_CHECK, "MAC check"),
     (STEP_ROUTE, "route (next hop / FIB)"),
     (STEP_SNAT_PROBE, "SNAT port probes"),
     (STEP_MISS_LOOKUPS, "conntrack miss lookups"),
     (STEP_PACKET_CHECKS, "packet checks"),
+    (STEP_REDIRECT, "redirect (XDP_TX instead)"),
+    (STEP_CLOCK, "clock read"),
 ];

@@ -14,7 +14,7 @@ use aya_ebpf::{
     helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
 };
 use lb_common::{
-    steps::{STEP_MAC_CHECK, STEP_SNAT_PROBE},
+    steps::{STEP_CLOCK, STEP_MAC_CHECK, STEP_SNAT_PROBE},
     *,
 };
 
@@ -58,6 +58,9 @@ pub enum Direction {
 /// same tick.
 #[inline(always)]
 pub fn now_ns() -> u64 {
+    if skipped(STEP_CLOCK) {
+        return 0;
+    }
     // SAFETY: plain helper call without arguments.
     let jiffies = unsafe { bpf_jiffies64() };
     let Some(cache) = XLB_CLOCK.get_ptr_mut(0) else {

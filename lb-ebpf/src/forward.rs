@@ -8,7 +8,10 @@ use aya_ebpf::{
     },
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect},
 };
-use lb_common::{steps::STEP_ROUTE, *};
+use lb_common::{
+    steps::{STEP_REDIRECT, STEP_ROUTE},
+    *,
+};
 use network_types::eth::EthHdr;
 
 use crate::{
@@ -206,6 +209,10 @@ pub fn xmit<F: Frame>(ctx: &F, ifindex: u32, smac: [u8; 6], dmac: [u8; 6]) -> Re
     unsafe {
         (*eth).src_addr = smac;
         (*eth).dst_addr = dmac;
+    }
+    if F::HOOK != Hook::Tc && skipped(STEP_REDIRECT) {
+        // A benchmark load: back out of the ingress device, with no helper call.
+        return Ok(xdp_action::XDP_TX);
     }
     if F::HOOK != Hook::Native {
         if same_device && F::HOOK == Hook::Generic {
