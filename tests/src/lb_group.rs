@@ -19,6 +19,10 @@ use crate::wait::wait_for;
 
 /// How long the group gets to react.
 pub const REACT: Duration = Duration::from_secs(20);
+/// How long an instance gets to start and join: its data plane first waits for the verifier
+/// to check its BPF programs (CPU-bound), and the groups of the tests running at once start
+/// six instances together; on a shared 2-CPU machine that took them 19-21 s, past [`REACT`].
+pub const STARTUP: Duration = Duration::from_secs(90);
 /// The client's address on the front bridge.
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 250);
 /// The API server's address on the back bridge.
@@ -111,23 +115,31 @@ impl Group {
         for index in 0..3 {
             group.start(index);
         }
+        wait_for("every instance joins the LB nodes", STARTUP, || {
+            group.pending("joining the LB nodes")
+        });
         // Owners are only settled once every instance sees all three: before that an early
         // starter holds VIPs a later one takes on joining.
         wait_for("every instance sees the three LB nodes", REACT, || {
-            let pending: Vec<usize> = (0..3)
-                .filter(|index| {
-                    !group.xlbs[*index]
-                        .as_ref()
-                        .is_some_and(|xlb| xlb.log().contains(r#"members=["lb1", "lb2", "lb3"]"#))
-                })
-                .collect();
-            if pending.is_empty() {
-                Ok(())
-            } else {
-                Err(format!("not yet: {pending:?}"))
-            }
+            group.pending(r#"members=["lb1", "lb2", "lb3"]"#)
         });
         group
+    }
+
+    /// `Ok` when every instance has logged `line`; else the indices of those that have not.
+    fn pending(&self, line: &str) -> Result<(), String> {
+        let pending: Vec<usize> = (0..3)
+            .filter(|index| {
+                !self.xlbs[*index]
+                    .as_ref()
+                    .is_some_and(|xlb| xlb.log().contains(line))
+            })
+            .collect();
+        if pending.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("not yet: {pending:?}"))
+        }
     }
 
     /// Starts xlb on LB node `index` (0-based) as node `lb{index+1}`.
