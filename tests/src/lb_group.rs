@@ -22,7 +22,7 @@ pub const REACT: Duration = Duration::from_secs(20);
 /// How long an instance gets to start and join: its data plane first waits for the verifier
 /// to check its BPF programs (CPU-bound), and the groups of the tests running at once start
 /// six instances together; on a shared 2-CPU machine that took them 19-21 s, past [`REACT`].
-pub const STARTUP: Duration = Duration::from_secs(90);
+const STARTUP: Duration = Duration::from_secs(90);
 /// The client's address on the front bridge.
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 250);
 /// The API server's address on the back bridge.

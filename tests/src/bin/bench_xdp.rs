@@ -115,9 +115,10 @@ const NEW_FLOW_REPEAT: u32 = 2000;
 /// Repeats of one new-flow measurement into full tables. Every port is held there, so each
 /// repeat's flow takes a port from a flood flow (an early drop), and the loop's own flows are
 /// too young to give theirs up: a tuple whose probed ports are all among them is refused, as
-/// designed, and the next repeats are that same refused packet. A round ends so with the
-/// chance Σ (k / ports)⁴ over its repeats k (four probed ports): 0.6% with 2000 repeats (2 of
-/// about 185 rounds, `snat_exhausted` counted), 0.02% with 1000.
+/// designed, and the next repeats are that same refused packet. A round ends so with a
+/// chance of about Σ (k / ports)⁴ over its repeats k (`SNAT_PROBES_BEFORE_EARLY_DROP` = 4
+/// probed ports): 0.6% with 2000 repeats (2 rounds of about 185 fell short; the one whose
+/// counters were recorded was this, `snat_exhausted`), 0.02% with 1000.
 const FULL_TABLE_REPEAT: u32 = 1000;
 /// Steps whose removal the established path can show (the others are new-flow steps).
 const ESTABLISHED_STEPS: u32 =
