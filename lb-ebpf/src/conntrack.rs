@@ -109,6 +109,32 @@ pub fn alive(entry: &CtEntry, proto: u8, now: u64) -> bool {
     now.saturating_sub(entry.last_seen_ns) < ct_timeout_ns(proto, entry.state)
 }
 
+/// The stamp of a half-open entry that a CPU has claimed to delete: later than any `now`, so
+/// every other CPU finds the entry alive and just seen, and leaves it alone.
+const CLAIMED: u64 = u64::MAX;
+
+/// Claims the half-open entry `e`, judged by its stamp `seen`, for deletion: swaps the stamp
+/// for [`CLAIMED`] in one atomic step, which succeeds only while the stamp is still `seen`.
+/// Of the CPUs that judged an entry by one stamp only one wins; the others would otherwise
+/// delete whatever took its key meanwhile (two new flows wanting one stale SNAT port: the
+/// winner's fresh reverse entry, so both flows would hold the port). A packet of the flow
+/// restamps the entry, so a claim judged before it fails too.
+#[inline(always)]
+fn claim(e: *mut CtEntry, seen: u64) -> bool {
+    use core::intrinsics::{AtomicOrdering, atomic_cxchg};
+    const SEQ_CST: AtomicOrdering = AtomicOrdering::SeqCst;
+    // SAFETY: e points into a map value, valid for this program run; the stamp is an aligned
+    // u64 (offset 24 of an 8-aligned value), which BPF's cmpxchg needs.
+    unsafe { atomic_cxchg::<u64, SEQ_CST, SEQ_CST>(&raw mut (*e).last_seen_ns, seen, CLAIMED).1 }
+}
+
+/// The stamp of `e`, read once: what a claim on it is judged by.
+#[inline(always)]
+pub fn stamp(e: *const CtEntry) -> u64 {
+    // SAFETY: e points into a map value, valid for this program run.
+    unsafe { core::ptr::read_volatile(&raw const (*e).last_seen_ns) }
+}
+
 /// Moves the flow of `entry` (a packet going `direction`) and its peer entry out of the open
 /// state on the flow's first TCP FIN or RST, so both expire soon after the connection ends: to
 /// [`CT_STATE_TIME_WAIT`] when the backend sent that FIN, to [`CT_STATE_CLOSING`] otherwise;
@@ -229,11 +255,17 @@ pub fn delete_open_pair(direction: Direction, key: &FlowKey, e: &CtEntry, proto:
     let _ = own.remove(key);
 }
 
-/// Deletes the half-open flow whose entry `e` sits at `key`, and its peer when that peer
-/// points back to `key`.
+/// Deletes the half-open flow whose entry `e` sits at `key`, judged by its stamp `seen`, and
+/// its peer when that peer points back to `key`, if this CPU wins the [`claim`] on `e`.
+/// `false` when it did not: another CPU claimed the entry first or a packet restamped it.
 #[inline(always)]
-pub fn delete_half_pair(key: &FlowKey, e: &CtEntry, proto: u8) {
-    let peer_key = e.peer_key(proto);
+pub fn delete_half_pair(key: &FlowKey, e: *mut CtEntry, seen: u64, proto: u8) -> bool {
+    if !claim(e, seen) {
+        return false;
+    }
+    // SAFETY: e points into a map value, valid for this program run; claimed, so no other CPU
+    // deletes it or reuses its key until it is gone.
+    let peer_key = unsafe { (*e).peer_key(proto) };
     if let Some(peer) = XLB_CT_HALF.get_ptr(&peer_key)
         // SAFETY: points into a map value, read once.
         && CtEntry::is_peer_of(key, unsafe { &*peer })
@@ -241,6 +273,17 @@ pub fn delete_half_pair(key: &FlowKey, e: &CtEntry, proto: u8) {
         let _ = XLB_CT_HALF.remove(&peer_key);
     }
     let _ = XLB_CT_HALF.remove(key);
+    true
+}
+
+/// Deletes the half-open entry `e` at `key`, found without its peer, unless another CPU has
+/// claimed it (it is then deleted or taken over by that CPU).
+#[inline(always)]
+pub fn delete_half_orphan(key: &FlowKey, e: *mut CtEntry) {
+    let seen = stamp(e);
+    if seen != CLAIMED && claim(e, seen) {
+        let _ = XLB_CT_HALF.remove(key);
+    }
 }
 
 /// Whether the open flow whose entry `e` sits at `key` in the map of `direction` has its peer
@@ -267,16 +310,22 @@ pub fn open_peer_ok(direction: Direction, key: &FlowKey, e: &CtEntry, proto: u8)
 /// Not inlined (a BPF subprogram): its keys would overflow the caller's share of the
 /// 512-byte BPF stack.
 #[inline(never)]
-fn take_half_open(key: &FlowKey, old: &CtEntry, proto: u8, now: u64) -> bool {
-    let idle = now.saturating_sub(old.last_seen_ns);
-    if idle >= ct_timeout_ns(proto, old.state) {
-        count(STAT_HALF_OPEN_TIMEOUT);
+fn take_half_open(key: &FlowKey, old: *mut CtEntry, proto: u8, now: u64) -> bool {
+    let seen = stamp(old);
+    let idle = now.saturating_sub(seen);
+    // SAFETY: old points into a map value, valid for this program run.
+    let timeout = ct_timeout_ns(proto, unsafe { (*old).state });
+    let stat = if idle >= timeout {
+        STAT_HALF_OPEN_TIMEOUT
     } else if proto == IPPROTO_TCP && idle > CT_HALF_OPEN_RECLAIM_NS {
-        count(STAT_EARLY_DROP);
+        STAT_EARLY_DROP
     } else {
         return false;
+    };
+    if !delete_half_pair(key, old, seen, proto) {
+        return false;
     }
-    delete_half_pair(key, old, proto);
+    count(stat);
     true
 }
 
@@ -370,11 +419,9 @@ pub fn create(
         let key = flow_key(backend.ip, ip, backend.port, port, proto);
         if skipped(STEP_SNAT_PROBE) {
             // The claim alone: no look at who holds the candidate.
-        } else if let Some(old) = XLB_CT_HALF.get_ptr(&key) {
-            // SAFETY: points into a map value, valid for this program run.
-            let old = unsafe { &*old };
+        } else if let Some(old) = XLB_CT_HALF.get_ptr_mut(&key) {
             if !take_half_open(&key, old, proto, now) {
-                let idle = now.saturating_sub(old.last_seen_ns);
+                let idle = now.saturating_sub(stamp(old));
                 let candidate = (idle << 19) | (this as u64) << 16 | port as u64;
                 if candidate > oldest {
                     oldest = candidate;
@@ -410,12 +457,12 @@ pub fn create(
         let oldest_port = oldest as u16;
         let ip = snat::address((oldest >> 16) as u32);
         let key = flow_key(backend.ip, ip, backend.port, oldest_port, proto);
-        if let Some(old) = XLB_CT_HALF.get_ptr(&key) {
-            // SAFETY: as above.
-            let old = unsafe { &*old };
-            if now.saturating_sub(old.last_seen_ns) >= CT_HALF_OPEN_MIN_RECLAIM_NS {
+        if let Some(old) = XLB_CT_HALF.get_ptr_mut(&key) {
+            let seen = stamp(old);
+            if now.saturating_sub(seen) >= CT_HALF_OPEN_MIN_RECLAIM_NS
+                && delete_half_pair(&key, old, seen, proto)
+            {
                 count(STAT_EARLY_DROP);
-                delete_half_pair(&key, old, proto);
             }
         }
         let open_free = match XLB_CT_REV.get_ptr(&key) {

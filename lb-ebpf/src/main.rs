@@ -17,6 +17,10 @@
 //! `baseline.rs` holds the programs benchmarks compare xlb with.
 #![no_std]
 #![no_main]
+// `core::intrinsics::atomic_cxchg`: the BPF target offers no compare-and-swap in `core::sync`
+// (only atomic loads and stores), though BPF has the instruction (`conntrack::claim`).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod baseline;
 mod conntrack;
@@ -256,23 +260,25 @@ fn action(result: Result<u32, u32>) -> u32 {
 #[inline(never)]
 fn half_open<F: Frame>(ctx: &F, flow: &Flow, key: &FlowKey, entry: *mut CtEntry) -> u32 {
     let now = conntrack::now_ns();
+    let seen = conntrack::stamp(entry);
     // SAFETY: entry points into a map value, valid for this program run.
     let e = unsafe { &*entry };
-    if !conntrack::alive(e, flow.proto, now) {
-        count(STAT_HALF_OPEN_TIMEOUT);
-        conntrack::delete_half_pair(key, e, flow.proto);
+    if now.saturating_sub(seen) >= ct_timeout_ns(flow.proto, e.state) {
+        if conntrack::delete_half_pair(key, entry, seen, flow.proto) {
+            count(STAT_HALF_OPEN_TIMEOUT);
+        }
         return NOT_HANDLED;
     }
     let Some(peer) = XLB_CT_HALF.get_ptr_mut(&e.peer_key(flow.proto)) else {
         count(STAT_CT_ORPHAN);
-        let _ = XLB_CT_HALF.remove(key);
+        conntrack::delete_half_orphan(key, entry);
         return NOT_HANDLED;
     };
     // SAFETY: as above.
     let p = unsafe { &*peer };
     if !CtEntry::is_peer_of(key, p) {
         count(STAT_CT_ORPHAN);
-        let _ = XLB_CT_HALF.remove(key);
+        conntrack::delete_half_orphan(key, entry);
         return NOT_HANDLED;
     }
     if !conntrack::to_our_mac(ctx) {

@@ -1675,3 +1675,132 @@ fn a_closed_flow_gives_its_port_up_once_the_last_ack_went_by() {
     }
     assert_eq!(fx.stat(STAT_CLOSED_REUSED), 1);
 }
+
+/// Two CPUs whose new flows both want one SNAT port held by a stale half-open flow: exactly
+/// one takes it over and the other probes on, so the half-open map never holds two flows on
+/// that port, or an entry whose peer does not point back. The two SYNs run at the same moment
+/// on two CPUs, again and again, from the same start each time.
+#[test]
+fn two_cpus_taking_over_one_stale_port_never_share_it() {
+    use aya::programs::TestRun as _;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    assert!(
+        std::thread::available_parallelism().map_or(0, |n| n.get()) >= 2,
+        "this test needs two CPUs"
+    );
+    let fx = fixture("fx-takeover");
+    // Two client ports whose first SNAT candidate is the same port.
+    let first = |client_port: u16| {
+        let hash = flow_hash(CLIENT, VIP, client_port, 80, IPPROTO_TCP);
+        snat_port(SNAT_PORTS_DEFAULT, hash, 0)
+    };
+    let a = 41000;
+    let contested = first(a);
+    let b = (a + 1..u16::MAX)
+        .find(|&port| first(port) == contested)
+        .expect("a second client port with the same first candidate");
+    let syns = [a, b].map(|port| pkt::tcp(sa(CLIENT, port), sa(VIP, 80), SYN, &[]));
+    const TRIALS: u32 = 3000;
+    const STOP: u32 = u32::MAX;
+    // The trial both CPUs run now; each counts itself done.
+    let go = AtomicU32::new(0);
+    let done = AtomicU32::new(0);
+    let program = fx.dp.program(PROGRAM_GENERIC).expect("program");
+    let mut failure = None;
+    std::thread::scope(|scope| {
+        for (cpu, syn) in syns.iter().enumerate() {
+            let (go, done, joiner) = (&go, &done, fx.ns.joiner());
+            scope.spawn(move || {
+                joiner();
+                pin_to_cpu(cpu);
+                let mut out = vec![0u8; 2048];
+                let mut last = 0;
+                loop {
+                    let trial = go.load(Ordering::Acquire);
+                    if trial == STOP {
+                        break;
+                    }
+                    if trial == last {
+                        std::hint::spin_loop();
+                        continue;
+                    }
+                    last = trial;
+                    program
+                        .test_run(aya::programs::TestRunOptions {
+                            data_in: Some(syn),
+                            data_out: Some(&mut out),
+                            repeat: 1,
+                            ..Default::default()
+                        })
+                        .expect("test run");
+                    done.fetch_add(1, Ordering::AcqRel);
+                }
+            });
+        }
+        for trial in 1..=TRIALS {
+            clear_half_open(&fx);
+            let stale = xlb::inspect::monotonic_ns() - 2 * CT_HALF_OPEN_RECLAIM_NS;
+            hold_half_open_from(&fx, contested, 50000, stale);
+            go.store(trial, Ordering::Release);
+            while done.load(Ordering::Acquire) != 2 * trial {
+                std::thread::yield_now();
+            }
+            if let Err(broken) = half_open_flows_whole(&fx) {
+                failure = Some(format!("trial {trial}: {broken}"));
+                break;
+            }
+        }
+        go.store(STOP, Ordering::Release);
+    });
+    eprintln!(
+        "early drops {}, new flows {}",
+        fx.stat(STAT_EARLY_DROP),
+        fx.stat(STAT_NEW_FLOW)
+    );
+    if let Some(failure) = failure {
+        panic!("port {contested} contested by client ports {a} and {b}: {failure}");
+    }
+}
+
+/// Binds the calling thread to CPU `cpu`.
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET writes into it; sched_setaffinity reads it.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    assert_eq!(
+        rc,
+        0,
+        "binding to CPU {cpu}: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Deletes every half-open entry.
+fn clear_half_open(fx: &Fixture) {
+    let mut half = fx.ct_map(CT_HALF_MAP);
+    let keys: Vec<FlowKey> = half.keys().filter_map(Result::ok).collect();
+    for key in keys {
+        let _ = half.remove(&key);
+    }
+}
+
+/// Whether every half-open entry has its peer pointing back (else which has not).
+fn half_open_flows_whole(fx: &Fixture) -> Result<(), String> {
+    let half = fx.ct_map(CT_HALF_MAP);
+    for item in half.iter() {
+        let (key, entry) = item.expect("entry");
+        match half.get(&entry.peer_key(key.proto), 0) {
+            Ok(peer) if CtEntry::is_peer_of(&key, &peer) => {}
+            Ok(peer) => {
+                return Err(format!(
+                    "{key:?} ({entry:?}): its peer {peer:?} points elsewhere"
+                ));
+            }
+            Err(e) => return Err(format!("{key:?} ({entry:?}) has no peer: {e}")),
+        }
+    }
+    Ok(())
+}
