@@ -9,6 +9,8 @@
 //! Every lookup that finds an entry whose peer is missing deletes it (forward and reverse
 //! live and die together), and every deletion deletes both.
 
+use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xchg};
+
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
@@ -45,6 +47,9 @@ pub enum Direction {
     FromClient,
     FromBackend,
 }
+
+/// The ordering the atomic intrinsics below ask for; BPF's atomic instructions are full barriers.
+const SEQ_CST: AtomicOrdering = AtomicOrdering::SeqCst;
 
 /// Monotonic time in ns at tick resolution: CLOCK_MONOTONIC_COARSE, the CLOCK_MONOTONIC time
 /// base as of the last tick (Linux 5.11+). Timeouts and the refresh interval are seconds, so
@@ -121,11 +126,17 @@ const CLAIMED: u64 = u64::MAX;
 /// restamps the entry, so a claim judged before it fails too.
 #[inline(always)]
 fn claim(e: *mut CtEntry, seen: u64) -> bool {
-    use core::intrinsics::{AtomicOrdering, atomic_cxchg};
-    const SEQ_CST: AtomicOrdering = AtomicOrdering::SeqCst;
     // SAFETY: e points into a map value, valid for this program run; the stamp is an aligned
-    // u64 (offset 24 of an 8-aligned value), which BPF's cmpxchg needs.
+    // u64 (offset 24 of an 8-aligned value), which BPF's atomic instructions need.
     unsafe { atomic_cxchg::<u64, SEQ_CST, SEQ_CST>(&raw mut (*e).last_seen_ns, seen, CLAIMED).1 }
+}
+
+/// Ends this CPU's [`claim`] on `e`, whose other fields it has written: stamps it `now` with
+/// an atomic exchange, a full barrier, so no CPU sees the stamp before those fields.
+#[inline(always)]
+fn release(e: *mut CtEntry, now: u64) {
+    // SAFETY: as in claim.
+    unsafe { atomic_xchg::<u64, SEQ_CST>(&raw mut (*e).last_seen_ns, now) };
 }
 
 /// The stamp of `e`, read once: what a claim on it is judged by.
@@ -255,22 +266,33 @@ pub fn delete_open_pair(direction: Direction, key: &FlowKey, e: &CtEntry, proto:
     let _ = own.remove(key);
 }
 
-/// Deletes the half-open flow whose entry `e` sits at `key`, judged by its stamp `seen`, and
-/// its peer when that peer points back to `key`, if this CPU wins the [`claim`] on `e`.
-/// `false` when it did not: another CPU claimed the entry first or a packet restamped it.
+/// Claims the half-open flow whose entry `e` sits at `key`, judged by its stamp `seen`, and
+/// deletes its peer when that peer points back to `key`. `false` when this CPU did not win the
+/// [`claim`] (another CPU claimed the entry first or a packet restamped it); `true` leaves `e`
+/// to the caller, claimed, to delete or to write a new flow's entry over.
 #[inline(always)]
-pub fn delete_half_pair(key: &FlowKey, e: *mut CtEntry, seen: u64, proto: u8) -> bool {
+fn claim_half_pair(key: &FlowKey, e: *mut CtEntry, seen: u64) -> bool {
     if !claim(e, seen) {
         return false;
     }
     // SAFETY: e points into a map value, valid for this program run; claimed, so no other CPU
-    // deletes it or reuses its key until it is gone.
-    let peer_key = unsafe { (*e).peer_key(proto) };
+    // deletes it or reuses its key until this CPU is done with it.
+    let peer_key = unsafe { (*e).peer_key(key.proto) };
     if let Some(peer) = XLB_CT_HALF.get_ptr(&peer_key)
         // SAFETY: points into a map value, read once.
         && CtEntry::is_peer_of(key, unsafe { &*peer })
     {
         let _ = XLB_CT_HALF.remove(&peer_key);
+    }
+    true
+}
+
+/// Deletes the half-open flow whose entry `e` sits at `key`, judged by its stamp `seen`, and
+/// its peer when that peer points back to `key`, if this CPU wins the [`claim`] on `e`.
+#[inline(always)]
+pub fn delete_half_pair(key: &FlowKey, e: *mut CtEntry, seen: u64) -> bool {
+    if !claim_half_pair(key, e, seen) {
+        return false;
     }
     let _ = XLB_CT_HALF.remove(key);
     true
@@ -301,31 +323,49 @@ pub fn open_peer_ok(direction: Direction, key: &FlowKey, e: &CtEntry, proto: u8)
     }
 }
 
-/// Whether SNAT port key `key` may be taken from the half-open flow `old` found there (both
-/// its entries are deleted if so): it timed out, or is a TCP flow idle for more than
-/// [`CT_HALF_OPEN_RECLAIM_NS`] (an early drop). Its peer is not looked at: under a flood that
-/// was one more cache-cold lookup for every held port every new flow probed; a reverse entry that lost its forward one to the LRU is never used (see
+/// Why SNAT port key `key`'s half-open flow, idle `idle` ns in `state`, may give the port up
+/// (the counter to bump): it timed out, or is a TCP flow idle for more than
+/// [`CT_HALF_OPEN_RECLAIM_NS`] (an early drop). `None` while it keeps it. Its peer is not
+/// looked at: under a flood that was one more cache-cold lookup for every held port every new
+/// flow probed; a reverse entry that lost its forward one to the LRU is never used (see
 /// `half_open`), and gives its port back when it times out or is dropped early.
+#[inline(always)]
+fn half_open_gives_way(idle: u64, state: u32, proto: u8) -> Option<u32> {
+    if idle >= ct_timeout_ns(proto, state) {
+        Some(STAT_HALF_OPEN_TIMEOUT)
+    } else if proto == IPPROTO_TCP && idle > CT_HALF_OPEN_RECLAIM_NS {
+        Some(STAT_EARLY_DROP)
+    } else {
+        None
+    }
+}
+
+/// Takes SNAT port key `key` from the half-open flow whose entry `old` sits there, judged by
+/// its stamp `seen`, for the new flow whose reverse entry is `reverse`: claims `old`, deletes
+/// its peer, and writes `reverse` over it in place, the stamp last. Unlike a delete and an
+/// insert this takes no node from the LRU, which under a flood is full and would evict for it.
+/// Until the stamp is written other CPUs leave the entry alone (claimed), and a packet that
+/// reads it half written finds no forward entry pointing back to it (the old flow's is gone,
+/// the new flow's comes after) and is not translated by it. Counts `reason` when it took the
+/// key; `false` when the claim was lost.
+/// The caller has made sure no live open flow holds the key too ([`free_of_open_flows`]).
 ///
 /// Not inlined (a BPF subprogram): its keys would overflow the caller's share of the
 /// 512-byte BPF stack.
 #[inline(never)]
-fn take_half_open(key: &FlowKey, old: *mut CtEntry, proto: u8, now: u64) -> bool {
-    let seen = stamp(old);
-    let idle = now.saturating_sub(seen);
-    // SAFETY: old points into a map value, valid for this program run.
-    let timeout = ct_timeout_ns(proto, unsafe { (*old).state });
-    let stat = if idle >= timeout {
-        STAT_HALF_OPEN_TIMEOUT
-    } else if proto == IPPROTO_TCP && idle > CT_HALF_OPEN_RECLAIM_NS {
-        STAT_EARLY_DROP
-    } else {
-        return false;
-    };
-    if !delete_half_pair(key, old, seen, proto) {
+fn take_over(key: &FlowKey, old: *mut CtEntry, seen: u64, reverse: &CtEntry, reason: u32) -> bool {
+    if !claim_half_pair(key, old, seen) {
         return false;
     }
-    count(stat);
+    count(reason);
+    // SAFETY: old points into a map value, valid for this program run, claimed by this CPU.
+    unsafe {
+        *old = CtEntry {
+            last_seen_ns: CLAIMED,
+            ..*reverse
+        };
+    }
+    release(old, reverse.last_seen_ns);
     true
 }
 
@@ -333,7 +373,7 @@ fn take_half_open(key: &FlowKey, old: *mut CtEntry, proto: u8, now: u64) -> bool
 /// reverse map (both its entries are deleted if so): it expired, both sides closed it and the
 /// client's last ACK went by, or it lost its forward entry.
 ///
-/// Not inlined, as [`take_half_open`].
+/// Not inlined, as [`take_over`].
 #[inline(never)]
 fn take_open(key: &FlowKey, old: &CtEntry, proto: u8, now: u64) -> bool {
     if !alive(old, proto, now) {
@@ -349,6 +389,17 @@ fn take_open(key: &FlowKey, old: &CtEntry, proto: u8, now: u64) -> bool {
     true
 }
 
+/// Whether SNAT port key `key` is held by no live open flow: none is in the reverse map, or the
+/// one there gives it up ([`take_open`]).
+#[inline(always)]
+fn free_of_open_flows(key: &FlowKey, now: u64) -> bool {
+    match XLB_CT_REV.get_ptr(key) {
+        // SAFETY: points into a map value, valid for this program run.
+        Some(old) => take_open(key, unsafe { &*old }, key.proto, now),
+        None => true,
+    }
+}
+
 /// Creates the half-open forward and reverse entries of a new flow to `backend` over `route`,
 /// translated from the route's source address or one of its extra SNAT addresses
 /// (`XLB_SNAT_ADDRS`); the forward entry caches the route when its neighbour is resolved. The
@@ -356,9 +407,10 @@ fn take_open(key: &FlowKey, old: &CtEntry, proto: u8, now: u64) -> bool {
 /// tuple's hash, going round the addresses) whose reverse key
 /// `(backend, snat_ip, backend port, port)` is held by no live flow, half-open or open. A
 /// candidate held by a flow that timed out, (open) lost its peer, both of whose sides closed, or
-/// (TCP) that stayed half-open past [`CT_HALF_OPEN_RECLAIM_NS`] is taken over: that
-/// flow's entries are deleted, then the port is claimed with `BPF_NOEXIST`, so of two CPUs
-/// racing for it exactly one wins and the other probes on. The half-open map is checked
+/// (TCP) that stayed half-open past [`CT_HALF_OPEN_RECLAIM_NS`] is taken over: a half-open
+/// flow's reverse entry by [`take_over`] (a [`claim`], then the new entry written in its
+/// place), an open flow's entries deleted and the port then claimed with `BPF_NOEXIST`; either
+/// way, of two CPUs racing for it exactly one wins and the other probes on. The half-open map is checked
 /// before the open map: a flow is written to the open maps before it leaves the half-open
 /// one, so a port cannot slip between the two checks. When every candidate is held, or
 /// (TCP) [`SNAT_PROBES_BEFORE_EARLY_DROP`] are and the next by a half-open flow, the one held by
@@ -417,11 +469,16 @@ pub fn create(
         let this = snat::candidate(attempt);
         let ip = snat::address(this);
         let key = flow_key(backend.ip, ip, backend.port, port, proto);
-        if skipped(STEP_SNAT_PROBE) {
+        // SAFETY: per-CPU scratch slot, private to this CPU while the program runs.
+        let entry = unsafe { &*reverse };
+        let won = if skipped(STEP_SNAT_PROBE) {
             // The claim alone: no look at who holds the candidate.
+            XLB_CT_HALF.insert(&key, entry, BPF_NOEXIST as u64).is_ok()
         } else if let Some(old) = XLB_CT_HALF.get_ptr_mut(&key) {
-            if !take_half_open(&key, old, proto, now) {
-                let idle = now.saturating_sub(stamp(old));
+            let seen = stamp(old);
+            let idle = now.saturating_sub(seen);
+            // SAFETY: points into a map value, valid for this program run.
+            let Some(reason) = half_open_gives_way(idle, unsafe { (*old).state }, proto) else {
                 let candidate = (idle << 19) | (this as u64) << 16 | port as u64;
                 if candidate > oldest {
                     oldest = candidate;
@@ -432,50 +489,49 @@ pub fn create(
                     break;
                 }
                 continue;
-            }
-        }
-        if !skipped(STEP_SNAT_PROBE)
-            && let Some(old) = XLB_CT_REV.get_ptr(&key)
-        {
-            // SAFETY: as above.
-            let old = unsafe { &*old };
-            if !take_open(&key, old, proto, now) {
-                continue;
-            }
-        }
-        if XLB_CT_HALF
-            // SAFETY: per-CPU scratch slot, private to this CPU while the program runs.
-            .insert(&key, unsafe { &*reverse }, BPF_NOEXIST as u64)
-            .is_ok()
-        {
+            };
+            free_of_open_flows(&key, now) && take_over(&key, old, seen, entry, reason)
+        } else {
+            free_of_open_flows(&key, now)
+                && XLB_CT_HALF.insert(&key, entry, BPF_NOEXIST as u64).is_ok()
+        };
+        if won {
             chosen = port;
             snat_ip = ip;
             break;
         }
     }
+    // Through memory, so the verifier cannot tell one probe path's `oldest` from another's:
+    // its value decides a branch and an index below, and the verifier would otherwise keep
+    // apart (and check again) every path through the probes that left a different one. The
+    // forward scratch slot is free until the forward entry is built in it below.
+    // SAFETY: per-CPU scratch slot, private to this CPU while the program runs.
+    let oldest = unsafe {
+        (*forward).last_seen_ns = oldest;
+        core::ptr::read_volatile(&raw const (*forward).last_seen_ns)
+    };
     if chosen == 0 && proto == IPPROTO_TCP && oldest >> 19 >= CT_HALF_OPEN_MIN_RECLAIM_NS {
         let oldest_port = oldest as u16;
         let ip = snat::address((oldest >> 16) as u32);
         let key = flow_key(backend.ip, ip, backend.port, oldest_port, proto);
-        if let Some(old) = XLB_CT_HALF.get_ptr_mut(&key) {
-            let seen = stamp(old);
-            if now.saturating_sub(seen) >= CT_HALF_OPEN_MIN_RECLAIM_NS
-                && delete_half_pair(&key, old, seen, proto)
-            {
-                count(STAT_EARLY_DROP);
+        let taken = match XLB_CT_HALF.get_ptr_mut(&key) {
+            Some(old) => {
+                let seen = stamp(old);
+                now.saturating_sub(seen) >= CT_HALF_OPEN_MIN_RECLAIM_NS
+                    && free_of_open_flows(&key, now)
+                    // SAFETY: per-CPU scratch slot, private to this CPU while the program runs.
+                    && take_over(&key, old, seen, unsafe { &*reverse }, STAT_EARLY_DROP)
             }
-        }
-        let open_free = match XLB_CT_REV.get_ptr(&key) {
-            // SAFETY: as above.
-            Some(old) => take_open(&key, unsafe { &*old }, proto, now),
-            None => true,
+            // Gone meanwhile (evicted): free unless an open flow holds it.
+            None => {
+                free_of_open_flows(&key, now)
+                    && XLB_CT_HALF
+                        // SAFETY: as above.
+                        .insert(&key, unsafe { &*reverse }, BPF_NOEXIST as u64)
+                        .is_ok()
+            }
         };
-        if open_free
-            && XLB_CT_HALF
-                // SAFETY: as above.
-                .insert(&key, unsafe { &*reverse }, BPF_NOEXIST as u64)
-                .is_ok()
-        {
+        if taken {
             chosen = oldest_port;
             snat_ip = ip;
         }

@@ -17,8 +17,8 @@
 //! `baseline.rs` holds the programs benchmarks compare xlb with.
 #![no_std]
 #![no_main]
-// `core::intrinsics::atomic_cxchg`: the BPF target offers no compare-and-swap in `core::sync`
-// (only atomic loads and stores), though BPF has the instruction (`conntrack::claim`).
+// `core::intrinsics::atomic_cxchg` and `atomic_xchg`: the BPF target offers only atomic loads
+// and stores in `core::sync`, though BPF has both instructions (`conntrack::claim`).
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
@@ -264,7 +264,7 @@ fn half_open<F: Frame>(ctx: &F, flow: &Flow, key: &FlowKey, entry: *mut CtEntry)
     // SAFETY: entry points into a map value, valid for this program run.
     let e = unsafe { &*entry };
     if now.saturating_sub(seen) >= ct_timeout_ns(flow.proto, e.state) {
-        if conntrack::delete_half_pair(key, entry, seen, flow.proto) {
+        if conntrack::delete_half_pair(key, entry, seen) {
             count(STAT_HALF_OPEN_TIMEOUT);
         }
         return NOT_HANDLED;

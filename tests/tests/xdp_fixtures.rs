@@ -1676,20 +1676,64 @@ fn a_closed_flow_gives_its_port_up_once_the_last_ack_went_by() {
     assert_eq!(fx.stat(STAT_CLOSED_REUSED), 1);
 }
 
-/// Two CPUs whose new flows both want one SNAT port held by a stale half-open flow: exactly
-/// one takes it over and the other probes on, so the half-open map never holds two flows on
-/// that port, or an entry whose peer does not point back. The two SYNs run at the same moment
-/// on two CPUs, again and again, from the same start each time.
+/// Two CPUs whose new flows both want one SNAT port held by a half-open flow idle for 2 s:
+/// exactly one takes it over and the other probes on, so the half-open map never holds two
+/// flows on that port, or an entry whose peer does not point back.
 #[test]
 fn two_cpus_taking_over_one_stale_port_never_share_it() {
-    use aya::programs::TestRun as _;
-    use std::sync::atomic::{AtomicU32, Ordering};
-    assert!(
-        std::thread::available_parallelism().map_or(0, |n| n.get()) >= 2,
-        "this test needs two CPUs"
-    );
     let fx = fixture("fx-takeover");
-    // Two client ports whose first SNAT candidate is the same port.
+    let (syns, contested) = two_syns_wanting_one_port();
+    contest(&fx, &syns, |fx| {
+        let stale = xlb::inspect::monotonic_ns() - 2 * CT_HALF_OPEN_RECLAIM_NS;
+        hold_half_open_from(fx, contested, 50000, stale);
+    });
+    assert_eq!(
+        fx.stat(STAT_EARLY_DROP),
+        CONTESTS as u64,
+        "one takeover a trial"
+    );
+}
+
+/// The same under pressure: the contested port's flow is idle 300 ms, and the next candidates
+/// of both new flows are held by fresh half-open flows, so each reaches the early drop with the
+/// same port; exactly one gets it, the other is refused.
+#[test]
+fn two_cpus_dropping_one_half_open_flow_early_never_share_its_port() {
+    let fx = fixture("fx-earlydrop");
+    let (syns, contested) = two_syns_wanting_one_port();
+    let fresh: Vec<u16> = syns
+        .iter()
+        .flat_map(|syn| {
+            let (client, _) = pkt::endpoints(syn);
+            let hash = flow_hash(CLIENT, VIP, client.port(), 80, IPPROTO_TCP);
+            (1..SNAT_PROBES_BEFORE_EARLY_DROP + 1)
+                .map(move |attempt| snat_port(SNAT_PORTS_DEFAULT, hash, attempt))
+        })
+        .collect();
+    contest(&fx, &syns, |fx| {
+        let now = xlb::inspect::monotonic_ns();
+        hold_half_open_from(fx, contested, 50000, now - 300_000_000);
+        for (i, &port) in fresh.iter().enumerate() {
+            hold_half_open_from(fx, port, 50001 + i as u16, now);
+        }
+    });
+    assert_eq!(
+        fx.stat(STAT_EARLY_DROP),
+        CONTESTS as u64,
+        "one early drop a trial"
+    );
+    assert_eq!(
+        fx.stat(STAT_SNAT_EXHAUSTED),
+        CONTESTS as u64,
+        "the other refused"
+    );
+}
+
+/// Trials of [`contest`].
+const CONTESTS: u32 = 3000;
+
+/// Two SYNs from `CLIENT` whose first SNAT candidate is the same port, and that port.
+fn two_syns_wanting_one_port() -> ([Vec<u8>; 2], u16) {
     let first = |client_port: u16| {
         let hash = flow_hash(CLIENT, VIP, client_port, 80, IPPROTO_TCP);
         snat_port(SNAT_PORTS_DEFAULT, hash, 0)
@@ -1700,7 +1744,19 @@ fn two_cpus_taking_over_one_stale_port_never_share_it() {
         .find(|&port| first(port) == contested)
         .expect("a second client port with the same first candidate");
     let syns = [a, b].map(|port| pkt::tcp(sa(CLIENT, port), sa(VIP, 80), SYN, &[]));
-    const TRIALS: u32 = 3000;
+    (syns, contested)
+}
+
+/// Runs the two `syns` at the same moment on two CPUs, [`CONTESTS`] times, each time from the
+/// half-open map emptied and then filled by `setup`; panics at the first trial that leaves an
+/// entry whose peer does not point back (two flows on one port leave one).
+fn contest(fx: &Fixture, syns: &[Vec<u8>; 2], setup: impl Fn(&Fixture)) {
+    use aya::programs::TestRun as _;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    assert!(
+        std::thread::available_parallelism().map_or(0, |n| n.get()) >= 2,
+        "this test needs two CPUs"
+    );
     const STOP: u32 = u32::MAX;
     // The trial both CPUs run now; each counts itself done.
     let go = AtomicU32::new(0);
@@ -1737,28 +1793,22 @@ fn two_cpus_taking_over_one_stale_port_never_share_it() {
                 }
             });
         }
-        for trial in 1..=TRIALS {
-            clear_half_open(&fx);
-            let stale = xlb::inspect::monotonic_ns() - 2 * CT_HALF_OPEN_RECLAIM_NS;
-            hold_half_open_from(&fx, contested, 50000, stale);
+        for trial in 1..=CONTESTS {
+            clear_half_open(fx);
+            setup(fx);
             go.store(trial, Ordering::Release);
             while done.load(Ordering::Acquire) != 2 * trial {
                 std::thread::yield_now();
             }
-            if let Err(broken) = half_open_flows_whole(&fx) {
+            if let Err(broken) = half_open_flows_whole(fx) {
                 failure = Some(format!("trial {trial}: {broken}"));
                 break;
             }
         }
         go.store(STOP, Ordering::Release);
     });
-    eprintln!(
-        "early drops {}, new flows {}",
-        fx.stat(STAT_EARLY_DROP),
-        fx.stat(STAT_NEW_FLOW)
-    );
     if let Some(failure) = failure {
-        panic!("port {contested} contested by client ports {a} and {b}: {failure}");
+        panic!("two flows wanting one port: {failure}");
     }
 }
 
