@@ -114,12 +114,13 @@ pub fn alive(entry: &CtEntry, proto: u8, now: u64) -> bool {
     now.saturating_sub(entry.last_seen_ns) < ct_timeout_ns(proto, entry.state)
 }
 
-/// The stamp of a half-open entry that a CPU has claimed to delete: later than any `now`, so
-/// every other CPU finds the entry alive and just seen, and leaves it alone.
+/// The stamp of a half-open entry that a CPU has claimed, to delete it or to write a new flow's
+/// entry over it: later than any `now`, so every other CPU finds the entry alive and just
+/// seen, and leaves it alone.
 const CLAIMED: u64 = u64::MAX;
 
-/// Claims the half-open entry `e`, judged by its stamp `seen`, for deletion: swaps the stamp
-/// for [`CLAIMED`] in one atomic step, which succeeds only while the stamp is still `seen`.
+/// Claims the half-open entry `e`, judged by its stamp `seen`: swaps the stamp for [`CLAIMED`]
+/// in one atomic step, which succeeds only while the stamp is still `seen`.
 /// Of the CPUs that judged an entry by one stamp only one wins; the others would otherwise
 /// delete whatever took its key meanwhile (two new flows wanting one stale SNAT port: the
 /// winner's fresh reverse entry, so both flows would hold the port). A packet of the flow
