@@ -111,7 +111,13 @@ pub fn flow_key(src: [u8; 4], dst: [u8; 4], src_port: u16, dst_port: u16, proto:
 /// Whether `entry` is still live at `now` (a stamp later than `now` counts as just seen).
 #[inline(always)]
 pub fn alive(entry: &CtEntry, proto: u8, now: u64) -> bool {
-    now.saturating_sub(entry.last_seen_ns) < ct_timeout_ns(proto, entry.state)
+    alive_since(entry.last_seen_ns, entry.state, proto, now)
+}
+
+/// Whether an entry in `state` stamped `seen` is still live at `now`, as [`alive`].
+#[inline(always)]
+pub fn alive_since(seen: u64, state: u32, proto: u8, now: u64) -> bool {
+    now.saturating_sub(seen) < ct_timeout_ns(proto, state)
 }
 
 /// The stamp of a half-open entry that a CPU has claimed, to delete it or to write a new flow's

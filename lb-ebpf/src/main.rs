@@ -263,7 +263,7 @@ fn half_open<F: Frame>(ctx: &F, flow: &Flow, key: &FlowKey, entry: *mut CtEntry)
     let seen = conntrack::stamp(entry);
     // SAFETY: entry points into a map value, valid for this program run.
     let e = unsafe { &*entry };
-    if now.saturating_sub(seen) >= ct_timeout_ns(flow.proto, e.state) {
+    if !conntrack::alive_since(seen, e.state, flow.proto, now) {
         if conntrack::delete_half_pair(key, entry, seen) {
             count(STAT_HALF_OPEN_TIMEOUT);
         }
