@@ -113,8 +113,14 @@ pub const STAT_NEXT_HOP_MISS: u32 = 40;
 /// empty): passed to the kernel untouched.
 pub const STAT_NEW_FLOW_UNREACHABLE: u32 = 41;
 
+/// Drop: a packet of a half-open flow found another CPU changing that flow's stamp in the same
+/// instant (claiming it to delete it or to take its SNAT port over, or restamping it for a
+/// packet of the same flow), so it could not tell whose entry it had read; the sender
+/// retransmits.
+pub const STAT_HALF_OPEN_CONTENDED: u32 = 42;
+
 /// Number of counters in [`STATS_MAP`].
-pub const STAT_COUNT: u32 = 42;
+pub const STAT_COUNT: u32 = 43;
 
 /// Human-readable name of each counter, indexed like the map (for `xlb inspect stats`).
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
@@ -160,6 +166,7 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "closed_reused",
     "next_hop_miss",
     "new_flow_unreachable",
+    "half_open_contended",
 ];
 
 /// Per-service counters, one per CPU in [`SVC_STATS_MAP`] at the service's id.

@@ -130,12 +130,26 @@ const CLAIMED: u64 = u64::MAX;
 /// Of the CPUs that judged an entry by one stamp only one wins; the others would otherwise
 /// delete whatever took its key meanwhile (two new flows wanting one stale SNAT port: the
 /// winner's fresh reverse entry, so both flows would hold the port). A packet of the flow
-/// restamps the entry, so a claim judged before it fails too.
+/// [`restamp`]s the entry, so a claim judged before it fails too.
 #[inline(always)]
 fn claim(e: *mut CtEntry, seen: u64) -> bool {
     // SAFETY: e points into a map value, valid for this program run; the stamp is an aligned
     // u64 (offset 24 of an 8-aligned value), which BPF's atomic instructions need.
     unsafe { atomic_cxchg::<u64, SEQ_CST, SEQ_CST>(&raw mut (*e).last_seen_ns, seen, CLAIMED).1 }
+}
+
+/// Stamps the half-open entry `e`, judged by its stamp `seen`, `now` for a packet of its flow:
+/// in one atomic step, which succeeds only while the stamp is still `seen` and no CPU has
+/// [`claim`]ed the entry. A claim and a restamp of one stamp thus exclude each other: a packet
+/// whose restamp succeeded read the flow's entries before any CPU could claim them, and may
+/// act on what it read (open the flow, say), while a claim that succeeded leaves the packet's
+/// restamp to fail. `false` also when another CPU restamped the entry between the read and
+/// now, for a packet of the same flow.
+#[inline(always)]
+pub fn restamp(e: *mut CtEntry, seen: u64, now: u64) -> bool {
+    // SAFETY: as in claim.
+    seen != CLAIMED
+        && unsafe { atomic_cxchg::<u64, SEQ_CST, SEQ_CST>(&raw mut (*e).last_seen_ns, seen, now).1 }
 }
 
 /// Ends this CPU's [`claim`] on `e`, whose other fields it has written: stamps it `now` with
@@ -211,9 +225,10 @@ pub fn pick_backend(service: *mut ServiceValue) -> Option<&'static BackendValue>
     if count == 0 || count > MAX_BACKENDS_PER_SERVICE {
         return None;
     }
-    // The BPF target has no atomic read-modify-write in core (no `fetch_add`), so the cursor is
-    // bumped with a plain load and store: two CPUs opening flows to the same service in the same
-    // instant may pick the same slot, which skews the spread by one flow, never more.
+    // Bumped with a plain load and store: a fetch-and-add that returns the old value needs BPF
+    // cpu v3, and the object is built for the generic cpu (LLVM rejects it there). Two CPUs
+    // opening flows to the same service in the same instant may thus pick the same slot, which
+    // skews the spread by one flow, never more.
     // SAFETY: service points into a map value, valid for this program run.
     let cursor = unsafe {
         let cursor = (*service).rr_cursor;

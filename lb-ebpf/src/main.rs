@@ -274,6 +274,8 @@ fn half_open<F: Frame>(ctx: &F, flow: &Flow, key: &FlowKey, entry: *mut CtEntry)
         conntrack::delete_half_orphan(key, entry);
         return NOT_HANDLED;
     };
+    // Read before the peer's fields: the restamp below checks that neither stamp changed since.
+    let peer_seen = conntrack::stamp(peer);
     // SAFETY: as above.
     let p = unsafe { &*peer };
     if !CtEntry::is_peer_of(key, p) {
@@ -287,11 +289,14 @@ fn half_open<F: Frame>(ctx: &F, flow: &Flow, key: &FlowKey, entry: *mut CtEntry)
     let tcp = flow.proto == IPPROTO_TCP;
     let flags = flow.tcp_flags;
     // Any packet of the attempt keeps both entries fresh (the SNAT port is probed at the
-    // reverse one, a client's retransmitted SYN arrives at the forward one).
-    // SAFETY: plain stores to map values.
-    unsafe {
-        (*entry).last_seen_ns = now;
-        (*peer).last_seen_ns = now;
+    // reverse one, a client's retransmitted SYN arrives at the forward one), and it is acted on
+    // only when neither stamp changed since it was read: otherwise another CPU may be deleting
+    // the flow or writing a new flow over its reverse entry (a takeover of its port), and a
+    // flow opened from what was read here would share the port with that new flow.
+    if !(conntrack::restamp(entry, seen, now) && conntrack::restamp(peer, peer_seen, now)) {
+        // Drop: the sender retransmits, and finds the flow or none.
+        count(STAT_HALF_OPEN_CONTENDED);
+        return xdp_action::XDP_DROP;
     }
     if tcp && flags & TCP_RST != 0 {
         // The attempt is over: both entries expire now (the RST itself is translated).

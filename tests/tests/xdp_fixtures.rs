@@ -1354,14 +1354,19 @@ fn under_pressure_the_longest_idle_half_open_flow_gives_up_its_port() {
 }
 
 /// Puts a half-open flow from `[192, 0, 2, 9]:client_port` on SNAT `port` toward
-/// `BACKEND:8080`, last seen at `last_seen_ns`.
+/// `BACKEND:8080`, last seen at `last_seen_ns`, in `CT_STATE_HALF_OPEN`.
 fn hold_half_open_from(fx: &Fixture, port: u16, client_port: u16, last_seen_ns: u64) {
+    hold_half_open_in(fx, port, client_port, last_seen_ns, CT_STATE_HALF_OPEN);
+}
+
+/// [`hold_half_open_from`] in `state`.
+fn hold_half_open_in(fx: &Fixture, port: u16, client_port: u16, last_seen_ns: u64, state: u32) {
     let reverse = CtEntry {
         nat_src_ip: VIP,
         nat_dst_ip: [192, 0, 2, 9],
         nat_src_port: 80,
         nat_dst_port: client_port,
-        state: CT_STATE_HALF_OPEN,
+        state,
         last_seen_ns,
         dir: CT_DIR_REVERSE,
         ..CtEntry::default()
@@ -1371,7 +1376,7 @@ fn hold_half_open_from(fx: &Fixture, port: u16, client_port: u16, last_seen_ns: 
         nat_dst_ip: BACKEND,
         nat_src_port: port,
         nat_dst_port: 8080,
-        state: CT_STATE_HALF_OPEN,
+        state,
         last_seen_ns,
         dir: CT_DIR_FORWARD,
         ..CtEntry::default()
@@ -1683,7 +1688,7 @@ fn a_closed_flow_gives_its_port_up_once_the_last_ack_went_by() {
 fn two_cpus_taking_over_one_stale_port_never_share_it() {
     let fx = fixture("fx-takeover");
     let (syns, contested) = two_syns_wanting_one_port();
-    contest(&fx, &syns, |fx| {
+    contest(&fx, &syns, 0, |fx| {
         let stale = xlb::inspect::monotonic_ns() - 2 * CT_HALF_OPEN_RECLAIM_NS;
         hold_half_open_from(fx, contested, 50000, stale);
     });
@@ -1710,7 +1715,7 @@ fn two_cpus_dropping_one_half_open_flow_early_never_share_its_port() {
                 .map(move |attempt| snat_port(SNAT_PORTS_DEFAULT, hash, attempt))
         })
         .collect();
-    contest(&fx, &syns, |fx| {
+    contest(&fx, &syns, 0, |fx| {
         let now = xlb::inspect::monotonic_ns();
         hold_half_open_from(fx, contested, 50000, now - 300_000_000);
         for (i, &port) in fresh.iter().enumerate() {
@@ -1726,6 +1731,32 @@ fn two_cpus_dropping_one_half_open_flow_early_never_share_its_port() {
         fx.stat(STAT_SNAT_EXHAUSTED),
         CONTESTS as u64,
         "the other refused"
+    );
+}
+
+/// On one CPU the client's ACK that completes a half-open flow's handshake, on the other a new
+/// flow whose first SNAT candidate is that flow's port, idle 2 s (so any prober may take it):
+/// either the flow opens and the new flow probes on, or the new flow takes the port over and
+/// the ACK finds no flow, never both. The ACK starts from 0 to 3 µs after the SYN over the
+/// trials, so each wins some of them and they meet in between.
+#[test]
+fn a_completing_handshake_and_a_takeover_of_its_port_never_share_it() {
+    let fx = fixture("fx-promote");
+    let ([syn, _], contested) = two_syns_wanting_one_port();
+    let ack = pkt::tcp(sa([192, 0, 2, 9], 50000), sa(VIP, 80), ACK, &[]);
+    contest(&fx, &[ack, syn], 3_000, |fx| {
+        let stale = xlb::inspect::monotonic_ns() - 2 * CT_HALF_OPEN_RECLAIM_NS;
+        hold_half_open_in(fx, contested, 50000, stale, CT_STATE_HALF_OPEN_REPLIED);
+    });
+    let (opened, taken) = (fx.stat(STAT_FLOW_OPENED), fx.stat(STAT_EARLY_DROP));
+    assert_eq!(
+        opened + taken,
+        CONTESTS as u64,
+        "one winner a trial: {opened} opened, {taken} taken over"
+    );
+    assert!(
+        opened > 0 && taken > 0,
+        "each side won some trials: {opened} opened, {taken} taken over"
     );
 }
 
@@ -1747,10 +1778,12 @@ fn two_syns_wanting_one_port() -> ([Vec<u8>; 2], u16) {
     (syns, contested)
 }
 
-/// Runs the two `syns` at the same moment on two CPUs, [`CONTESTS`] times, each time from the
-/// half-open map emptied and then filled by `setup`; panics at the first trial that leaves an
-/// entry whose peer does not point back (two flows on one port leave one).
-fn contest(fx: &Fixture, syns: &[Vec<u8>; 2], setup: impl Fn(&Fixture)) {
+/// Runs the two `packets` on two CPUs, [`CONTESTS`] times, each time from the conntrack maps
+/// emptied and then filled by `setup`; panics at the first trial that leaves an entry whose
+/// peer does not point back or a port held twice ([`flows_whole`]). The first packet starts
+/// after the second by a delay that steps through 0 to `stagger_ns` in 50 ns steps over the
+/// trials (0: at the same moment).
+fn contest(fx: &Fixture, packets: &[Vec<u8>; 2], stagger_ns: u64, setup: impl Fn(&Fixture)) {
     use aya::programs::TestRun as _;
     use std::sync::atomic::{AtomicU32, Ordering};
     assert!(
@@ -1764,7 +1797,7 @@ fn contest(fx: &Fixture, syns: &[Vec<u8>; 2], setup: impl Fn(&Fixture)) {
     let program = fx.dp.program(PROGRAM_GENERIC).expect("program");
     let mut failure = None;
     std::thread::scope(|scope| {
-        for (cpu, syn) in syns.iter().enumerate() {
+        for (cpu, packet) in packets.iter().enumerate() {
             let (go, done, joiner) = (&go, &done, fx.ns.joiner());
             scope.spawn(move || {
                 joiner();
@@ -1781,9 +1814,16 @@ fn contest(fx: &Fixture, syns: &[Vec<u8>; 2], setup: impl Fn(&Fixture)) {
                         continue;
                     }
                     last = trial;
+                    if cpu == 0 {
+                        let delay = trial as u64 * 50 % (stagger_ns + 50);
+                        let start = std::time::Instant::now();
+                        while start.elapsed().as_nanos() < delay as u128 {
+                            std::hint::spin_loop();
+                        }
+                    }
                     program
                         .test_run(aya::programs::TestRunOptions {
-                            data_in: Some(syn),
+                            data_in: Some(packet),
                             data_out: Some(&mut out),
                             repeat: 1,
                             ..Default::default()
@@ -1794,13 +1834,13 @@ fn contest(fx: &Fixture, syns: &[Vec<u8>; 2], setup: impl Fn(&Fixture)) {
             });
         }
         for trial in 1..=CONTESTS {
-            clear_half_open(fx);
+            clear_conntrack(fx);
             setup(fx);
             go.store(trial, Ordering::Release);
             while done.load(Ordering::Acquire) != 2 * trial {
                 std::thread::yield_now();
             }
-            if let Err(broken) = half_open_flows_whole(fx) {
+            if let Err(broken) = flows_whole(fx) {
                 failure = Some(format!("trial {trial}: {broken}"));
                 break;
             }
@@ -1808,7 +1848,7 @@ fn contest(fx: &Fixture, syns: &[Vec<u8>; 2], setup: impl Fn(&Fixture)) {
         go.store(STOP, Ordering::Release);
     });
     if let Some(failure) = failure {
-        panic!("two flows wanting one port: {failure}");
+        panic!("two packets contesting one port: {failure}");
     }
 }
 
@@ -1828,28 +1868,42 @@ fn pin_to_cpu(cpu: usize) {
     );
 }
 
-/// Deletes every half-open entry.
-fn clear_half_open(fx: &Fixture) {
-    let mut half = fx.ct_map(CT_HALF_MAP);
-    let keys: Vec<FlowKey> = half.keys().filter_map(Result::ok).collect();
-    for key in keys {
-        let _ = half.remove(&key);
+/// Deletes every conntrack entry, half-open and open.
+fn clear_conntrack(fx: &Fixture) {
+    for name in [CT_HALF_MAP, CT_FWD_MAP, CT_REV_MAP] {
+        let mut map = fx.ct_map(name);
+        let keys: Vec<FlowKey> = map.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            let _ = map.remove(&key);
+        }
     }
 }
 
-/// Whether every half-open entry has its peer pointing back (else which has not).
-fn half_open_flows_whole(fx: &Fixture) -> Result<(), String> {
+/// Whether every conntrack entry has its peer pointing back, in the half-open map or (open) in
+/// the other open map, and no SNAT port is held by a half-open and an open flow at once; else
+/// which is not so.
+fn flows_whole(fx: &Fixture) -> Result<(), String> {
     let half = fx.ct_map(CT_HALF_MAP);
-    for item in half.iter() {
-        let (key, entry) = item.expect("entry");
-        match half.get(&entry.peer_key(key.proto), 0) {
-            Ok(peer) if CtEntry::is_peer_of(&key, &peer) => {}
-            Ok(peer) => {
-                return Err(format!(
-                    "{key:?} ({entry:?}): its peer {peer:?} points elsewhere"
-                ));
+    for (name, peer_name) in [
+        (CT_HALF_MAP, CT_HALF_MAP),
+        (CT_FWD_MAP, CT_REV_MAP),
+        (CT_REV_MAP, CT_FWD_MAP),
+    ] {
+        let (map, peers) = (fx.ct_map(name), fx.ct_map(peer_name));
+        for item in map.iter() {
+            let (key, entry) = item.expect("entry");
+            match peers.get(&entry.peer_key(key.proto), 0) {
+                Ok(peer) if CtEntry::is_peer_of(&key, &peer) => {}
+                Ok(peer) => {
+                    return Err(format!(
+                        "{name} {key:?} ({entry:?}): its peer {peer:?} points elsewhere"
+                    ));
+                }
+                Err(e) => return Err(format!("{name} {key:?} ({entry:?}) has no peer: {e}")),
             }
-            Err(e) => return Err(format!("{key:?} ({entry:?}) has no peer: {e}")),
+            if name == CT_REV_MAP && half.get(&key, 0).is_ok() {
+                return Err(format!("port {key:?} held by an open and a half-open flow"));
+            }
         }
     }
     Ok(())
