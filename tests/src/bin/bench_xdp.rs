@@ -31,8 +31,8 @@
 //! prints the share of legitimate SYNs that took the XDP path and the cost of a flood SYN
 //! beside a legitimate one.
 //!
-//! `bench_xdp profile [SECS]` only opens new flows, in a loop, for a sampling profiler (see
-//! [`profile_new_flows`]).
+//! `bench_xdp profile [SECS] [full]` only opens new flows, in a loop, for a sampling profiler
+//! (see [`profile_new_flows`]); with `full`, into full tables ([`profile_full_tables`]).
 //!
 //! `bench_xdp capacity` instead drives whole flows (TCP closed by the client first, TCP closed
 //! by the backend first, UDP query and answer) at issue 14's target rates toward one backend
@@ -579,6 +579,7 @@ fn main() {
     }
     let profile_secs = (args.get(1).map(String::as_str) == Some("profile"))
         .then(|| args.get(2).and_then(|a| a.parse().ok()).unwrap_or(15));
+    let profile_full = args.get(3).map(String::as_str) == Some("full");
     let repeat: u32 = std::env::args()
         .nth(1)
         .and_then(|a| a.parse().ok())
@@ -653,7 +654,11 @@ fn main() {
     fx.run(PROGRAM_GENERIC, &data);
 
     if let Some(secs) = profile_secs {
-        profile_new_flows(&fx, &syn, secs);
+        if profile_full {
+            profile_full_tables(&fx, &syn, secs);
+        } else {
+            profile_new_flows(&fx, &syn, secs);
+        }
         return;
     }
     print_machine();
@@ -764,6 +769,58 @@ fn profile_new_flows(fx: &Fixture, syn: &[u8], secs: u64) {
     }
     println!(
         "new flow, {} rounds of {NEW_FLOW_REPEAT}: ns/packet min/median {}",
+        ns.len(),
+        cell(min_median(ns))
+    );
+}
+
+/// `bench_xdp profile SECS full`: new flows into full tables, as the "new flow, tables full"
+/// row times them, for `SECS` seconds of measured rounds (each fill serves rounds until one is
+/// refused a port, about 30). Filling the tables takes far longer
+/// than the rounds and runs the same kernel code, so a profiler must see only the rounds:
+/// when `XLB_PERF_CONTROL` names `perf record --control=fifo:PATH`'s fifo (perf started with
+/// `-D -1`, disabled), sampling is enabled for each round and disabled before the next fill.
+fn profile_full_tables(fx: &Fixture, syn: &[u8], secs: u64) {
+    use std::io::Write as _;
+    let mut control = std::env::var_os("XLB_PERF_CONTROL").map(|path| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("perf control fifo {path:?}: {e}"))
+    });
+    let mut sample = |command: &str| {
+        if let Some(fifo) = control.as_mut() {
+            fifo.write_all(format!("{command}\n").as_bytes())
+                .expect("write to the perf control fifo");
+        }
+    };
+    let xlb = fx.dp.program(PROGRAM_GENERIC).expect("xlb");
+    let mut ns = Vec::new();
+    let mut measured = std::time::Duration::ZERO;
+    let mut port = 0u16;
+    while measured.as_secs() < secs {
+        fill_tables(fx);
+        confirm_next_hop(fx);
+        // Rounds from one fill until one is not whole: each takes FULL_TABLE_REPEAT of the
+        // flood's ports, and the ports it takes are then held by young flows.
+        loop {
+            port = port.wrapping_add(1) % 10_000;
+            let frame = from_port(syn, 50_000 + port);
+            let new_flows = fx.stat(STAT_NEW_FLOW);
+            sample("enable");
+            let start = std::time::Instant::now();
+            let (round, _) = time(fx, xlb, &frame, FULL_TABLE_REPEAT);
+            measured += start.elapsed();
+            sample("disable");
+            // Only rounds in which every repeat opened a flow (see FULL_TABLE_REPEAT).
+            if fx.stat(STAT_NEW_FLOW) - new_flows != FULL_TABLE_REPEAT as u64 {
+                break;
+            }
+            ns.push(round);
+        }
+    }
+    println!(
+        "new flow into full tables, {} whole rounds of {FULL_TABLE_REPEAT}: ns/packet min/median {}",
         ns.len(),
         cell(min_median(ns))
     );
