@@ -370,7 +370,11 @@ fn half_open_gives_way(idle: u64, state: u32, proto: u8) -> Option<u32> {
 /// reads it half written finds no forward entry pointing back to it (the old flow's is gone,
 /// the new flow's comes after) and is not translated by it. Counts `reason` when it took the
 /// key; `false` when the claim was lost.
-/// The caller has made sure no live open flow holds the key too ([`free_of_open_flows`]).
+/// The open map is not asked whether an open flow holds the key too (under a flood, one more
+/// cache-cold lookup per new flow): none does while a half-open flow holds it, but for the
+/// moment a packet of that flow opens it (its reverse entry is written to the open map before
+/// the half-open one is deleted), and that packet first [`restamp`]ed the entry, which leaves
+/// the entry fresh and any claim judged before it failing.
 ///
 /// Not inlined (a BPF subprogram): its keys would overflow the caller's share of the
 /// 512-byte BPF stack.
@@ -434,7 +438,8 @@ fn free_of_open_flows(key: &FlowKey, now: u64) -> bool {
 /// place), an open flow's entries deleted and the port then claimed with `BPF_NOEXIST`; either
 /// way, of two CPUs racing for it exactly one wins and the other probes on. The half-open map is checked
 /// before the open map: a flow is written to the open maps before it leaves the half-open
-/// one, so a port cannot slip between the two checks. When every candidate is held, or
+/// one, so a port cannot slip between the two checks (a port a half-open flow holds is not
+/// looked up in the open map, see [`take_over`]). When every candidate is held, or
 /// (TCP) [`SNAT_PROBES_BEFORE_EARLY_DROP`] are and the next by a half-open flow, the one held by
 /// the longest idle half-open TCP flow seen is taken over if that flow has been idle for at least
 /// [`CT_HALF_OPEN_MIN_RECLAIM_NS`] (an early drop under pressure, as Linux drops an
@@ -512,7 +517,7 @@ pub fn create(
                 }
                 continue;
             };
-            free_of_open_flows(&key, now) && take_over(&key, old, seen, entry, reason)
+            take_over(&key, old, seen, entry, reason)
         } else {
             free_of_open_flows(&key, now)
                 && XLB_CT_HALF.insert(&key, entry, BPF_NOEXIST as u64).is_ok()
@@ -540,7 +545,6 @@ pub fn create(
             Some(old) => {
                 let seen = stamp(old);
                 now.saturating_sub(seen) >= CT_HALF_OPEN_MIN_RECLAIM_NS
-                    && free_of_open_flows(&key, now)
                     // SAFETY: per-CPU scratch slot, private to this CPU while the program runs.
                     && take_over(&key, old, seen, unsafe { &*reverse }, STAT_EARLY_DROP)
             }
