@@ -774,12 +774,12 @@ fn profile_new_flows(fx: &Fixture, syn: &[u8], secs: u64) {
     );
 }
 
-/// `bench_xdp profile SECS full`: new flows into full tables, as the "new flow, tables full"
-/// row times them, for `SECS` seconds of measured rounds (each fill serves rounds until one is
-/// refused a port, about 30). Filling the tables takes far longer
-/// than the rounds and runs the same kernel code, so a profiler must see only the rounds:
-/// when `XLB_PERF_CONTROL` names `perf record --control=fifo:PATH`'s fifo (perf started with
-/// `-D -1`, disabled), sampling is enabled for each round and disabled before the next fill.
+/// `bench_xdp profile SECS full`: new flows into full tables, one round after each fill as the
+/// "new flow, tables full" row times them, until the rounds add up to `SECS` seconds. Filling
+/// the tables takes far longer than a round and runs the same kernel code, so a profiler must
+/// see only the rounds: when `XLB_PERF_CONTROL` names `perf record --control=fifo:PATH`'s fifo
+/// (perf started with `-D -1`, disabled), sampling is enabled for each round and disabled
+/// before the next fill.
 fn profile_full_tables(fx: &Fixture, syn: &[u8], secs: u64) {
     use std::io::Write as _;
     let mut control = std::env::var_os("XLB_PERF_CONTROL").map(|path| {
@@ -797,26 +797,22 @@ fn profile_full_tables(fx: &Fixture, syn: &[u8], secs: u64) {
     let xlb = fx.dp.program(PROGRAM_GENERIC).expect("xlb");
     let mut ns = Vec::new();
     let mut measured = std::time::Duration::ZERO;
-    let mut port = 0u16;
-    while measured.as_secs() < secs {
+    for round in 0u16.. {
+        if measured.as_secs() >= secs {
+            break;
+        }
         fill_tables(fx);
         confirm_next_hop(fx);
-        // Rounds from one fill until one is not whole: each takes FULL_TABLE_REPEAT of the
-        // flood's ports, and the ports it takes are then held by young flows.
-        loop {
-            port = port.wrapping_add(1) % 10_000;
-            let frame = from_port(syn, 50_000 + port);
-            let new_flows = fx.stat(STAT_NEW_FLOW);
-            sample("enable");
-            let start = std::time::Instant::now();
-            let (round, _) = time(fx, xlb, &frame, FULL_TABLE_REPEAT);
-            measured += start.elapsed();
-            sample("disable");
-            // Only rounds in which every repeat opened a flow (see FULL_TABLE_REPEAT).
-            if fx.stat(STAT_NEW_FLOW) - new_flows != FULL_TABLE_REPEAT as u64 {
-                break;
-            }
-            ns.push(round);
+        let frame = from_port(syn, 50_000 + round % 10_000);
+        let new_flows = fx.stat(STAT_NEW_FLOW);
+        sample("enable");
+        let start = std::time::Instant::now();
+        let (round_ns, _) = time(fx, xlb, &frame, FULL_TABLE_REPEAT);
+        measured += start.elapsed();
+        sample("disable");
+        // Only rounds in which every repeat opened a flow (see FULL_TABLE_REPEAT).
+        if fx.stat(STAT_NEW_FLOW) - new_flows == FULL_TABLE_REPEAT as u64 {
+            ns.push(round_ns);
         }
     }
     println!(
