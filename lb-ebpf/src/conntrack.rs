@@ -225,10 +225,10 @@ pub fn pick_backend(service: *mut ServiceValue) -> Option<&'static BackendValue>
     if count == 0 || count > MAX_BACKENDS_PER_SERVICE {
         return None;
     }
-    // Bumped with a plain load and store: a fetch-and-add that returns the old value needs BPF
-    // cpu v3, and the object is built for the generic cpu (LLVM rejects it there). Two CPUs
-    // opening flows to the same service in the same instant may thus pick the same slot, which
-    // skews the spread by one flow, never more.
+    // Bumped with a plain load and store: LLVM rejects a fetch-and-add whose old value is used
+    // when it builds for the generic BPF cpu, as this object is built ("Invalid usage of the
+    // XADD return value"). Two CPUs opening flows to the same service in the same instant may
+    // thus pick the same slot, which skews the spread by one flow, never more.
     // SAFETY: service points into a map value, valid for this program run.
     let cursor = unsafe {
         let cursor = (*service).rr_cursor;
