@@ -22,8 +22,9 @@ pub const STEP_SNAT_PROBE: u32 = 1 << 3;
 pub const STEP_MISS_LOOKUPS: u32 = 1 << 4;
 /// The packet checks beyond bounds (IP header checksum, TCP/UDP header sanity).
 pub const STEP_PACKET_CHECKS: u32 = 1 << 5;
-/// The redirect helper call that sends a translated packet out of another device: the packet
-/// goes back out of the ingress device (`XDP_TX`) instead, as the floor program sends it.
+/// The redirect helper call that sends a translated packet out of another device in generic
+/// XDP (the build the benchmark times): the packet goes back out of the ingress device
+/// (`XDP_TX`) instead, as the floor program sends it.
 pub const STEP_REDIRECT: u32 = 1 << 6;
 /// The clock read (`conntrack::now_ns`): a fixed time of 0 instead, so nothing times out and
 /// no entry is refreshed.

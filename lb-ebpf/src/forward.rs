@@ -199,39 +199,49 @@ pub fn xmit<F: Frame>(ctx: &F, ifindex: u32, smac: [u8; 6], dmac: [u8; 6]) -> Re
         count(STAT_XMIT_PASS);
         return Ok(xdp_action::XDP_PASS);
     }
-    if F::HOOK == Hook::Native && XLB_XMIT.get_ifindex(ifindex).is_none() {
-        // Pass: the kernel forwards the translated packet (ip_forward=1, accept_local=1).
-        count(STAT_XMIT_PASS);
-        return Ok(xdp_action::XDP_PASS);
+    if F::HOOK == Hook::Native {
+        // Toward another device the redirect itself is the devmap lookup (one hash walk, where
+        // a lookup first was two): `XDP_PASS` when the device is not in it. It only records the
+        // target, so the MACs can still be written after it; toward the ingress device
+        // `XDP_TX` needs no redirect, only the lookup.
+        let verdict = if same_device {
+            match XLB_XMIT.get_ifindex(ifindex) {
+                Some(_) => xdp_action::XDP_TX,
+                None => xdp_action::XDP_PASS,
+            }
+        } else {
+            match XLB_XMIT.redirect(ifindex, xdp_action::XDP_PASS as u64) {
+                Ok(verdict) | Err(verdict) => verdict,
+            }
+        };
+        if verdict == xdp_action::XDP_PASS {
+            // Pass: the kernel forwards the translated packet (ip_forward=1, accept_local=1).
+            count(STAT_XMIT_PASS);
+            return Ok(verdict);
+        }
+        rewrite_macs(ctx, smac, dmac)?;
+        return Ok(verdict);
     }
+    rewrite_macs(ctx, smac, dmac)?;
+    if F::HOOK == Hook::Generic && (same_device || skipped(STEP_REDIRECT)) {
+        // Out of the ingress device; a benchmark load leaving the redirect out (the helper
+        // call) does so too.
+        return Ok(xdp_action::XDP_TX);
+    }
+    // SAFETY: plain helper call. At TC it returns TC_ACT_REDIRECT, in generic XDP
+    // XDP_REDIRECT (flags are 0, so it cannot fail); both are XDP_REDIRECT here.
+    unsafe { bpf_redirect(ifindex, 0) };
+    Ok(xdp_action::XDP_REDIRECT)
+}
+
+/// Writes the next hop's MACs into the frame's Ethernet header.
+#[inline(always)]
+fn rewrite_macs<F: Frame>(ctx: &F, smac: [u8; 6], dmac: [u8; 6]) -> Result<(), u32> {
     let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(xdp_action::XDP_ABORTED)?;
     // SAFETY: ptr_at checked bounds; the MAC fields are byte arrays.
     unsafe {
         (*eth).src_addr = smac;
         (*eth).dst_addr = dmac;
     }
-    if F::HOOK != Hook::Tc && skipped(STEP_REDIRECT) {
-        // A benchmark load: back out of the ingress device, with no helper call.
-        return Ok(xdp_action::XDP_TX);
-    }
-    if F::HOOK != Hook::Native {
-        if same_device && F::HOOK == Hook::Generic {
-            return Ok(xdp_action::XDP_TX);
-        }
-        // SAFETY: plain helper call. At TC it returns TC_ACT_REDIRECT, in generic XDP
-        // XDP_REDIRECT (flags are 0, so it cannot fail); both are XDP_REDIRECT here.
-        unsafe { bpf_redirect(ifindex, 0) };
-        return Ok(xdp_action::XDP_REDIRECT);
-    }
-    if same_device {
-        return Ok(xdp_action::XDP_TX);
-    }
-    // The devmap lookup above succeeded, so this redirects; XDP_PASS if it vanished meanwhile.
-    match XLB_XMIT.redirect(ifindex, xdp_action::XDP_PASS as u64) {
-        Ok(action) => Ok(action),
-        Err(action) => {
-            count(STAT_XMIT_PASS);
-            Ok(action)
-        }
-    }
+    Ok(())
 }

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap, Map, MapData};
+use aya::maps::{DevMapHash, HashMap, Map, MapData};
 use lb_common::{CtEntry, FlowKey};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -47,6 +47,18 @@ impl PinDir {
     pub fn hash_map<K: aya::Pod, V: aya::Pod>(&self, name: &str) -> HashMap<MapData, K, V> {
         let data = MapData::from_pin(self.0.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
         HashMap::try_from(Map::from_map_data(data).expect("map type")).expect("hash map")
+    }
+
+    /// Lists device `ifindex` in the pinned xmit devmap (`XMIT_MAP`), as xlb does for a
+    /// native attach to a device whose driver takes XDP frames. Call it inside the namespace
+    /// that holds the device: the kernel resolves the ifindex in the caller's.
+    pub fn list_xmit_device(&self, ifindex: u32) {
+        let name = lb_common::XMIT_MAP;
+        let data = MapData::from_pin(self.0.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let mut xmit: DevMapHash<MapData> =
+            DevMapHash::try_from(Map::from_map_data(data).expect("map type")).expect("devmap");
+        xmit.insert(ifindex, ifindex, None, 0)
+            .unwrap_or_else(|e| panic!("listing ifindex {ifindex} in {name}: {e}"));
     }
 }
 

@@ -5,7 +5,8 @@
 //!
 //! Verdicts: the generic program (`xlb_skb`) redirects translated packets (`XDP_REDIRECT`, MACs
 //! from the FIB); the native program (`xlb`) passes them (`XDP_PASS`, MACs untouched) because
-//! the fixture's devices are veths, which are never in the xmit devmap.
+//! the fixture's devices are veths, which xlb never lists in the xmit devmap (one test lists
+//! one to see the native redirect).
 
 use std::net::Ipv4Addr;
 
@@ -225,6 +226,24 @@ fn tcp_flow_syn_next_packet_and_reply_are_translated() {
         None,
     );
     assert!(fx.stat(STAT_XMIT_PASS) >= 1);
+    // Once the backend's device is in the xmit devmap, the native program redirects into it,
+    // with the next hop's MACs.
+    let fxb = fx
+        .ns
+        .enter(|| xlb::dataplane::devices::ifindex("fxb"))
+        .expect("fxb's ifindex");
+    fx.ns.enter(|| fx.pins.list_xmit_device(fxb));
+    let passed = fx.stat(STAT_XMIT_PASS);
+    let (verdict, out) = fx.run(PROGRAM_NATIVE, &data);
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_translated(
+        &data,
+        &out,
+        sa(LB_BACKEND_IP.octets(), port),
+        sa(BACKEND, 8080),
+        to_backend,
+    );
+    assert_eq!(fx.stat(STAT_XMIT_PASS), passed);
     let svc = fx.dp.installed()[&xlb::model::Frontend {
         vip: VIP.into(),
         port: 80,
@@ -232,7 +251,7 @@ fn tcp_flow_syn_next_packet_and_reply_are_translated() {
     }]
         .id;
     let stats = fx.dp.service_stats(svc).expect("service stats");
-    assert_eq!((stats.packets, stats.new_flows), (5, 1));
+    assert_eq!((stats.packets, stats.new_flows), (6, 1));
 }
 
 /// The states of the entries in the half-open map.

@@ -415,10 +415,11 @@ fn transmitted(step: u32) -> u32 {
     }
 }
 
-/// Issue 15, item 3: the tracked paths as generic XDP (`xlb_skb`) and as the TC program
-/// (`xlb_tc`, the same code on an skb) run them, on the same maps and frames, in interleaved
-/// rounds. `test_run` hands both a linear frame, so this is the per-packet cost alone; what
-/// TC saves on GSO packets (generic XDP copies each into one buffer first) shows in
+/// Issue 15, item 3: the tracked paths as generic XDP (`xlb_skb`), native XDP (`xlb`, with the
+/// egress devices in the xmit devmap, as xlb lists devices whose drivers take XDP frames) and
+/// the TC program (`xlb_tc`, the same code on an skb) run them, on the same maps and frames, in
+/// interleaved rounds. `test_run` hands each a linear frame, so this is the per-packet cost
+/// alone; what TC saves on GSO packets (generic XDP copies each into one buffer first) shows in
 /// `bench_e2e`.
 fn by_hook(
     fx: &mut Fixture,
@@ -430,12 +431,18 @@ fn by_hook(
 ) {
     /// `TC_ACT_REDIRECT`.
     const TC_ACT_REDIRECT: u32 = 7;
+    for device in ["fxb", "fxc"] {
+        fx.ns.enter(|| {
+            let ifindex = xlb::dataplane::devices::ifindex(device).expect("ifindex");
+            fx.pins.list_xmit_device(ifindex);
+        });
+    }
     println!(
         "\nBy hook, same maps and frames: ns/packet min/median of {ROUNDS} interleaved rounds"
     );
     println!(
-        "{:<24} {:>12} {:>12} {:>8}",
-        "path", "generic XDP", "TC", "TC/XDP"
+        "{:<24} {:>12} {:>12} {:>12} {:>8} {:>8}",
+        "path", "generic XDP", "native XDP", "TC", "native/g", "TC/g"
     );
     for (name, frame, mac, stat) in [
         ("established (fwd hit)", data, data_mac, STAT_CT_HIT),
@@ -444,28 +451,54 @@ fn by_hook(
         fx.dp.set_device_mac(LO_IFINDEX, mac).expect("lo MAC");
         let fx = &*fx;
         let skb = fx.dp.program(PROGRAM_GENERIC).expect("xlb_skb");
+        let native = fx.dp.program(PROGRAM_NATIVE).expect("xlb");
         let tc = fx.dp.tc_program(PROGRAM_TC).expect("xlb_tc");
-        let (mut skb_ns, mut tc_ns) = (Vec::new(), Vec::new());
+        let (mut skb_ns, mut native_ns, mut tc_ns) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..ROUNDS {
             skb_ns.push(time(fx, skb, frame, repeat).0);
-            let before = fx.stat(stat);
-            let (ns, verdict) = time(fx, tc, frame, repeat);
-            assert_eq!(verdict, TC_ACT_REDIRECT, "{name} at TC: verdict {verdict}");
-            assert_eq!(
-                fx.stat(stat) - before,
-                repeat as u64,
-                "{name} at TC: not every repeat took the path"
-            );
-            tc_ns.push(ns);
+            native_ns.push(time_hook(fx, native, frame, repeat, stat, XDP_REDIRECT));
+            tc_ns.push(time_hook(fx, tc, frame, repeat, stat, TC_ACT_REDIRECT));
         }
-        let (skb_ns, tc_ns) = (min_median(skb_ns), min_median(tc_ns));
+        let (skb_ns, native_ns, tc_ns) =
+            (min_median(skb_ns), min_median(native_ns), min_median(tc_ns));
         println!(
-            "{name:<24} {:>12} {:>12} {:>8.2}",
+            "{name:<24} {:>12} {:>12} {:>12} {:>8.2} {:>8.2}",
             cell(skb_ns),
+            cell(native_ns),
             cell(tc_ns),
+            native_ns.0 / skb_ns.0,
             tc_ns.0 / skb_ns.0
         );
     }
+}
+
+/// [`time`] for [`by_hook`], checking that `program` answered `verdict` and that every repeat
+/// took the path (`stat` grew by `repeat`).
+fn time_hook<P>(
+    fx: &Fixture,
+    program: &P,
+    frame: &[u8],
+    repeat: u32,
+    stat: u32,
+    verdict: u32,
+) -> f64
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult> + Sync,
+{
+    let before = fx.stat(stat);
+    let (ns, answered) = time(fx, program, frame, repeat);
+    assert_eq!(
+        answered, verdict,
+        "{}: verdict {answered}, not {verdict}",
+        STAT_NAMES[stat as usize]
+    );
+    assert_eq!(
+        fx.stat(stat) - before,
+        repeat as u64,
+        "{}: not every repeat took the path",
+        STAT_NAMES[stat as usize]
+    );
+    ns
 }
 
 /// Issue 15: where the time goes. Each step left out in turn (a variant of the program loaded
