@@ -3,7 +3,9 @@
 use std::path::{Path, PathBuf};
 
 use aya::maps::{DevMapHash, HashMap, Map, MapData};
-use lb_common::{CtEntry, FlowKey};
+use aya::programs::{Xdp, XdpMode};
+use aya::{Ebpf, EbpfLoader};
+use lb_common::{CT_FWD_MAP, CT_HALF_MAP, CT_REV_MAP, CtEntry, FlowKey, PROGRAM_NOOP};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -81,4 +83,30 @@ pub fn ensure_bpffs() {
     if let Err(err) = xlb::dataplane::pins::ensure_bpffs(&probe) {
         panic!("{err}");
     }
+}
+
+/// Attaches xlb's do-nothing program (`xlb_noop`, `XDP_PASS`) in native mode to `device` in
+/// `ns`, until the returned object is dropped. A veth takes the frames native XDP redirects
+/// (or sends back with `XDP_TX`) into its pair only when this, the receiving end, runs an XDP
+/// program. The object's conntrack maps are made small: the program never touches them.
+pub fn attach_native_noop(ns: &crate::netns::Netns, device: &str) -> Ebpf {
+    ns.enter(|| {
+        let mut loader = EbpfLoader::new();
+        for map in [CT_FWD_MAP, CT_REV_MAP, CT_HALF_MAP] {
+            loader.map_max_entries(map, 1024);
+        }
+        let mut ebpf = loader
+            .load(xlb::dataplane::xdp::BPF_OBJECT)
+            .unwrap_or_else(|e| panic!("loading the BPF object: {e}"));
+        let noop: &mut Xdp = ebpf
+            .program_mut(PROGRAM_NOOP)
+            .expect("the no-op program")
+            .try_into()
+            .expect("an XDP program");
+        noop.load()
+            .unwrap_or_else(|e| panic!("loading {PROGRAM_NOOP}: {e}"));
+        noop.attach(device, XdpMode::Driver)
+            .unwrap_or_else(|e| panic!("attaching {PROGRAM_NOOP} natively to {device}: {e}"));
+        ebpf
+    })
 }

@@ -7,7 +7,8 @@
 //!
 //! Generic XDP transmits with XDP_TX/redirect; TC redirects every translated skb, GSO
 //! packets included; native XDP on veth passes translated packets to the kernel, which
-//! forwards them (see `xlb::dataplane::xdp`).
+//! forwards them (see `xlb::dataplane::xdp`), unless a test lists the veths in the xmit devmap
+//! as xlb lists a NIC, and runs XDP on their far ends.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddrV4;
@@ -15,7 +16,7 @@ use std::path::Path;
 use std::sync::mpsc::channel;
 use std::time::Duration;
 
-use xlb_tests::bpf::PinDir;
+use xlb_tests::bpf::{PinDir, attach_native_noop};
 use xlb_tests::servers::LongLived;
 use xlb_tests::topology::{Topology, VIP, tcp_spread, tempdir, udp_spread, vip};
 
@@ -117,6 +118,69 @@ fn same_device_generic_spreads_connections_evenly() {
 #[test]
 fn same_device_native_spreads_connections_evenly() {
     even_spread(Topology::same_device("dn"), "native", 300, 30);
+}
+
+/// Native XDP into devices in the xmit devmap, as xlb lists a NIC whose driver takes XDP
+/// frames: every translated packet leaves by redirect, none is passed to the kernel, and each
+/// must carry the next hop's MACs, or the receiving end drops it. Veths stand in for NICs: the
+/// test lists them itself (xlb never does, see `devices::native_xmit_ok`) and runs an XDP
+/// program on their far ends, without which a veth drops the frames redirected into it.
+#[test]
+fn separate_devices_native_redirects_into_listed_devices() {
+    const TCP: usize = 60;
+    const UDP: usize = 30;
+    let topology = Topology::separate("sx");
+    let ends: Vec<_> = std::iter::once((&topology.client, "c0"))
+        .chain(topology.backends.iter().map(|(ns, _)| (ns, "b0")))
+        .collect();
+    // Senders checksum in full, as frames off a wire are: a veth's checksum offload leaves
+    // the sum to be finished by whoever takes the skb, which an XDP frame cannot carry, so its
+    // receiver would find it wrong.
+    for (ns, device) in &ends {
+        ns.run(&["ethtool", "-K", device, "tx", "off"]);
+    }
+    let _receivers: Vec<_> = ends
+        .iter()
+        .map(|(ns, device)| attach_native_noop(ns, device))
+        .collect();
+    let backends = topology.start_backends();
+    let pins = PinDir::new();
+    let dir = tempdir();
+    let file = dir.join("services");
+    std::fs::write(&file, topology.services(&[0, 1, 2])).expect("services file");
+    let loader = xlb_tests::topology::Loader::start(
+        loader_exe(),
+        &topology.lb,
+        &pins,
+        "l0",
+        "native",
+        &file,
+    );
+    topology.lb.enter(|| {
+        for device in ["l0", "lb1", "lb2", "lb3"] {
+            let ifindex = xlb::dataplane::devices::ifindex(device).expect("ifindex");
+            pins.list_xmit_device(ifindex);
+        }
+    });
+    assert_even(&tcp_spread(&topology.client, TCP), TCP, 3);
+    assert_even(&udp_spread(&topology.client, UDP), UDP, 3);
+    let text = stats(&pins);
+    eprintln!("{text}");
+    assert_eq!(
+        pins.counter("xmit_pass"),
+        0,
+        "native XDP passed translated packets to the kernel although every device is listed"
+    );
+    // Each connection: at least its SYN, SYN-ACK and ACK; each datagram and its answer.
+    let least = (3 * TCP + 2 * UDP) as u64;
+    assert!(
+        pins.counter("redirect") >= least,
+        "{} redirects, fewer than the {least} packets the connections needed",
+        pins.counter("redirect")
+    );
+    assert_eq!(pins.counter("aborted"), 0);
+    loader.kill();
+    drop(backends);
 }
 
 /// A long-lived connection keeps working while its backend is removed (drain), while the

@@ -27,6 +27,7 @@ const TEST_PACKAGES: &[&str] = &[
     "haproxy",
     "bpftool",
     "tcpdump",
+    "ethtool",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

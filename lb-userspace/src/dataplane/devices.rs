@@ -114,8 +114,10 @@ pub fn is_veth(device: &str) -> bool {
 
 /// Whether frames sent from native XDP (`XDP_TX`, `XDP_REDIRECT`) into `device` reach the
 /// wire. A veth only delivers them when its peer runs an XDP program (or has GRO on), which xlb
-/// cannot see or control (the peer sits in a container), so veths say no; other drivers that
-/// took a native attach are assumed to implement `ndo_xdp_xmit`.
+/// cannot see or control (the peer sits in a container), and a packet a local sender left for
+/// checksum offload reaches the peer with its checksum unfinished (an XDP frame cannot carry
+/// that state), so veths say no; other drivers that took a native attach are assumed to
+/// implement `ndo_xdp_xmit`.
 pub fn native_xmit_ok(device: &str) -> bool {
     driver(device).is_some_and(|driver| driver != "veth")
 }
