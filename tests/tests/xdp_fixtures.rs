@@ -153,13 +153,8 @@ fn tcp_flow_syn_next_packet_and_reply_are_translated() {
         )
     );
     let to_backend = Some((LB_BACKEND_MAC, host_mac(BACKEND.into())));
-    assert_translated(
-        &syn,
-        &out,
-        sa(LB_BACKEND_IP.octets(), port),
-        sa(BACKEND, 8080),
-        to_backend,
-    );
+    let (snat, backend) = (sa(LB_BACKEND_IP.octets(), port), sa(BACKEND, 8080));
+    assert_translated(&syn, &out, snat, backend, to_backend);
     assert_eq!(fx.stat(STAT_NEW_FLOW), 1);
     assert_eq!(fx.stat(STAT_CT_MISS_SYN), 1);
 
@@ -196,13 +191,7 @@ fn tcp_flow_syn_next_packet_and_reply_are_translated() {
     );
     let (verdict, out) = fx.run(PROGRAM_GENERIC, &data);
     assert_eq!(verdict, XDP_REDIRECT);
-    assert_translated(
-        &data,
-        &out,
-        sa(LB_BACKEND_IP.octets(), port),
-        sa(BACKEND, 8080),
-        to_backend,
-    );
+    assert_translated(&data, &out, snat, backend, to_backend);
     assert_eq!(fx.stat(STAT_FLOW_OPENED), 1);
     assert_eq!(fx.stat(STAT_CT_HIT), 1);
     assert!(
@@ -218,13 +207,7 @@ fn tcp_flow_syn_next_packet_and_reply_are_translated() {
     // The native program passes translated packets for veth egress, with MACs untouched.
     let (verdict, out) = fx.run(PROGRAM_NATIVE, &data);
     assert_eq!(verdict, XDP_PASS);
-    assert_translated(
-        &data,
-        &out,
-        sa(LB_BACKEND_IP.octets(), port),
-        sa(BACKEND, 8080),
-        None,
-    );
+    assert_translated(&data, &out, snat, backend, None);
     assert!(fx.stat(STAT_XMIT_PASS) >= 1);
     // Once the backend's device is in the xmit devmap, the native program redirects into it,
     // with the next hop's MACs.
@@ -236,13 +219,7 @@ fn tcp_flow_syn_next_packet_and_reply_are_translated() {
     let passed = fx.stat(STAT_XMIT_PASS);
     let (verdict, out) = fx.run(PROGRAM_NATIVE, &data);
     assert_eq!(verdict, XDP_REDIRECT);
-    assert_translated(
-        &data,
-        &out,
-        sa(LB_BACKEND_IP.octets(), port),
-        sa(BACKEND, 8080),
-        to_backend,
-    );
+    assert_translated(&data, &out, snat, backend, to_backend);
     assert_eq!(fx.stat(STAT_XMIT_PASS), passed);
     let svc = fx.dp.installed()[&xlb::model::Frontend {
         vip: VIP.into(),
