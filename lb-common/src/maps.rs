@@ -26,6 +26,13 @@ pub const CT_HALF_MAP: &str = "XLB_CT_HALF";
 /// `ifindex % MAX_DEVICE_MACS`. A frame whose destination MAC is not the receiving device's
 /// is never translated. Written by userspace when it attaches.
 pub const DEV_MACS_MAP: &str = "XLB_DEV_MACS";
+/// Service ports: array of [`SERVICE_PORT_WORDS`] `u64`, bit `port % 64` of word `port / 64`
+/// set when some service listens on `port` (any VIP, any protocol). A packet to a port in the
+/// SNAT range that is also a service's port tries the forward conntrack map before the
+/// reverse one (it is likelier a client's than a backend's reply). Written by userspace.
+pub const SERVICE_PORTS_MAP: &str = "XLB_SERVICE_PORTS";
+/// Words of [`SERVICE_PORTS_MAP`]: one bit per port.
+pub const SERVICE_PORT_WORDS: u32 = 65_536 / 64;
 /// Devices that can take frames from native XDP (`XDP_TX`/`XDP_REDIRECT`): a `DEVMAP_HASH`
 /// keyed by ifindex (value: the same ifindex). A translated packet whose egress device is missing here is passed to the kernel.
 pub const XMIT_MAP: &str = "XLB_XMIT";
@@ -57,10 +64,11 @@ pub const NEW_FLOW_SLOT_NATIVE: u32 = 0;
 pub const NEW_FLOW_SLOT_GENERIC: u32 = 1;
 
 /// Every map the program defines, for pinning and `xlb inspect`.
-pub const ALL_MAPS: [&str; 14] = [
+pub const ALL_MAPS: [&str; 15] = [
     SERVICES_MAP,
     BACKENDS_MAP,
     VIPS_MAP,
+    SERVICE_PORTS_MAP,
     CT_FWD_MAP,
     CT_REV_MAP,
     CT_HALF_MAP,

@@ -37,6 +37,11 @@ pub static XLB_CT_REV: LruHashMap<FlowKey, CtEntry, { MAX_FLOWS as usize }> = Lr
 pub static XLB_CT_HALF: LruHashMap<FlowKey, CtEntry, { MAX_HALF_OPEN_ENTRIES as usize }> =
     LruHashMap::new();
 
+/// Bit `port % 64` of word `port / 64` is set when `port` is some service's port (filled by
+/// userspace): which open map a packet to a SNAT-range port tries first ([`service_port`]).
+#[btf_map]
+pub static XLB_SERVICE_PORTS: Array<u64, { SERVICE_PORT_WORDS as usize }> = Array::new();
+
 /// Each attached device's MAC, at `ifindex % MAX_DEVICE_MACS` (filled by userspace).
 #[btf_map]
 pub static XLB_DEV_MACS: Array<DeviceMac, { MAX_DEVICE_MACS as usize }> = Array::new();
@@ -120,5 +125,16 @@ pub fn count_service(id: u32, bytes: u64, new_flow: u64) {
             (*stats).bytes += bytes;
             (*stats).new_flows += new_flow;
         }
+    }
+}
+
+/// Whether `port` (host order) is some service's port (`XLB_SERVICE_PORTS`). Only an ordering
+/// hint: a packet is looked up in both open maps either way. An array lookup, which the
+/// verifier inlines.
+#[inline(always)]
+pub fn service_port(port: u16) -> bool {
+    match XLB_SERVICE_PORTS.get(u32::from(port / 64)) {
+        Some(word) => (word >> (port % 64)) & 1 != 0,
+        None => false,
     }
 }

@@ -29,15 +29,16 @@ const BACKEND: [u8; 4] = [203, 0, 113, 2];
 const CLIENT: [u8; 4] = [192, 0, 2, 1];
 
 fn fixture(tag: &str) -> Fixture {
+    Fixture::new(tag, &fixture_services())
+}
+
+fn fixture_services() -> Vec<xlb::model::VirtualService> {
     let b = Ipv4Addr::from(BACKEND);
-    Fixture::new(
-        tag,
-        &[
-            service(VIP.into(), 80, Protocol::Tcp, &[(b, 8080)]),
-            service(VIP.into(), 53, Protocol::Udp, &[(b, 5353)]),
-            service(VIP2.into(), 80, Protocol::Tcp, &[(b, 8080)]),
-        ],
-    )
+    vec![
+        service(VIP.into(), 80, Protocol::Tcp, &[(b, 8080)]),
+        service(VIP.into(), 53, Protocol::Udp, &[(b, 5353)]),
+        service(VIP2.into(), 80, Protocol::Tcp, &[(b, 8080)]),
+    ]
 }
 
 /// Checks `out` is `input` translated to `src → dst` with MACs `smac → dmac`, checksums valid.
@@ -271,6 +272,65 @@ fn open_flow(fx: &Fixture, client_port: u16) -> u16 {
         "the handshake opens the flow"
     );
     port
+}
+
+/// Whether `port`'s bit is set in the pinned `XLB_SERVICE_PORTS`.
+fn marked_service_port(fx: &Fixture, port: u16) -> bool {
+    let path = fx.pins.path().join(SERVICE_PORTS_MAP);
+    let data = aya::maps::MapData::from_pin(&path).expect("service ports map");
+    let words: aya::maps::Array<_, u64> =
+        aya::maps::Array::try_from(aya::maps::Map::from_map_data(data).expect("map"))
+            .expect("array");
+    let word = words.get(&u32::from(port / 64), 0).expect("word");
+    (word >> (port % 64)) & 1 != 0
+}
+
+/// A packet to a SNAT-range port that is also a service's port tries the forward map first:
+/// a backend's reply to such a SNAT port misses there and still finds its flow in the reverse
+/// map, and the client's packets still go forward. Userspace marks and unmarks the port.
+#[test]
+fn a_reply_to_a_snat_port_that_is_also_a_service_port_finds_its_flow() {
+    let mut fx = fixture("fx-svcport");
+    let port = open_flow(&fx, 40000);
+    assert!(marked_service_port(&fx, 80) && !marked_service_port(&fx, port));
+    let mut services = fixture_services();
+    services.push(service(
+        VIP2.into(),
+        port,
+        Protocol::Tcp,
+        &[(Ipv4Addr::from(BACKEND), 8080)],
+    ));
+    fx.dp.apply(&services).expect("apply");
+    assert!(
+        marked_service_port(&fx, port),
+        "port {port} is a service's now"
+    );
+
+    let reply = pkt::tcp(
+        sa(BACKEND, 8080),
+        sa(LB_BACKEND_IP.octets(), port),
+        ACK | PSH,
+        b"hello",
+    );
+    let replies = fx.stat(STAT_CT_REPLY);
+    let (verdict, out) = fx.run(PROGRAM_GENERIC, &reply);
+    assert_eq!(verdict, XDP_REDIRECT, "the reply to SNAT port {port}");
+    let to_client = Some((LB_CLIENT_MAC, host_mac(CLIENT.into())));
+    assert_translated(&reply, &out, sa(VIP, 80), sa(CLIENT, 40000), to_client);
+    assert_eq!(fx.stat(STAT_CT_REPLY), replies + 1);
+    let data = pkt::tcp(sa(CLIENT, 40000), sa(VIP, 80), ACK | PSH, b"more");
+    let (verdict, out) = fx.run(PROGRAM_GENERIC, &data);
+    assert_eq!(verdict, XDP_REDIRECT);
+    let to_backend = Some((LB_BACKEND_MAC, host_mac(BACKEND.into())));
+    let snat = sa(LB_BACKEND_IP.octets(), port);
+    assert_translated(&data, &out, snat, sa(BACKEND, 8080), to_backend);
+
+    fx.dp.apply(&fixture_services()).expect("apply");
+    assert!(
+        !marked_service_port(&fx, port),
+        "port {port} is no service's any more"
+    );
+    assert!(marked_service_port(&fx, 80));
 }
 
 #[test]

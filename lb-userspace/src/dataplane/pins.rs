@@ -137,6 +137,7 @@ fn expected_layout(name: &str) -> Option<(usize, usize)> {
         SERVICES_MAP => (size_of::<ServiceKey>(), size_of::<ServiceValue>()),
         BACKENDS_MAP => (size_of::<BackendKey>(), size_of::<BackendValue>()),
         VIPS_MAP => (4, size_of::<VipValue>()),
+        SERVICE_PORTS_MAP => (4, 8),
         CT_FWD_MAP | CT_REV_MAP | CT_HALF_MAP => (size_of::<FlowKey>(), size_of::<CtEntry>()),
         DEV_MACS_MAP => (4, size_of::<DeviceMac>()),
         NEXT_HOPS_MAP => (4, size_of::<NextHop>()),

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
-use lb_common::{MAX_BACKENDS_PER_SERVICE, MAX_SERVICES};
+use lb_common::{MAX_BACKENDS_PER_SERVICE, MAX_SERVICES, SERVICE_PORT_WORDS};
 
 use crate::model::{Backend, Frontend, VirtualService};
 
@@ -217,6 +217,16 @@ pub fn plan(
     Ok((ops, next))
 }
 
+/// The words of `XLB_SERVICE_PORTS` for `installed`: bit `port % 64` of word `port / 64` set
+/// for every frontend's port.
+pub fn service_port_words(installed: &InstalledSet) -> Vec<u64> {
+    let mut words = vec![0u64; SERVICE_PORT_WORDS as usize];
+    for frontend in installed.keys() {
+        words[usize::from(frontend.port / 64)] |= 1 << (frontend.port % 64);
+    }
+    words
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -342,5 +352,20 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err, PlanError::DuplicateFrontend(fe(1)));
+    }
+
+    #[test]
+    fn service_port_words_set_one_bit_a_port() {
+        let (_, installed) = plan(&InstalledSet::new(), &[vs(fe(1), &[be(1)])]).unwrap();
+        let port = fe(1).port;
+        let words = service_port_words(&installed);
+        assert_eq!(words.len(), SERVICE_PORT_WORDS as usize);
+        assert_eq!(words[usize::from(port / 64)], 1 << (port % 64));
+        assert_eq!(words.iter().map(|w| w.count_ones()).sum::<u32>(), 1);
+        assert!(
+            service_port_words(&InstalledSet::new())
+                .iter()
+                .all(|w| *w == 0)
+        );
     }
 }

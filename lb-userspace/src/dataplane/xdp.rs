@@ -175,6 +175,10 @@ pub struct XdpDataplane {
     svc_stats: PerCpuArray<MapData, ServiceStats>,
     dev_macs: Array<MapData, DeviceMac>,
     snat_addrs: HashMap<MapData, [u8; 4], SnatAddrs>,
+    service_ports: Array<MapData, u64>,
+    /// What `service_ports` was last written with; `None` until the first apply writes it
+    /// whole (a map adopted from another run, or created empty for installed services).
+    service_port_words: Option<Vec<u64>>,
     installed: sync::InstalledSet,
     attached: BTreeMap<String, Attachment>,
     /// Routes toward the installed backends, as last looked up.
@@ -230,6 +234,8 @@ impl XdpDataplane {
             Array::try_from(take_map(&mut ebpf, DEV_MACS_MAP)?).map_err(map_err(DEV_MACS_MAP))?;
         let snat_addrs = HashMap::try_from(take_map(&mut ebpf, SNAT_ADDRS_MAP)?)
             .map_err(map_err(SNAT_ADDRS_MAP))?;
+        let service_ports = Array::try_from(take_map(&mut ebpf, SERVICE_PORTS_MAP)?)
+            .map_err(map_err(SERVICE_PORTS_MAP))?;
         let mut dataplane = XdpDataplane {
             config,
             ebpf,
@@ -241,6 +247,8 @@ impl XdpDataplane {
             svc_stats,
             dev_macs,
             snat_addrs,
+            service_ports,
+            service_port_words: None,
             installed: sync::InstalledSet::new(),
             attached: BTreeMap::new(),
             backend_routes: BTreeMap::new(),
@@ -605,6 +613,25 @@ impl XdpDataplane {
         tracing::info!(devices = %list.join(","), "XDP data plane devices");
     }
 
+    /// Writes the words of `XLB_SERVICE_PORTS` that differ from the installed services' ports.
+    fn write_service_ports(&mut self) -> Result<(), DataplaneError> {
+        let words = sync::service_port_words(&self.installed);
+        for (index, word) in words.iter().enumerate() {
+            if self
+                .service_port_words
+                .as_ref()
+                .is_some_and(|written| written[index] == *word)
+            {
+                continue;
+            }
+            self.service_ports
+                .set(index as u32, *word, 0)
+                .map_err(map_err(SERVICE_PORTS_MAP))?;
+        }
+        self.service_port_words = Some(words);
+        Ok(())
+    }
+
     fn execute(&mut self, op: &sync::Op) -> Result<(), DataplaneError> {
         match *op {
             sync::Op::ResetStats { id } => {
@@ -689,6 +716,7 @@ impl Dataplane for XdpDataplane {
             );
         }
         self.installed = next;
+        self.write_service_ports()?;
         if let Some(routes) = &self.routes {
             let ips: BTreeSet<Ipv4Addr> = self
                 .installed

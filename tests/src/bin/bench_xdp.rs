@@ -76,6 +76,9 @@ const BACKEND: [u8; 4] = [203, 0, 113, 2];
 const SELF_VIP: [u8; 4] = [203, 0, 113, 4];
 /// A client port in the SNAT range, for the reverse entry.
 const REPLY_PORT: u16 = 20000;
+/// A service port inside the default SNAT range (1024-32767): a client's packet to it is
+/// looked up in the forward map first (`XLB_SERVICE_PORTS`), not after a reverse-map miss.
+const SNAT_RANGE_SERVICE_PORT: u16 = 8080;
 
 /// A conntrack entry translating `key` to itself.
 fn identity(key: &FlowKey) -> CtEntry {
@@ -636,14 +639,23 @@ fn main() {
                 &[(Ipv4Addr::from(SELF_VIP), 80)],
             ),
             service(FLOOD_VIP.into(), 80, Protocol::Tcp, &flood_backends),
+            // A service port inside the SNAT range, as many are (8080, 5432, 6379, ...).
+            service(
+                SELF_VIP.into(),
+                SNAT_RANGE_SERVICE_PORT,
+                Protocol::Tcp,
+                &[(Ipv4Addr::from(SELF_VIP), SNAT_RANGE_SERVICE_PORT)],
+            ),
         ],
     );
     // Identity flows (both entries, so each is whole): routable destinations (permanent
     // neighbours), so the route is cached.
     let fwd_key = key(CLIENT, 40000, SELF_VIP, 80);
+    let in_range_key = key(CLIENT, 40000, SELF_VIP, SNAT_RANGE_SERVICE_PORT);
     let rev_key = key(BACKEND, 8080, CLIENT, REPLY_PORT);
     for (k, own, other) in [
         (fwd_key, CT_FWD_MAP, CT_REV_MAP),
+        (in_range_key, CT_FWD_MAP, CT_REV_MAP),
         (rev_key, CT_REV_MAP, CT_FWD_MAP),
     ] {
         let peer = identity(&k).peer_key(IPPROTO_TCP);
@@ -661,6 +673,13 @@ fn main() {
     let to_client = host_mac(CLIENT.into());
     let mut data = pkt::tcp(sa(CLIENT, 40000), sa(SELF_VIP, 80), ACK | PSH, &[0u8; 64]);
     data[0..6].copy_from_slice(&to_self);
+    let mut in_range = pkt::tcp(
+        sa(CLIENT, 40000),
+        sa(SELF_VIP, SNAT_RANGE_SERVICE_PORT),
+        ACK | PSH,
+        &[0u8; 64],
+    );
+    in_range[0..6].copy_from_slice(&to_self);
     let mut reply = pkt::tcp(
         sa(BACKEND, 8080),
         sa(CLIENT, REPLY_PORT),
@@ -685,6 +704,7 @@ fn main() {
     fx.run(PROGRAM_GENERIC, &reply);
     fx.dp.set_device_mac(LO_IFINDEX, to_self).expect("lo MAC");
     fx.run(PROGRAM_GENERIC, &data);
+    fx.run(PROGRAM_GENERIC, &in_range);
 
     if let Some(secs) = profile_secs {
         if profile_full {
@@ -713,6 +733,17 @@ fn main() {
     row(
         &fx,
         &path("established (fwd hit)", &data, repeat, STAT_CT_HIT, None),
+        &data,
+    );
+    row(
+        &fx,
+        &path(
+            "established, port 8080",
+            &in_range,
+            repeat,
+            STAT_CT_HIT,
+            None,
+        ),
         &data,
     );
     fx.dp.set_device_mac(LO_IFINDEX, to_client).expect("lo MAC");
