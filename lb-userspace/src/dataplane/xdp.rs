@@ -613,15 +613,13 @@ impl XdpDataplane {
         tracing::info!(devices = %list.join(","), "XDP data plane devices");
     }
 
-    /// Writes the words of `XLB_SERVICE_PORTS` that differ from the installed services' ports.
+    /// Writes the words of `XLB_SERVICE_PORTS` that differ from the installed services' ports
+    /// (all of them after a failed write, whose words are then unknown).
     fn write_service_ports(&mut self) -> Result<(), DataplaneError> {
         let words = sync::service_port_words(&self.installed);
+        let written = self.service_port_words.take();
         for (index, word) in words.iter().enumerate() {
-            if self
-                .service_port_words
-                .as_ref()
-                .is_some_and(|written| written[index] == *word)
-            {
+            if written.as_ref().is_some_and(|old| old[index] == *word) {
                 continue;
             }
             self.service_ports
