@@ -671,15 +671,14 @@ fn main() {
     // the MAC its own output carries.
     let to_self = host_mac(SELF_VIP.into());
     let to_client = host_mac(CLIENT.into());
-    let mut data = pkt::tcp(sa(CLIENT, 40000), sa(SELF_VIP, 80), ACK | PSH, &[0u8; 64]);
-    data[0..6].copy_from_slice(&to_self);
-    let mut in_range = pkt::tcp(
-        sa(CLIENT, 40000),
-        sa(SELF_VIP, SNAT_RANGE_SERVICE_PORT),
-        ACK | PSH,
-        &[0u8; 64],
-    );
-    in_range[0..6].copy_from_slice(&to_self);
+    // A client's data segment of an identity flow to SELF_VIP:`port`.
+    let established = |port| {
+        let mut frame = pkt::tcp(sa(CLIENT, 40000), sa(SELF_VIP, port), ACK | PSH, &[0u8; 64]);
+        frame[0..6].copy_from_slice(&to_self);
+        frame
+    };
+    let data = established(80);
+    let in_range = established(SNAT_RANGE_SERVICE_PORT);
     let mut reply = pkt::tcp(
         sa(BACKEND, 8080),
         sa(CLIENT, REPLY_PORT),
