@@ -7,7 +7,8 @@
 //! own thread ([`Netlink`]). Inside a multi-threaded tokio runtime the wait runs in
 //! `block_in_place`, which hands the thread's other tasks to another worker first, so no task
 //! waits behind it. [`neighbours`] reads the resolved neighbours, from which the data plane
-//! writes each backend's next hop (`dataplane::next_hops`).
+//! writes each backend's next hop (`dataplane::next_hops`), and [`resolve`] asks the kernel to
+//! resolve one that is missing.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -15,7 +16,9 @@ use std::net::Ipv4Addr;
 use futures::TryStreamExt as _;
 use rtnetlink::Handle;
 use rtnetlink::packet_route::AddressFamily;
-use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState};
+use rtnetlink::packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourState,
+};
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteType,
 };
@@ -207,6 +210,27 @@ pub async fn neighbours(handle: &Handle) -> Result<BTreeMap<(u32, Ipv4Addr), [u8
     Ok(found)
 }
 
+/// Asks the kernel to resolve neighbour `ip` on device `ifindex` as a packet sent there would
+/// (`RTM_NEWNEIGH` with `NTF_USE`, what `ip neigh replace IP dev DEV use` sends): a missing or
+/// failed entry starts an ARP request, a stale one a reachability probe, and one being resolved
+/// or reachable is left as it is. No address is written: the kernel learns it from the answer.
+pub async fn resolve(handle: &Handle, ifindex: u32, ip: Ipv4Addr) -> Result<(), AddrError> {
+    handle
+        .neighbours()
+        .add(ifindex, ip.into())
+        .state(NeighbourState::None)
+        .flags(NeighbourFlags::Use)
+        .replace()
+        .execute()
+        .await
+        .map_err(|source| {
+            netlink_error(
+                format!("resolving neighbour {ip} on ifindex {ifindex}"),
+                source,
+            )
+        })
+}
+
 /// Route lookups for synchronous callers, over a [`Netlink`] connection of their own opened in
 /// the caller's network namespace.
 #[derive(Clone)]
@@ -234,5 +258,11 @@ impl RouteLookup {
     /// The valid neighbours (see [`neighbours`]), waited for as [`RouteLookup::routes`].
     pub fn neighbours(&self) -> Result<BTreeMap<(u32, Ipv4Addr), [u8; 6]>, AddrError> {
         wait(neighbours(self.netlink.handle()))
+    }
+
+    /// Starts resolving a neighbour (see [`resolve`]), waited for as [`RouteLookup::routes`]:
+    /// the kernel answers at once and resolves in the background.
+    pub fn resolve(&self, ifindex: u32, ip: Ipv4Addr) -> Result<(), AddrError> {
+        wait(resolve(self.netlink.handle(), ifindex, ip))
     }
 }

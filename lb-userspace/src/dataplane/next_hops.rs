@@ -7,7 +7,11 @@
 //!
 //! A thread of its own confirms every entry each [`NEXT_HOP_REFRESH`], reading the routes and
 //! the neighbour table over netlink in the namespace the data plane was opened in, and at once
-//! when the set of backends changes.
+//! when the set of backends changes. A backend whose neighbour is not resolved gets no entry:
+//! the thread asks the kernel to resolve it (as a packet sent there would) and looks again
+//! after [`NEXT_HOP_RETRY_FIRST`], then at doubling intervals up to the refresh, so a new
+//! backend's first flows need no FIB lookup either (an ARP answer takes well under a
+//! millisecond on a LAN) and a backend that never answers costs a lookup a second.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -23,6 +27,8 @@ use crate::addr::route::{Route, RouteLookup};
 
 /// How often every next hop is confirmed; well inside `NEXT_HOP_MAX_AGE_NS` (5 s).
 pub const NEXT_HOP_REFRESH: Duration = Duration::from_secs(1);
+/// The first look again after a refresh that left a backend without a next hop.
+pub const NEXT_HOP_RETRY_FIRST: Duration = Duration::from_millis(20);
 
 /// The map of next hops, with the thread that keeps it current.
 pub struct NextHops {
@@ -49,14 +55,19 @@ impl NextHops {
                     failing: false,
                 };
                 let mut backends = BTreeSet::new();
+                let mut retry = NEXT_HOP_RETRY_FIRST;
+                let mut wait = NEXT_HOP_REFRESH;
                 loop {
-                    match wanted.recv_timeout(NEXT_HOP_REFRESH) {
+                    match wanted.recv_timeout(wait) {
                         // The latest set wins; earlier ones queued behind it are stale.
-                        Ok(set) => backends = wanted.try_iter().last().unwrap_or(set),
+                        Ok(set) => {
+                            backends = wanted.try_iter().last().unwrap_or(set);
+                            retry = NEXT_HOP_RETRY_FIRST;
+                        }
                         Err(RecvTimeoutError::Timeout) => {}
                         Err(RecvTimeoutError::Disconnected) => return,
                     }
-                    writer.refresh(&backends);
+                    wait = next_wait(writer.refresh(&backends), &mut retry);
                 }
             })
             .map_err(DataplaneError::NextHopThread)?;
@@ -85,6 +96,18 @@ impl Drop for NextHops {
     }
 }
 
+/// How long the thread waits after a refresh that gave every backend a next hop (`complete`)
+/// or not; `retry` is the wait after the next incomplete one.
+fn next_wait(complete: bool, retry: &mut Duration) -> Duration {
+    if complete {
+        *retry = NEXT_HOP_RETRY_FIRST;
+        return NEXT_HOP_REFRESH;
+    }
+    let wait = *retry;
+    *retry = (wait * 2).min(NEXT_HOP_REFRESH);
+    wait
+}
+
 /// The thread's side: the map and what it wrote there.
 struct Writer {
     map: HashMap<MapData, [u8; 4], NextHop>,
@@ -95,22 +118,31 @@ struct Writer {
 }
 
 impl Writer {
-    fn refresh(&mut self, backends: &BTreeSet<Ipv4Addr>) {
+    /// Confirms the next hop toward every backend; whether each has one.
+    fn refresh(&mut self, backends: &BTreeSet<Ipv4Addr>) -> bool {
         match self.try_refresh(backends) {
-            Ok(()) if self.failing => {
-                self.failing = false;
-                tracing::info!("next hops toward backends are current again");
+            Ok(complete) => {
+                if self.failing {
+                    self.failing = false;
+                    tracing::info!("next hops toward backends are current again");
+                }
+                complete
             }
-            Ok(()) => {}
-            Err(error) if !self.failing => {
-                self.failing = true;
-                tracing::warn!(%error, "cannot refresh the next hops toward backends; new flows look their route up in the FIB meanwhile");
+            Err(error) => {
+                if !self.failing {
+                    self.failing = true;
+                    tracing::warn!(%error, "cannot refresh the next hops toward backends; new flows look their route up in the FIB meanwhile");
+                }
+                false
             }
-            Err(_) => {}
         }
     }
 
-    fn try_refresh(&mut self, backends: &BTreeSet<Ipv4Addr>) -> Result<(), DataplaneError> {
+    /// Writes the next hop toward every backend that has one and asks the kernel to resolve
+    /// the neighbours of those that lack only that; `Ok(true)` when none did. A backend without
+    /// a route, or whose route names no device MAC, is not counted: the FIB has nothing better
+    /// for it.
+    fn try_refresh(&mut self, backends: &BTreeSet<Ipv4Addr>) -> Result<bool, DataplaneError> {
         let ips: Vec<Ipv4Addr> = backends.iter().copied().collect();
         let routes = if ips.is_empty() {
             BTreeMap::new()
@@ -124,8 +156,13 @@ impl Writer {
         };
         let confirmed_ns = crate::inspect::monotonic_ns();
         let mut current = BTreeSet::new();
+        let mut unresolved = Vec::new();
         for (ip, route) in &routes {
             let Some(hop) = next_hop(*ip, route, &neighbours, confirmed_ns) else {
+                let neighbour = (route.ifindex, route.next_hop(*ip));
+                if route.mac.is_some() && !neighbours.contains_key(&neighbour) {
+                    unresolved.push(neighbour);
+                }
                 continue;
             };
             self.map
@@ -141,7 +178,15 @@ impl Writer {
             let _ = self.map.remove(&gone.octets());
         }
         self.written = current;
-        Ok(())
+        // Every neighbour is asked for, whichever request fails.
+        let failed = unresolved
+            .iter()
+            .filter_map(|(ifindex, neighbour)| self.lookup.resolve(*ifindex, *neighbour).err())
+            .last();
+        match failed {
+            Some(error) => Err(error.into()),
+            None => Ok(unresolved.is_empty()),
+        }
     }
 }
 
@@ -197,6 +242,18 @@ mod tests {
             next_hop(backend, &route(Some(gateway)), &elsewhere, 5),
             None
         );
+    }
+
+    #[test]
+    fn a_missing_next_hop_is_looked_for_again_soon_then_less_often() {
+        let mut retry = NEXT_HOP_RETRY_FIRST;
+        let waits: Vec<u128> = (0..8)
+            .map(|_| next_wait(false, &mut retry).as_millis())
+            .collect();
+        assert_eq!(waits, [20, 40, 80, 160, 320, 640, 1000, 1000]);
+        // Complete again: the refresh interval, and the next gap starts over.
+        assert_eq!(next_wait(true, &mut retry), NEXT_HOP_REFRESH);
+        assert_eq!(next_wait(false, &mut retry), NEXT_HOP_RETRY_FIRST);
     }
 
     #[test]
