@@ -179,10 +179,12 @@ impl Writer {
         }
         self.written = current;
         // Every neighbour is asked for, whichever request fails.
-        let failed = unresolved
-            .iter()
-            .filter_map(|(ifindex, neighbour)| self.lookup.resolve(*ifindex, *neighbour).err())
-            .last();
+        let mut failed = None;
+        for (ifindex, neighbour) in &unresolved {
+            if let Err(error) = self.lookup.resolve(*ifindex, *neighbour) {
+                failed = Some(error);
+            }
+        }
         match failed {
             Some(error) => Err(error.into()),
             None => Ok(unresolved.is_empty()),
