@@ -11,7 +11,7 @@
 //! as xlb lists a NIC, and runs XDP on their far ends.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddrV4;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::Path;
 use std::sync::mpsc::channel;
 use std::time::Duration;
@@ -47,6 +47,26 @@ fn stats(pins: &PinDir) -> String {
     String::from_utf8_lossy(&text).into_owned()
 }
 
+/// The destination MAC of each next hop in `XLB_NEXT_HOPS`, by backend.
+fn next_hop_macs(pins: &PinDir) -> BTreeMap<Ipv4Addr, [u8; 6]> {
+    pins.hash_map::<[u8; 4], lb_common::NextHop>(lb_common::NEXT_HOPS_MAP)
+        .iter()
+        .map(|entry| {
+            let (ip, hop) = entry.expect("next hop entry");
+            (Ipv4Addr::from(ip), hop.dmac)
+        })
+        .collect()
+}
+
+/// Waits (5 s at most) for `XLB_NEXT_HOPS` to hold `n` next hops.
+fn wait_for_next_hops(pins: &PinDir, n: usize) {
+    assert!(
+        xlb_tests::wait::eventually(Duration::from_secs(5), || next_hop_macs(pins).len() == n),
+        "next hops toward the {n} backends before any traffic: {:?}",
+        next_hop_macs(pins)
+    );
+}
+
 fn even_spread(topology: Topology, mode: &str, tcp: usize, udp: usize) {
     let backends = topology.start_backends();
     let pins = PinDir::new();
@@ -57,16 +77,7 @@ fn even_spread(topology: Topology, mode: &str, tcp: usize, udp: usize) {
         xlb_tests::topology::Loader::start(loader_exe(), &topology.lb, &pins, "l0", mode, &file);
     // Before any traffic: the loader's next-hop thread has the kernel resolve every backend's
     // neighbour and writes a next hop toward each, so not even the first flows ask the FIB.
-    let hops = || {
-        pins.hash_map::<[u8; 4], lb_common::NextHop>(lb_common::NEXT_HOPS_MAP)
-            .keys()
-            .count()
-    };
-    assert!(
-        xlb_tests::wait::eventually(Duration::from_secs(5), || hops() == 3),
-        "next hops toward the 3 backends before any traffic: {} written",
-        hops()
-    );
+    wait_for_next_hops(&pins, 3);
     assert_even(&tcp_spread(&topology.client, tcp), tcp, 3);
     assert_even(&udp_spread(&topology.client, udp), udp, 3);
     let text = stats(&pins);
@@ -123,6 +134,64 @@ fn same_device_native_spreads_connections_evenly() {
 /// must carry the next hop's MACs, or the receiving end drops it. Veths stand in for NICs: the
 /// test lists them itself (xlb never does, see `devices::native_xmit_ok`) and runs an XDP
 /// program on their far ends, without which a veth drops the frames redirected into it.
+/// A backend whose MAC changes without a gratuitous ARP (a replaced NIC, say): the LB's
+/// neighbour entry, and the next hop with it, keep the old MAC. The kernel confirms a stale
+/// entry before it sends there itself, but packets the program forwards never reach it, so
+/// xlb's next-hop thread asks it to: the probe to the old MAC goes unanswered, the entry fails
+/// and is resolved afresh, and flows reach the backend again.
+#[test]
+fn a_backend_whose_mac_changed_is_reached_at_its_new_one() {
+    let topology = Topology::separate("mc");
+    let backends = topology.start_backends();
+    let pins = PinDir::new();
+    let dir = tempdir();
+    let file = dir.join("services");
+    std::fs::write(&file, topology.services(&[0, 1, 2])).expect("services file");
+    // A stale entry is probed 1 s after the kernel is asked to confirm it, not 5 s.
+    topology.lb.run(&[
+        "sysctl",
+        "-qw",
+        "net.ipv4.neigh.lb1.delay_first_probe_time=1",
+    ]);
+    let loader = xlb_tests::topology::Loader::start(
+        loader_exe(),
+        &topology.lb,
+        &pins,
+        "l0",
+        "generic",
+        &file,
+    );
+    wait_for_next_hops(&pins, 3);
+    assert_even(&tcp_spread(&topology.client, 30), 30, 3);
+    let (backend, ip) = &topology.backends[0];
+    let old_mac = next_hop_macs(&pins)[ip];
+    let new_mac = [0x02, 0, 0, 0, 0x5e, 0x01];
+    backend.run(&["ip", "link", "set", "b0", "address", "02:00:00:00:5e:01"]);
+    // The LB's entry goes stale, as it does once the reachable time (about 30 s) passes with no
+    // confirmation from traffic the kernel sees.
+    topology.lb.run(&[
+        "ip",
+        "neigh",
+        "change",
+        &ip.to_string(),
+        "dev",
+        "lb1",
+        "nud",
+        "stale",
+    ]);
+    assert!(
+        xlb_tests::wait::eventually(Duration::from_secs(20), || {
+            next_hop_macs(&pins).get(ip) == Some(&new_mac)
+        }),
+        "the next hop toward {ip} is {:?}, not the backend's new MAC {new_mac:?} (old {old_mac:?}); the LB's neighbours: {}",
+        next_hop_macs(&pins).get(ip),
+        topology.lb.run(&["ip", "neigh", "show", "dev", "lb1"])
+    );
+    assert_even(&tcp_spread(&topology.client, 30), 30, 3);
+    loader.kill();
+    drop(backends);
+}
+
 #[test]
 fn separate_devices_native_redirects_into_listed_devices() {
     const TCP: usize = 60;

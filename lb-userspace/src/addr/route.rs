@@ -165,10 +165,22 @@ pub async fn routes(
     Ok(found)
 }
 
+/// A neighbour whose link-layer address the kernel holds as valid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Neighbour {
+    pub mac: [u8; 6],
+    /// Not confirmed within the reachable time, and no probe under way (`NUD_STALE`): the
+    /// kernel confirms such an entry only when it sends a packet there itself, which a data
+    /// plane forwarding in XDP or TC never makes it do.
+    pub stale: bool,
+}
+
 /// The IPv4 neighbours whose link-layer address the kernel holds as valid (the states
 /// `bpf_fib_lookup` forwards to: reachable, stale, delay, probe, permanent), by (ifindex,
 /// address).
-pub async fn neighbours(handle: &Handle) -> Result<BTreeMap<(u32, Ipv4Addr), [u8; 6]>, AddrError> {
+pub async fn neighbours(
+    handle: &Handle,
+) -> Result<BTreeMap<(u32, Ipv4Addr), Neighbour>, AddrError> {
     let mut dump = handle
         .neighbours()
         .get()
@@ -204,7 +216,8 @@ pub async fn neighbours(handle: &Handle) -> Result<BTreeMap<(u32, Ipv4Addr), [u8
             }
         }
         if let (Some(address), Some(mac)) = (address, mac) {
-            found.insert((message.header.ifindex, address), mac);
+            let stale = message.header.state == NeighbourState::Stale;
+            found.insert((message.header.ifindex, address), Neighbour { mac, stale });
         }
     }
     Ok(found)
@@ -212,8 +225,9 @@ pub async fn neighbours(handle: &Handle) -> Result<BTreeMap<(u32, Ipv4Addr), [u8
 
 /// Asks the kernel to resolve neighbour `ip` on device `ifindex` as a packet sent there would
 /// (`RTM_NEWNEIGH` with `NTF_USE`, what `ip neigh replace IP dev DEV use` sends): a missing or
-/// failed entry starts an ARP request, a stale one a reachability probe, and one being resolved
-/// or reachable is left as it is. No address is written: the kernel learns it from the answer.
+/// failed entry starts an ARP request, a stale one a reachability probe (unicast, after
+/// `delay_first_probe_time`; when unanswered the entry fails and the next request resolves it
+/// afresh), and one being resolved or reachable is left as it is. No address is written: the kernel learns it from the answer.
 pub async fn resolve(handle: &Handle, ifindex: u32, ip: Ipv4Addr) -> Result<(), AddrError> {
     handle
         .neighbours()
@@ -256,7 +270,7 @@ impl RouteLookup {
     }
 
     /// The valid neighbours (see [`neighbours`]), waited for as [`RouteLookup::routes`].
-    pub fn neighbours(&self) -> Result<BTreeMap<(u32, Ipv4Addr), [u8; 6]>, AddrError> {
+    pub fn neighbours(&self) -> Result<BTreeMap<(u32, Ipv4Addr), Neighbour>, AddrError> {
         wait(neighbours(self.netlink.handle()))
     }
 

@@ -12,6 +12,12 @@
 //! after [`NEXT_HOP_RETRY_FIRST`], then at doubling intervals up to the refresh, so a new
 //! backend's first flows need no FIB lookup either (an ARP answer takes well under a
 //! millisecond on a LAN) and a backend that never answers costs a lookup a second.
+//!
+//! A stale neighbour (not confirmed within the reachable time) keeps its entry, and the thread
+//! has the kernel confirm it, as the kernel would before sending there itself: packets the
+//! program forwards never reach the kernel's neighbour code, so without this a backend whose
+//! MAC changed without a gratuitous ARP would be sent its flows at the old MAC for good. An
+//! unanswered probe fails the neighbour, which takes the entry away and resolves it afresh.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -23,7 +29,7 @@ use aya::maps::{HashMap, MapData};
 use lb_common::{NEXT_HOPS_MAP, NextHop};
 
 use super::DataplaneError;
-use crate::addr::route::{Route, RouteLookup};
+use crate::addr::route::{Neighbour, Route, RouteLookup};
 
 /// How often every next hop is confirmed; well inside `NEXT_HOP_MAX_AGE_NS` (5 s).
 pub const NEXT_HOP_REFRESH: Duration = Duration::from_secs(1);
@@ -138,10 +144,10 @@ impl Writer {
         }
     }
 
-    /// Writes the next hop toward every backend that has one and asks the kernel to resolve
-    /// the neighbours of those that lack only that; `Ok(true)` when none did. A backend without
-    /// a route, or whose route names no device MAC, is not counted: the FIB has nothing better
-    /// for it.
+    /// Writes the next hop toward every backend that has one, and asks the kernel to resolve
+    /// the neighbours of those that lack only that and to confirm the stale ones; `Ok(true)`
+    /// when no backend lacked its neighbour. A backend without a route, or whose route names no
+    /// device MAC, is not counted: the FIB has nothing better for it.
     fn try_refresh(&mut self, backends: &BTreeSet<Ipv4Addr>) -> Result<bool, DataplaneError> {
         let ips: Vec<Ipv4Addr> = backends.iter().copied().collect();
         let routes = if ips.is_empty() {
@@ -156,13 +162,22 @@ impl Writer {
         };
         let confirmed_ns = crate::inspect::monotonic_ns();
         let mut current = BTreeSet::new();
-        let mut unresolved = Vec::new();
+        // Neighbours for the kernel to resolve (missing) or confirm (stale).
+        let mut to_resolve = BTreeSet::new();
+        let mut missing = false;
         for (ip, route) in &routes {
-            let Some(hop) = next_hop(*ip, route, &neighbours, confirmed_ns) else {
-                let neighbour = (route.ifindex, route.next_hop(*ip));
-                if route.mac.is_some() && !neighbours.contains_key(&neighbour) {
-                    unresolved.push(neighbour);
+            let neighbour = (route.ifindex, route.next_hop(*ip));
+            match neighbours.get(&neighbour) {
+                Some(found) if found.stale => {
+                    to_resolve.insert(neighbour);
                 }
+                None if route.mac.is_some() => {
+                    to_resolve.insert(neighbour);
+                    missing = true;
+                }
+                _ => {}
+            }
+            let Some(hop) = next_hop(*ip, route, &neighbours, confirmed_ns) else {
                 continue;
             };
             self.map
@@ -180,14 +195,14 @@ impl Writer {
         self.written = current;
         // Every neighbour is asked for, whichever request fails.
         let mut failed = None;
-        for (ifindex, neighbour) in &unresolved {
+        for (ifindex, neighbour) in &to_resolve {
             if let Err(error) = self.lookup.resolve(*ifindex, *neighbour) {
                 failed = Some(error);
             }
         }
         match failed {
             Some(error) => Err(error.into()),
-            None => Ok(unresolved.is_empty()),
+            None => Ok(!missing),
         }
     }
 }
@@ -197,16 +212,16 @@ impl Writer {
 fn next_hop(
     ip: Ipv4Addr,
     route: &Route,
-    neighbours: &BTreeMap<(u32, Ipv4Addr), [u8; 6]>,
+    neighbours: &BTreeMap<(u32, Ipv4Addr), Neighbour>,
     confirmed_ns: u64,
 ) -> Option<NextHop> {
-    let dmac = neighbours.get(&(route.ifindex, route.next_hop(ip)))?;
+    let neighbour = neighbours.get(&(route.ifindex, route.next_hop(ip)))?;
     Some(NextHop {
         confirmed_ns,
         ifindex: route.ifindex,
         src: route.source?.octets(),
         smac: route.mac?,
-        dmac: *dmac,
+        dmac: neighbour.mac,
         _pad: [0; 4],
     })
 }
@@ -225,11 +240,15 @@ mod tests {
         }
     }
 
+    fn reachable(mac: [u8; 6]) -> Neighbour {
+        Neighbour { mac, stale: false }
+    }
+
     #[test]
     fn a_next_hop_needs_the_neighbour_it_goes_through() {
         let backend = Ipv4Addr::new(10, 0, 0, 9);
         let gateway = Ipv4Addr::new(10, 0, 0, 254);
-        let neighbours = BTreeMap::from([((7, gateway), [2, 0, 0, 0, 0, 0xfe])]);
+        let neighbours = BTreeMap::from([((7, gateway), reachable([2, 0, 0, 0, 0, 0xfe]))]);
         // Directly connected: the backend's own entry is needed, and missing.
         assert_eq!(next_hop(backend, &route(None), &neighbours, 5), None);
         // Through the gateway: its MAC.
@@ -238,8 +257,20 @@ mod tests {
         assert_eq!(hop.smac, [2, 0, 0, 0, 0, 1]);
         assert_eq!(hop.src, [10, 0, 0, 1]);
         assert_eq!((hop.ifindex, hop.confirmed_ns), (7, 5));
+        // A stale neighbour is still valid (the thread has it confirmed meanwhile).
+        let stale = BTreeMap::from([(
+            (7, gateway),
+            Neighbour {
+                mac: [2, 0, 0, 0, 0, 0xfe],
+                stale: true,
+            },
+        )]);
+        assert_eq!(
+            next_hop(backend, &route(Some(gateway)), &stale, 5),
+            Some(hop)
+        );
         // The same neighbour on another device does not count.
-        let elsewhere = BTreeMap::from([((8, gateway), [2, 0, 0, 0, 0, 0xfe])]);
+        let elsewhere = BTreeMap::from([((8, gateway), reachable([2, 0, 0, 0, 0, 0xfe]))]);
         assert_eq!(
             next_hop(backend, &route(Some(gateway)), &elsewhere, 5),
             None
@@ -261,7 +292,7 @@ mod tests {
     #[test]
     fn no_next_hop_without_a_source_address_or_device_mac() {
         let backend = Ipv4Addr::new(10, 0, 0, 9);
-        let neighbours = BTreeMap::from([((7, backend), [2, 0, 0, 0, 0, 9])]);
+        let neighbours = BTreeMap::from([((7, backend), reachable([2, 0, 0, 0, 0, 9]))]);
         let mut no_source = route(None);
         no_source.source = None;
         assert_eq!(next_hop(backend, &no_source, &neighbours, 5), None);
