@@ -509,8 +509,11 @@ where
 /// program, on the new-flow path and (for the steps it has) the established path.
 fn step_breakdown(fx: &Fixture, syn: &[u8], data: &[u8]) {
     let whole = load_variant(fx, 0).expect("the whole program loads");
+    // And every step of the established path at once: what is left is xlb's lookup, rewrite
+    // and parse, the part the floor program does too.
     let variants: Vec<(u32, &str, Ebpf)> = STEPS
         .iter()
+        .chain(&[(ESTABLISHED_STEPS, "all established steps")])
         .filter_map(|&(step, name)| match load_variant(fx, step) {
             Ok(ebpf) => Some((step, name, ebpf)),
             Err(error) => {
