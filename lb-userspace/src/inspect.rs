@@ -20,6 +20,8 @@ pub enum Table {
     Conntrack,
     /// Global counters and per-service counters.
     Stats,
+    /// `backend → egress device, source address, MACs` of the next hops new flows take.
+    NextHops,
 }
 
 /// Errors of `xlb inspect`.
@@ -62,6 +64,15 @@ fn proto_name(proto: u8) -> &'static str {
         IPPROTO_UDP => "UDP",
         _ => "?",
     }
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+fn mac(bytes: [u8; 6]) -> String {
+    bytes
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// `CLOCK_MONOTONIC` now, in ns: the clock of conntrack `last_seen_ns` stamps.
@@ -201,6 +212,41 @@ pub fn print(pin_dir: &Path, table: Table, out: &mut impl Write) -> Result<(), I
                         e.ifindex,
                     )?;
                 }
+            }
+        }
+        Table::NextHops => {
+            let map: HashMap<_, [u8; 4], NextHop> =
+                HashMap::try_from(open(pin_dir, NEXT_HOPS_MAP)?)
+                    .map_err(read_err(NEXT_HOPS_MAP))?;
+            let now = monotonic_ns();
+            let mut rows = Vec::new();
+            for item in map.iter() {
+                let (ip, hop) = item.map_err(read_err(NEXT_HOPS_MAP))?;
+                rows.push((Ipv4Addr::from(ip), hop));
+            }
+            rows.sort_by_key(|(ip, _)| *ip);
+            writeln!(
+                out,
+                "{:<15} {:>7} {:<15} {:<17} {:<17} {:>11}",
+                "BACKEND", "IFINDEX", "SOURCE", "SOURCE_MAC", "NEXT_HOP_MAC", "CONFIRMED_S"
+            )?;
+            for (ip, hop) in rows {
+                let age = now.saturating_sub(hop.confirmed_ns);
+                // The program takes a next hop only while it is this fresh.
+                let confirmed = if age < NEXT_HOP_MAX_AGE_NS {
+                    format!("{}", age / 1_000_000_000)
+                } else {
+                    "stale".to_string()
+                };
+                writeln!(
+                    out,
+                    "{:<15} {:>7} {:<15} {:<17} {:<17} {confirmed:>11}",
+                    ip.to_string(),
+                    hop.ifindex,
+                    Ipv4Addr::from(hop.src).to_string(),
+                    mac(hop.smac),
+                    mac(hop.dmac),
+                )?;
             }
         }
         Table::Stats => {

@@ -24,6 +24,9 @@ enum What {
     Backends,
     Conntrack,
     Stats,
+    /// The next hop toward each backend that new flows take (`IFINDEX`, source, MACs, seconds
+    /// since confirmed).
+    NextHops,
     /// The VIPs this node announces now (with several LB nodes: the ones it owns).
     Vips,
 }
@@ -39,6 +42,7 @@ async fn main() -> anyhow::Result<()> {
             What::Backends => inspect::Table::Backends,
             What::Conntrack => inspect::Table::Conntrack,
             What::Stats => inspect::Table::Stats,
+            What::NextHops => inspect::Table::NextHops,
         };
         return match inspect::print(&args.pin_dir, table, &mut std::io::stdout().lock()) {
             // `xlb inspect … | head`: the reader has what it wanted; end quietly, as Unix

@@ -332,6 +332,7 @@ fn long_lived(mode: &str, tag: &str) {
         (xlb::inspect::Table::Services, "198.51.100.10:80/TCP"),
         (xlb::inspect::Table::Backends, "203.0.113.6:8080"),
         (xlb::inspect::Table::Conntrack, "192.0.2.1:"),
+        (xlb::inspect::Table::NextHops, "203.0.113.6 "),
     ] {
         let mut out = Vec::new();
         xlb::inspect::print(pins.path(), table, &mut out).expect("inspect");

@@ -79,7 +79,7 @@ fn demo(xlb: &str, manifests: &str) -> bool {
     for (backend, count) in &udp {
         println!("   {backend:<10} {count}");
     }
-    for table in ["services", "stats"] {
+    for table in ["services", "next-hops", "stats"] {
         println!("== xlb inspect {table}");
         let inspect = Command::new(xlb)
             .args(["inspect", table, "--pin-dir", &pin_dir])
