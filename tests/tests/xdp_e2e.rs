@@ -58,10 +58,11 @@ fn next_hop_macs(pins: &PinDir) -> BTreeMap<Ipv4Addr, [u8; 6]> {
         .collect()
 }
 
-/// Waits (5 s at most) for `XLB_NEXT_HOPS` to hold `n` next hops.
+/// Waits (10 s at most: an ARP answer takes milliseconds, a loaded machine longer) for
+/// `XLB_NEXT_HOPS` to hold `n` next hops.
 fn wait_for_next_hops(pins: &PinDir, n: usize) {
     assert!(
-        xlb_tests::wait::eventually(Duration::from_secs(5), || next_hop_macs(pins).len() == n),
+        xlb_tests::wait::eventually(Duration::from_secs(10), || next_hop_macs(pins).len() == n),
         "next hops toward the {n} backends before any traffic: {:?}",
         next_hop_macs(pins)
     );
