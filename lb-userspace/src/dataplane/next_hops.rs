@@ -11,7 +11,8 @@
 //! the thread asks the kernel to resolve it (as a packet sent there would) and looks again
 //! after [`NEXT_HOP_RETRY_FIRST`], then at doubling intervals up to the refresh, so a new
 //! backend's first flows need no FIB lookup either (an ARP answer takes well under a
-//! millisecond on a LAN) and a backend that never answers costs a lookup a second.
+//! millisecond on a LAN), while one that never answers is asked for about once a second, as the
+//! kernel asks for a neighbour it has packets for.
 //!
 //! A stale neighbour (not confirmed within the reachable time) keeps its entry, and the thread
 //! has the kernel confirm it, as the kernel would before sending there itself: packets the
