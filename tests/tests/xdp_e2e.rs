@@ -130,11 +130,6 @@ fn same_device_native_spreads_connections_evenly() {
     even_spread(Topology::same_device("dn"), "native", 300, 30);
 }
 
-/// Native XDP into devices in the xmit devmap, as xlb lists a NIC whose driver takes XDP
-/// frames: every translated packet leaves by redirect, none is passed to the kernel, and each
-/// must carry the next hop's MACs, or the receiving end drops it. Veths stand in for NICs: the
-/// test lists them itself (xlb never does, see `devices::native_xmit_ok`) and runs an XDP
-/// program on their far ends, without which a veth drops the frames redirected into it.
 /// A backend whose MAC changes without a gratuitous ARP (a replaced NIC, say): the LB's
 /// neighbour entry, and the next hop with it, keep the old MAC. The kernel confirms a stale
 /// entry before it sends there itself, but packets the program forwards never reach it, so
@@ -193,6 +188,11 @@ fn a_backend_whose_mac_changed_is_reached_at_its_new_one() {
     drop(backends);
 }
 
+/// Native XDP into devices in the xmit devmap, as xlb lists a NIC whose driver takes XDP
+/// frames: every translated packet leaves by redirect, none is passed to the kernel, and each
+/// must carry the next hop's MACs, or the receiving end drops it. Veths stand in for NICs: the
+/// test lists them itself (xlb never does, see `devices::native_xmit_ok`) and runs an XDP
+/// program on their far ends, without which a veth drops the frames redirected into it.
 #[test]
 fn separate_devices_native_redirects_into_listed_devices() {
     const TCP: usize = 60;
