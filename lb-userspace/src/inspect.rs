@@ -236,7 +236,7 @@ pub fn print(pin_dir: &Path, table: Table, out: &mut impl Write) -> Result<(), I
                 let confirmed = if age < NEXT_HOP_MAX_AGE_NS {
                     format!("{}", age / 1_000_000_000)
                 } else {
-                    "stale".to_string()
+                    "expired".to_string()
                 };
                 writeln!(
                     out,

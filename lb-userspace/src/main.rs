@@ -25,7 +25,7 @@ enum What {
     Conntrack,
     Stats,
     /// The next hop toward each backend that new flows take (`IFINDEX`, source, MACs, seconds
-    /// since confirmed).
+    /// since confirmed, or `expired` once the program no longer takes it).
     NextHops,
     /// The VIPs this node announces now (with several LB nodes: the ones it owns).
     Vips,

@@ -8,7 +8,7 @@
 //! `block_in_place`, which hands the thread's other tasks to another worker first, so no task
 //! waits behind it. [`neighbours`] reads the resolved neighbours, from which the data plane
 //! writes each backend's next hop (`dataplane::next_hops`), and [`resolve`] asks the kernel to
-//! resolve one that is missing.
+//! resolve one that is missing or confirm one that is stale.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -227,7 +227,8 @@ pub async fn neighbours(
 /// (`RTM_NEWNEIGH` with `NTF_USE`, what `ip neigh replace IP dev DEV use` sends): a missing or
 /// failed entry starts an ARP request, a stale one a reachability probe (unicast, after
 /// `delay_first_probe_time`; when unanswered the entry fails and the next request resolves it
-/// afresh), and one being resolved or reachable is left as it is. No address is written: the kernel learns it from the answer.
+/// afresh), and one being resolved or reachable is left as it is. No address is written: the
+/// kernel learns it from the answer.
 pub async fn resolve(handle: &Handle, ifindex: u32, ip: Ipv4Addr) -> Result<(), AddrError> {
     handle
         .neighbours()
