@@ -12,13 +12,13 @@
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::channel;
 use std::time::Duration;
 
 use xlb_tests::bpf::{PinDir, attach_native_noop};
-use xlb_tests::servers::LongLived;
-use xlb_tests::topology::{Topology, VIP, tcp_spread, tempdir, udp_spread, vip};
+use xlb_tests::servers::{Backend, LongLived};
+use xlb_tests::topology::{Loader, Topology, VIP, tcp_spread, tempdir, udp_spread, vip};
 
 /// The test loader binary.
 fn loader_exe() -> &'static Path {
@@ -68,14 +68,36 @@ fn wait_for_next_hops(pins: &PinDir, n: usize) {
     );
 }
 
-fn even_spread(topology: Topology, mode: &str, tcp: usize, udp: usize) {
+/// An LB started on `topology`: its backends serving, the pin dir, the services file (the
+/// three backends' services; tests that drain one rewrite it) and the loader on `l0` in `mode`.
+struct Lb {
+    backends: Vec<Backend>,
+    pins: PinDir,
+    file: PathBuf,
+    loader: Loader,
+}
+
+fn start_lb(topology: &Topology, mode: &str) -> Lb {
     let backends = topology.start_backends();
     let pins = PinDir::new();
-    let dir = tempdir();
-    let file = dir.join("services");
+    let file = tempdir().join("services");
     std::fs::write(&file, topology.services(&[0, 1, 2])).expect("services file");
-    let loader =
-        xlb_tests::topology::Loader::start(loader_exe(), &topology.lb, &pins, "l0", mode, &file);
+    let loader = Loader::start(loader_exe(), &topology.lb, &pins, "l0", mode, &file);
+    Lb {
+        backends,
+        pins,
+        file,
+        loader,
+    }
+}
+
+fn even_spread(topology: Topology, mode: &str, tcp: usize, udp: usize) {
+    let Lb {
+        backends,
+        pins,
+        loader,
+        ..
+    } = start_lb(&topology, mode);
     // Before any traffic: the loader's next-hop thread has the kernel resolve every backend's
     // neighbour and writes a next hop toward each, so not even the first flows ask the FIB.
     wait_for_next_hops(&pins, 3);
@@ -138,25 +160,18 @@ fn same_device_native_spreads_connections_evenly() {
 #[test]
 fn a_backend_whose_mac_changed_is_reached_at_its_new_one() {
     let topology = Topology::separate("mc");
-    let backends = topology.start_backends();
-    let pins = PinDir::new();
-    let dir = tempdir();
-    let file = dir.join("services");
-    std::fs::write(&file, topology.services(&[0, 1, 2])).expect("services file");
+    let Lb {
+        backends,
+        pins,
+        loader,
+        ..
+    } = start_lb(&topology, "generic");
     // A stale entry is probed 1 s after the kernel is asked to confirm it, not 5 s.
     topology.lb.run(&[
         "sysctl",
         "-qw",
         "net.ipv4.neigh.lb1.delay_first_probe_time=1",
     ]);
-    let loader = xlb_tests::topology::Loader::start(
-        loader_exe(),
-        &topology.lb,
-        &pins,
-        "l0",
-        "generic",
-        &file,
-    );
     wait_for_next_hops(&pins, 3);
     assert_even(&tcp_spread(&topology.client, 30), 30, 3);
     let (backend, ip) = &topology.backends[0];
@@ -211,19 +226,12 @@ fn separate_devices_native_redirects_into_listed_devices() {
         .iter()
         .map(|(ns, device)| attach_native_noop(ns, device))
         .collect();
-    let backends = topology.start_backends();
-    let pins = PinDir::new();
-    let dir = tempdir();
-    let file = dir.join("services");
-    std::fs::write(&file, topology.services(&[0, 1, 2])).expect("services file");
-    let loader = xlb_tests::topology::Loader::start(
-        loader_exe(),
-        &topology.lb,
-        &pins,
-        "l0",
-        "native",
-        &file,
-    );
+    let Lb {
+        backends,
+        pins,
+        loader,
+        ..
+    } = start_lb(&topology, "native");
     topology.lb.enter(|| {
         for device in ["l0", "lb1", "lb2", "lb3"] {
             let ifindex = xlb::dataplane::devices::ifindex(device).expect("ifindex");
@@ -255,13 +263,12 @@ fn separate_devices_native_redirects_into_listed_devices() {
 /// loader is SIGKILLed and while a new loader adopts the pinned data plane.
 fn long_lived(mode: &str, tag: &str) {
     let topology = Topology::separate(tag);
-    let backends = topology.start_backends();
-    let pins = PinDir::new();
-    let dir = tempdir();
-    let file = dir.join("services");
-    std::fs::write(&file, topology.services(&[0, 1, 2])).expect("services file");
-    let mut loader =
-        xlb_tests::topology::Loader::start(loader_exe(), &topology.lb, &pins, "l0", mode, &file);
+    let Lb {
+        backends,
+        pins,
+        file,
+        mut loader,
+    } = start_lb(&topology, mode);
 
     let (tx, rx) = channel::<&'static str>();
     let (done_tx, done_rx) = channel::<Result<String, String>>();
@@ -316,8 +323,7 @@ fn long_lived(mode: &str, tag: &str) {
 
     // A new loader adopts the pinned data plane; b1 comes back.
     std::fs::write(&file, topology.services(&[0, 1, 2])).expect("services file");
-    let loader =
-        xlb_tests::topology::Loader::start(loader_exe(), &topology.lb, &pins, "l0", mode, &file);
+    let loader = Loader::start(loader_exe(), &topology.lb, &pins, "l0", mode, &file);
     step("loader-restarted");
     step("bulk");
     assert_eq!(tcp_spread(&topology.client, 6).len(), 3);
@@ -391,8 +397,7 @@ fn tc_redirects_gso_packets_whole() {
         vip().ip()
     );
     std::fs::write(&file, services).expect("services file");
-    let loader =
-        xlb_tests::topology::Loader::start(loader_exe(), &topology.lb, &pins, "l0", "tc", &file);
+    let loader = Loader::start(loader_exe(), &topology.lb, &pins, "l0", "tc", &file);
     // iperf3 retries until its server listens (it starts beside the loader).
     let received = (0..10)
         .find_map(|_| {
