@@ -167,18 +167,18 @@ impl Writer {
         let mut to_resolve = BTreeSet::new();
         let mut missing = false;
         for (ip, route) in &routes {
-            let neighbour = (route.ifindex, route.next_hop(*ip));
-            match neighbours.get(&neighbour) {
-                Some(found) if found.stale => {
-                    to_resolve.insert(neighbour);
-                }
-                None if route.mac.is_some() => {
+            let Assessed { hop, ask } = assess(*ip, route, &neighbours, confirmed_ns);
+            match ask {
+                Some(Ask::Resolve(neighbour)) => {
                     to_resolve.insert(neighbour);
                     missing = true;
                 }
-                _ => {}
+                Some(Ask::Confirm(neighbour)) => {
+                    to_resolve.insert(neighbour);
+                }
+                None => {}
             }
-            let Some(hop) = next_hop(*ip, route, &neighbours, confirmed_ns) else {
+            let Some(hop) = hop else {
                 continue;
             };
             self.map
@@ -208,23 +208,52 @@ impl Writer {
     }
 }
 
-/// The next hop toward backend `ip` over `route`, when the route names its source address and
-/// device MAC and the neighbour it goes through is resolved.
-fn next_hop(
+/// What the thread asks the kernel about the neighbour (device, address) a backend's route
+/// goes through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ask {
+    /// Missing (never resolved, or failed): resolve it. The backend has no next hop meanwhile.
+    Resolve((u32, Ipv4Addr)),
+    /// Stale: confirm it. The backend keeps its next hop meanwhile.
+    Confirm((u32, Ipv4Addr)),
+}
+
+/// What a refresh makes of backend `ip` reached over `route`, from one look at the neighbour
+/// the route goes through.
+#[derive(Debug, PartialEq, Eq)]
+struct Assessed {
+    /// The next hop, when the route names its source address and device MAC and the neighbour
+    /// is resolved.
+    hop: Option<NextHop>,
+    /// None for a neighbour that is current, or on a device without a MAC (nothing to resolve).
+    ask: Option<Ask>,
+}
+
+fn assess(
     ip: Ipv4Addr,
     route: &Route,
     neighbours: &BTreeMap<(u32, Ipv4Addr), Neighbour>,
     confirmed_ns: u64,
-) -> Option<NextHop> {
-    let neighbour = neighbours.get(&(route.ifindex, route.next_hop(ip)))?;
-    Some(NextHop {
+) -> Assessed {
+    let key = (route.ifindex, route.next_hop(ip));
+    let Some(neighbour) = neighbours.get(&key) else {
+        return Assessed {
+            hop: None,
+            ask: route.mac.map(|_| Ask::Resolve(key)),
+        };
+    };
+    let hop = route.source.zip(route.mac).map(|(source, smac)| NextHop {
         confirmed_ns,
         ifindex: route.ifindex,
-        src: route.source?.octets(),
-        smac: route.mac?,
+        src: source.octets(),
+        smac,
         dmac: neighbour.mac,
         _pad: [0; 4],
-    })
+    });
+    Assessed {
+        hop,
+        ask: neighbour.stale.then_some(Ask::Confirm(key)),
+    }
 }
 
 #[cfg(test)]
@@ -251,9 +280,11 @@ mod tests {
         let gateway = Ipv4Addr::new(10, 0, 0, 254);
         let neighbours = BTreeMap::from([((7, gateway), reachable([2, 0, 0, 0, 0, 0xfe]))]);
         // Directly connected: the backend's own entry is needed, and missing.
-        assert_eq!(next_hop(backend, &route(None), &neighbours, 5), None);
+        assert_eq!(assess(backend, &route(None), &neighbours, 5).hop, None);
         // Through the gateway: its MAC.
-        let hop = next_hop(backend, &route(Some(gateway)), &neighbours, 5).expect("next hop");
+        let hop = assess(backend, &route(Some(gateway)), &neighbours, 5)
+            .hop
+            .expect("next hop");
         assert_eq!(hop.dmac, [2, 0, 0, 0, 0, 0xfe]);
         assert_eq!(hop.smac, [2, 0, 0, 0, 0, 1]);
         assert_eq!(hop.src, [10, 0, 0, 1]);
@@ -267,13 +298,13 @@ mod tests {
             },
         )]);
         assert_eq!(
-            next_hop(backend, &route(Some(gateway)), &stale, 5),
+            assess(backend, &route(Some(gateway)), &stale, 5).hop,
             Some(hop)
         );
         // The same neighbour on another device does not count.
         let elsewhere = BTreeMap::from([((8, gateway), reachable([2, 0, 0, 0, 0, 0xfe]))]);
         assert_eq!(
-            next_hop(backend, &route(Some(gateway)), &elsewhere, 5),
+            assess(backend, &route(Some(gateway)), &elsewhere, 5).hop,
             None
         );
     }
@@ -291,14 +322,47 @@ mod tests {
     }
 
     #[test]
+    fn the_kernel_is_asked_to_resolve_a_missing_neighbour_and_confirm_a_stale_one() {
+        let backend = Ipv4Addr::new(10, 0, 0, 9);
+        let none = BTreeMap::new();
+        assert_eq!(
+            assess(backend, &route(None), &none, 5).ask,
+            Some(Ask::Resolve((7, backend)))
+        );
+        let stale = BTreeMap::from([(
+            (7, backend),
+            Neighbour {
+                mac: [2, 0, 0, 0, 0, 9],
+                stale: true,
+            },
+        )]);
+        assert_eq!(
+            assess(backend, &route(None), &stale, 5).ask,
+            Some(Ask::Confirm((7, backend)))
+        );
+        let current = BTreeMap::from([((7, backend), reachable([2, 0, 0, 0, 0, 9]))]);
+        assert_eq!(assess(backend, &route(None), &current, 5).ask, None);
+        // A device without a MAC has no neighbours to resolve.
+        let mut no_mac = route(None);
+        no_mac.mac = None;
+        assert_eq!(
+            assess(backend, &no_mac, &none, 5),
+            Assessed {
+                hop: None,
+                ask: None
+            }
+        );
+    }
+
+    #[test]
     fn no_next_hop_without_a_source_address_or_device_mac() {
         let backend = Ipv4Addr::new(10, 0, 0, 9);
         let neighbours = BTreeMap::from([((7, backend), reachable([2, 0, 0, 0, 0, 9]))]);
         let mut no_source = route(None);
         no_source.source = None;
-        assert_eq!(next_hop(backend, &no_source, &neighbours, 5), None);
+        assert_eq!(assess(backend, &no_source, &neighbours, 5).hop, None);
         let mut no_mac = route(None);
         no_mac.mac = None;
-        assert_eq!(next_hop(backend, &no_mac, &neighbours, 5), None);
+        assert_eq!(assess(backend, &no_mac, &neighbours, 5).hop, None);
     }
 }
