@@ -1774,8 +1774,12 @@ fn two_cpus_dropping_one_half_open_flow_early_never_share_its_port() {
     contest(&fx, &syns, 0, |fx| {
         let now = xlb::inspect::monotonic_ns();
         hold_half_open_from(fx, contested, 50000, now - 300_000_000);
+        // Stamped ahead (a later stamp counts as just seen), so these stay too fresh to drop
+        // however long a loaded machine stalls the trial: stamped `now`, one trial in 3,000 of a
+        // full test run found them idle past the 100 ms an early drop needs, and the loser
+        // dropped one of them instead of being refused.
         for (i, &port) in fresh.iter().enumerate() {
-            hold_half_open_from(fx, port, 50001 + i as u16, now);
+            hold_half_open_from(fx, port, 50001 + i as u16, now + 10_000_000_000);
         }
     });
     assert_eq!(
