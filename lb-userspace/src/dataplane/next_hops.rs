@@ -274,6 +274,10 @@ mod tests {
         Neighbour { mac, stale: false }
     }
 
+    fn stale(mac: [u8; 6]) -> Neighbour {
+        Neighbour { mac, stale: true }
+    }
+
     #[test]
     fn a_next_hop_needs_the_neighbour_it_goes_through() {
         let backend = Ipv4Addr::new(10, 0, 0, 9);
@@ -290,13 +294,7 @@ mod tests {
         assert_eq!(hop.src, [10, 0, 0, 1]);
         assert_eq!((hop.ifindex, hop.confirmed_ns), (7, 5));
         // A stale neighbour is still valid (the thread has it confirmed meanwhile).
-        let stale = BTreeMap::from([(
-            (7, gateway),
-            Neighbour {
-                mac: [2, 0, 0, 0, 0, 0xfe],
-                stale: true,
-            },
-        )]);
+        let stale = BTreeMap::from([((7, gateway), stale([2, 0, 0, 0, 0, 0xfe]))]);
         assert_eq!(
             assess(backend, &route(Some(gateway)), &stale, 5).hop,
             Some(hop)
@@ -329,13 +327,7 @@ mod tests {
             assess(backend, &route(None), &none, 5).ask,
             Some(Ask::Resolve((7, backend)))
         );
-        let stale = BTreeMap::from([(
-            (7, backend),
-            Neighbour {
-                mac: [2, 0, 0, 0, 0, 9],
-                stale: true,
-            },
-        )]);
+        let stale = BTreeMap::from([((7, backend), stale([2, 0, 0, 0, 0, 9]))]);
         assert_eq!(
             assess(backend, &route(None), &stale, 5).ask,
             Some(Ask::Confirm((7, backend)))
