@@ -333,6 +333,67 @@ fn a_reply_to_a_snat_port_that_is_also_a_service_port_finds_its_flow() {
     assert!(marked_service_port(&fx, 80));
 }
 
+/// Flows to a service on a SNAT-range port go on after the service is removed. The port is
+/// then no service's, so a client's packet to it is looked up as a backend's reply would be
+/// (reverse map, then half-open map) before the forward map: a flow opened before the removal
+/// still finds its forward entry, and one whose handshake was under way still opens.
+#[test]
+fn flows_to_a_removed_service_on_a_snat_range_port_drain() {
+    const PORT: u16 = 3306;
+    let backend = sa(BACKEND, 8080);
+    let mut fx = Fixture::new(
+        "fx-rmport",
+        &[service(
+            VIP.into(),
+            PORT,
+            Protocol::Tcp,
+            &[(Ipv4Addr::from(BACKEND), 8080)],
+        )],
+    );
+    let from_client = |client_port, flags, payload: &[u8]| {
+        pkt::tcp(sa(CLIENT, client_port), sa(VIP, PORT), flags, payload)
+    };
+    let from_backend =
+        |snat_port, flags| pkt::tcp(backend, sa(LB_BACKEND_IP.octets(), snat_port), flags, &[]);
+    let send = |fx: &Fixture, frame: &[u8], what: &str| {
+        let (verdict, out) = fx.run(PROGRAM_GENERIC, frame);
+        assert_eq!(verdict, XDP_REDIRECT, "{what}");
+        out
+    };
+    let opened_port = snat_port_of(&send(&fx, &from_client(41000, SYN, &[]), "first SYN"));
+    send(&fx, &from_backend(opened_port, SYN | ACK), "first SYN-ACK");
+    send(&fx, &from_client(41000, ACK, &[]), "first ACK");
+    let half_open_port = snat_port_of(&send(&fx, &from_client(41001, SYN, &[]), "second SYN"));
+    assert_eq!(fx.stat(STAT_FLOW_OPENED), 1);
+
+    fx.dp.apply(&[]).expect("apply");
+    assert!(
+        !marked_service_port(&fx, PORT),
+        "port {PORT} is no service's"
+    );
+    let data = from_client(41000, ACK | PSH, b"more");
+    let out = send(&fx, &data, "the open flow's data");
+    let to_backend = Some((LB_BACKEND_MAC, host_mac(BACKEND.into())));
+    let snat = sa(LB_BACKEND_IP.octets(), opened_port);
+    assert_translated(&data, &out, snat, backend, to_backend);
+    let syn_ack = from_backend(half_open_port, SYN | ACK);
+    let out = send(&fx, &syn_ack, "the second flow's SYN-ACK");
+    let to_client = Some((LB_CLIENT_MAC, host_mac(CLIENT.into())));
+    assert_translated(&syn_ack, &out, sa(VIP, PORT), sa(CLIENT, 41001), to_client);
+    send(&fx, &from_client(41001, ACK, &[]), "the second flow's ACK");
+    assert_eq!(fx.stat(STAT_FLOW_OPENED), 2, "the second flow opened");
+    let hits = fx.stat(STAT_CT_HIT);
+    send(
+        &fx,
+        &from_client(41001, ACK | PSH, b"data"),
+        "the second flow's data",
+    );
+    assert_eq!(fx.stat(STAT_CT_HIT), hits + 1);
+    let syn = from_client(41002, SYN, &[]);
+    let (verdict, out) = fx.run(PROGRAM_GENERIC, &syn);
+    assert_eq!((verdict, out), (XDP_PASS, syn), "a new flow is not ours");
+}
+
 #[test]
 fn tcp_non_syn_miss_passes_untouched() {
     let fx = fixture("fx-miss");

@@ -20,7 +20,10 @@
 //!   every repeat creates a flow (backend pick, next hop or FIB lookup, SNAT port probe, both
 //!   inserts); with the backend's next hop, and without it (FIB lookup);
 //! - new flow with full tables: the same after a flood of distinct SYNs has filled the
-//!   half-open table and holds every SNAT port toward the backend.
+//!   half-open table and holds every SNAT port toward the backend;
+//! - a handshake's later packets, the backend's SYN-ACK and the client's ACK that opens the
+//!   flow: half-open flows written in a chain, so that each one's translated packet is the
+//!   next one's ([`write_chain`]), every repeat a flow of its own.
 //!
 //! Where the time goes: the program loaded again with one step left out at a time (the load-
 //! time constant `XLB_SKIP_STEPS`, see `lb_common::steps`), timed on the new-flow and
@@ -49,11 +52,12 @@ use lb_common::steps::{
     STEP_REDIRECT, STEP_ROUTE, STEPS,
 };
 use lb_common::{
-    ALL_MAPS, CT_FWD_MAP, CT_HALF_MAP, CT_HALF_OPEN_MIN_RECLAIM_NS, CT_REV_MAP, CT_STATE_OPEN,
-    CtEntry, FlowKey, IPPROTO_TCP, MAX_HALF_OPEN_ENTRIES, NEW_FLOW_SLOT_GENERIC, NEW_FLOW_XDP_MAP,
-    NEXT_HOPS_MAP, NextHop, PROGRAM_FLOOR, PROGRAM_GENERIC, PROGRAM_NATIVE,
-    PROGRAM_NEW_FLOW_GENERIC, PROGRAM_NEW_FLOW_NATIVE, PROGRAM_NEW_FLOW_TC, PROGRAM_NOOP,
-    PROGRAM_TC, SNAT_PORTS_DEFAULT, STAT_CT_HIT, STAT_CT_REPLY, STAT_EARLY_DROP, STAT_NAMES,
+    ALL_MAPS, CT_DIR_FORWARD, CT_DIR_REVERSE, CT_FWD_MAP, CT_HALF_MAP, CT_HALF_OPEN_MIN_RECLAIM_NS,
+    CT_REV_MAP, CT_STATE_HALF_OPEN, CT_STATE_HALF_OPEN_REPLIED, CT_STATE_OPEN, CtEntry, FlowKey,
+    IPPROTO_TCP, MAX_HALF_OPEN_ENTRIES, NEW_FLOW_SLOT_GENERIC, NEW_FLOW_XDP_MAP, NEXT_HOPS_MAP,
+    NextHop, PROGRAM_FLOOR, PROGRAM_GENERIC, PROGRAM_NATIVE, PROGRAM_NEW_FLOW_GENERIC,
+    PROGRAM_NEW_FLOW_NATIVE, PROGRAM_NEW_FLOW_TC, PROGRAM_NOOP, PROGRAM_TC, SNAT_PORTS_DEFAULT,
+    STAT_CT_HIT, STAT_CT_REPLY, STAT_EARLY_DROP, STAT_FLOW_OPENED, STAT_HALF_OPEN_HIT, STAT_NAMES,
     STAT_NEW_FLOW, STAT_NOT_IPV4, STAT_NOT_OURS, STAT_SNAT_EXHAUSTED,
 };
 use xlb::dataplane::xdp::BPF_OBJECT;
@@ -175,19 +179,25 @@ fn forget_next_hop(fx: &Fixture) {
 /// next-hop thread would, confirmed now.
 fn confirm_next_hop(fx: &Fixture) {
     let mut hops = fx.pins.hash_map::<[u8; 4], NextHop>(NEXT_HOPS_MAP);
-    let ifindex = fx
-        .ns
-        .enter(|| xlb::dataplane::devices::ifindex("fxb"))
-        .expect("fxb's ifindex");
+    let (ifindex, smac, dmac) = backend_route(fx);
     let hop = NextHop {
         confirmed_ns: xlb::inspect::monotonic_ns(),
         ifindex,
         src: LB_BACKEND_IP.octets(),
-        smac: LB_BACKEND_MAC,
-        dmac: host_mac(SELF_VIP.into()),
+        smac,
+        dmac,
         _pad: [0; 4],
     };
     hops.insert(SELF_VIP, hop, 0).expect("next hop");
+}
+
+/// The route toward `SELF_VIP` (behind `fxb`): egress ifindex, source and destination MAC.
+fn backend_route(fx: &Fixture) -> (u32, [u8; 6], [u8; 6]) {
+    let ifindex = fx
+        .ns
+        .enter(|| xlb::dataplane::devices::ifindex("fxb"))
+        .expect("fxb's ifindex");
+    (ifindex, LB_BACKEND_MAC, host_mac(SELF_VIP.into()))
 }
 
 /// Empties the half-open table, so each new-flow measurement starts from the same state.
@@ -304,22 +314,129 @@ fn print_machine() {
 }
 
 /// One path of the program: its frame, its repeat count, the counter that must grow by one
-/// per repeat (so every repeat took the path), and for new flows how each round starts.
+/// per repeat (so every repeat took the path), and for a path that changes the tables (new
+/// flows, a handshake's later packets) how each round starts.
 struct Path<'a> {
     name: &'a str,
     frame: &'a [u8],
     repeat: u32,
     stat: u32,
-    new_flows: Option<Start>,
+    start: Option<Start>,
 }
 
-/// How a round of new flows starts: each round's first SYN comes from a client port of its
-/// own (a round repeating an earlier one's tuples would find their flows), into an emptied
-/// half-open table or into tables a flood has just filled ([`fill_tables`]).
+/// How a round of a path that changes the tables starts. New flows: each round's first SYN
+/// comes from a client port of its own (a round repeating an earlier one's tuples would find
+/// their flows), into an emptied half-open table (`Empty`) or into tables a flood has just
+/// filled (`Full`, [`fill_tables`]). A handshake's later packets: a chain of half-open flows
+/// written afresh ([`write_chain`]), their backends' SYN-ACKs (`Replied`) or their clients'
+/// ACKs (`Opened`).
 #[derive(Clone, Copy, PartialEq)]
 enum Start {
     Empty,
     Full,
+    Replied,
+    Opened,
+}
+
+/// Half-open flows in a chain, for a handshake's later packets: the packet of flow `i`
+/// (`keys(i)`, the flow's entry `dir`ection, in `state`) is translated to the packet of flow
+/// `i + 1`, so each of `count` repeats takes the path on a flow of its own, as each new-flow
+/// repeat does. Each entry's peer (the other direction) points back to it. `route`, when
+/// given, is cached in the entries (`(ifindex, smac, dmac)`), as a new flow caches its
+/// backend's next hop; otherwise the first packet looks the route up.
+fn write_chain(
+    fx: &Fixture,
+    count: u32,
+    keys: impl Fn(u32) -> FlowKey,
+    dir: u8,
+    state: u32,
+    route: Option<(u32, [u8; 6], [u8; 6])>,
+) {
+    clear_half_open(fx);
+    let mut half = fx.ct_map(CT_HALF_MAP);
+    let now = xlb::inspect::monotonic_ns();
+    let (ifindex, smac, dmac) = route.unwrap_or_default();
+    let peer_dir = if dir == CT_DIR_FORWARD {
+        CT_DIR_REVERSE
+    } else {
+        CT_DIR_FORWARD
+    };
+    for i in 0..count {
+        let (own, next) = (keys(i), keys(i + 1));
+        let entry = CtEntry {
+            nat_src_ip: next.src_ip,
+            nat_dst_ip: next.dst_ip,
+            nat_src_port: next.src_port,
+            nat_dst_port: next.dst_port,
+            state,
+            last_seen_ns: now,
+            ifindex,
+            smac,
+            dmac,
+            dir,
+            ..CtEntry::default()
+        };
+        let peer = CtEntry {
+            nat_src_ip: own.dst_ip,
+            nat_dst_ip: own.src_ip,
+            nat_src_port: own.dst_port,
+            nat_dst_port: own.src_port,
+            state,
+            last_seen_ns: now,
+            dir: peer_dir,
+            ..CtEntry::default()
+        };
+        half.insert(own, entry, 0).expect("chain entry");
+        half.insert(entry.peer_key(IPPROTO_TCP), peer, 0)
+            .expect("chain peer entry");
+    }
+}
+
+/// The client ports of the chained flows whose ACKs the "handshake: ACK" row times.
+const OPENED_PORTS: u16 = 40_000;
+/// The SNAT ports of the chained flows whose SYN-ACKs the "handshake: SYN-ACK" row times
+/// (below [`SNAT_RANGE_SERVICE_PORT`], so none is a service's port).
+const REPLIED_PORTS: u16 = 2_000;
+
+/// The `i`th chained flow of round `round` of the "handshake: ACK" row, as its client's ACK
+/// comes in: from a client address of the round's own, so each round's keys land in buckets
+/// no earlier round touched, as a new flow's do.
+fn opened_key(round: usize, i: u32) -> FlowKey {
+    key(
+        [198, 18, round as u8, 1],
+        OPENED_PORTS + i as u16,
+        SELF_VIP,
+        80,
+    )
+}
+
+/// The `i`th chained flow of round `round` of the "handshake: SYN-ACK" row, as its backend's
+/// SYN-ACK comes in, from a backend port of the round's own (as [`opened_key`]). `CLIENT`
+/// stands for the SNAT address: the route toward it is a neighbour's.
+fn replied_key(round: usize, i: u32) -> FlowKey {
+    key(
+        SELF_VIP,
+        100 + round as u16,
+        CLIENT,
+        REPLIED_PORTS + i as u16,
+    )
+}
+
+/// Deletes the open flows round `round` of the "handshake: ACK" row opened, so the rows after
+/// find the open maps as before.
+fn close_opened(fx: &Fixture, round: usize, count: u32) {
+    let (mut fwd, mut rev) = (fx.ct_map(CT_FWD_MAP), fx.ct_map(CT_REV_MAP));
+    for i in 0..count {
+        let _ = fwd.remove(&opened_key(round, i));
+        let next = opened_key(round, i + 1);
+        let _ = rev.remove(&key(next.dst_ip, next.dst_port, next.src_ip, next.src_port));
+    }
+}
+
+/// `frame` (TCP) as the packet of flow `key`, checksums fixed.
+fn frame_of(frame: &[u8], key: FlowKey) -> Vec<u8> {
+    let (src, dst) = (sa(key.src_ip, key.src_port), sa(key.dst_ip, key.dst_port));
+    pkt::translated(frame, src, dst)
 }
 
 /// `frame` (a TCP or UDP frame) from client port `port`, checksums fixed.
@@ -339,22 +456,42 @@ fn row(fx: &Fixture, path: &Path, floor_frame: &[u8]) {
         fx.dp.program(PROGRAM_GENERIC).expect("xlb"),
     );
     let (mut noop_ns, mut floor_ns, mut xlb_ns) = (Vec::new(), Vec::new(), Vec::new());
-    let rounds = match path.new_flows {
-        Some(Start::Empty) => NEW_FLOW_ROUNDS,
+    let rounds = match path.start {
+        Some(Start::Empty | Start::Replied | Start::Opened) => NEW_FLOW_ROUNDS,
         Some(Start::Full) => FULL_TABLE_ROUNDS,
         None => ROUNDS,
     };
     for round in 0..rounds {
-        let frame = match path.new_flows {
-            Some(start) => {
-                match start {
-                    Start::Empty => clear_half_open(fx),
-                    Start::Full => fill_tables(fx),
+        let frame = match path.start {
+            None => path.frame.to_vec(),
+            Some(start @ (Start::Empty | Start::Full)) => {
+                if start == Start::Empty {
+                    clear_half_open(fx);
+                } else {
+                    fill_tables(fx);
                 }
                 confirm_next_hop(fx);
                 from_port(path.frame, 50_000 + round as u16)
             }
-            None => path.frame.to_vec(),
+            Some(Start::Replied) => {
+                let keys = |i| replied_key(round, i);
+                write_chain(
+                    fx,
+                    path.repeat,
+                    keys,
+                    CT_DIR_REVERSE,
+                    CT_STATE_HALF_OPEN,
+                    None,
+                );
+                frame_of(path.frame, keys(0))
+            }
+            Some(Start::Opened) => {
+                let keys = |i| opened_key(round, i);
+                let state = CT_STATE_HALF_OPEN_REPLIED;
+                let route = Some(backend_route(fx));
+                write_chain(fx, path.repeat, keys, CT_DIR_FORWARD, state, route);
+                frame_of(path.frame, keys(0))
+            }
         };
         noop_ns.push(time(fx, noop, &frame, path.repeat).0);
         let (ns, verdict) = time(fx, floor, floor_frame, 1_000_000);
@@ -372,6 +509,9 @@ fn row(fx: &Fixture, path: &Path, floor_frame: &[u8]) {
             path.repeat,
             grown(fx, &before)
         );
+        if path.start == Some(Start::Opened) {
+            close_opened(fx, round, path.repeat);
+        }
     }
     let (noop, floor, xlb) = (
         min_median(noop_ns),
@@ -725,12 +865,12 @@ fn main() {
         "{:<24} {:>10} {:>9} {:>9} {:>9} {:>8}",
         "path", "xlb", "floor", "noop", "xlb/floor", "xlb/noop"
     );
-    let path = |name, frame, repeat, stat, new_flows| Path {
+    let path = |name, frame, repeat, stat, start| Path {
         name,
         frame,
         repeat,
         stat,
-        new_flows,
+        start,
     };
     row(
         &fx,
@@ -786,6 +926,43 @@ fn main() {
             NEW_FLOW_REPEAT,
             STAT_NEW_FLOW,
             Some(Start::Empty),
+        ),
+        &data,
+    );
+    // A handshake's later packets, each of a half-open flow of its own (`write_chain`).
+    let handshake = |flow: FlowKey, flags, mac: [u8; 6]| {
+        let mut frame = pkt::tcp(
+            sa(flow.src_ip, flow.src_port),
+            sa(flow.dst_ip, flow.dst_port),
+            flags,
+            &[],
+        );
+        frame[0..6].copy_from_slice(&mac);
+        frame
+    };
+    let syn_ack = handshake(replied_key(0, 0), SYN | ACK, to_client);
+    let ack = handshake(opened_key(0, 0), ACK, to_self);
+    fx.dp.set_device_mac(LO_IFINDEX, to_client).expect("lo MAC");
+    row(
+        &fx,
+        &path(
+            "handshake: SYN-ACK",
+            &syn_ack,
+            NEW_FLOW_REPEAT,
+            STAT_HALF_OPEN_HIT,
+            Some(Start::Replied),
+        ),
+        &data,
+    );
+    fx.dp.set_device_mac(LO_IFINDEX, to_self).expect("lo MAC");
+    row(
+        &fx,
+        &path(
+            "handshake: ACK (opens)",
+            &ack,
+            NEW_FLOW_REPEAT,
+            STAT_FLOW_OPENED,
+            Some(Start::Opened),
         ),
         &data,
     );
