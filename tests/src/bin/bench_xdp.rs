@@ -34,8 +34,10 @@
 //! prints the share of legitimate SYNs that took the XDP path and the cost of a flood SYN
 //! beside a legitimate one.
 //!
-//! `bench_xdp profile [SECS] [full]` only opens new flows, in a loop, for a sampling profiler
-//! (see [`profile_new_flows`]); with `full`, into full tables ([`profile_full_tables`]).
+//! `bench_xdp profile [SECS] [full|ack]` only opens new flows, in a loop, for a sampling
+//! profiler (see [`profile_new_flows`]); with `full`, into full tables
+//! ([`profile_full_tables`]); with `ack`, it times handshakes' opening ACKs instead
+//! ([`profile_opening_acks`]).
 //!
 //! `bench_xdp capacity` instead drives whole flows (TCP closed by the client first, TCP closed
 //! by the backend first, UDP query and answer) at issue 14's target rates toward one backend
@@ -758,7 +760,7 @@ fn main() {
     }
     let profile_secs = (args.get(1).map(String::as_str) == Some("profile"))
         .then(|| args.get(2).and_then(|a| a.parse().ok()).unwrap_or(15));
-    let profile_full = args.get(3).map(String::as_str) == Some("full");
+    let profile_what = args.get(3).map(String::as_str);
     let repeat: u32 = std::env::args()
         .nth(1)
         .and_then(|a| a.parse().ok())
@@ -849,8 +851,10 @@ fn main() {
     fx.run(PROGRAM_GENERIC, &in_range);
 
     if let Some(secs) = profile_secs {
-        if profile_full {
+        if profile_what == Some("full") {
             profile_full_tables(&fx, &syn, secs);
+        } else if profile_what == Some("ack") {
+            profile_opening_acks(&fx, to_self, secs);
         } else {
             profile_new_flows(&fx, &syn, secs);
         }
@@ -994,6 +998,39 @@ fn main() {
     for flood_rate in [50_000u64, 100_000] {
         flood_share(flood_rate, 1_000, 3);
     }
+}
+
+/// `bench_xdp profile SECS ack`: opening ACKs through `xlb_skb`, as the "handshake: ACK" row
+/// times them (a chain of replied half-open flows per round), until the rounds add up to
+/// `SECS` seconds. Writing the chains (syscalls) takes longer than the rounds: a profile is
+/// read for the samples under `bpf_test_run`. `to_self` is the MAC `lo` is registered with.
+fn profile_opening_acks(fx: &Fixture, to_self: [u8; 6], secs: u64) {
+    let xlb = fx.dp.program(PROGRAM_GENERIC).expect("xlb");
+    let mut template = pkt::tcp(sa(CLIENT, 1), sa(SELF_VIP, 80), ACK, &[]);
+    template[0..6].copy_from_slice(&to_self);
+    let route = Some(backend_route(fx));
+    let (mut ns, mut spent) = (Vec::new(), 0.0);
+    while spent < secs as f64 * 1e9 {
+        let round = ns.len() % NEW_FLOW_ROUNDS;
+        let keys = |i| opened_key(round, i);
+        let state = CT_STATE_HALF_OPEN_REPLIED;
+        write_chain(fx, NEW_FLOW_REPEAT, keys, CT_DIR_FORWARD, state, route);
+        let opened = fx.stat(STAT_FLOW_OPENED);
+        let (round_ns, _) = time(fx, xlb, &frame_of(&template, keys(0)), NEW_FLOW_REPEAT);
+        assert_eq!(
+            fx.stat(STAT_FLOW_OPENED) - opened,
+            NEW_FLOW_REPEAT as u64,
+            "not every repeat opened a flow"
+        );
+        close_opened(fx, round, NEW_FLOW_REPEAT);
+        spent += round_ns * NEW_FLOW_REPEAT as f64;
+        ns.push(round_ns);
+    }
+    println!(
+        "opening ACK, {} rounds of {NEW_FLOW_REPEAT}: ns/packet min/median {}",
+        ns.len(),
+        cell(min_median(ns))
+    );
 }
 
 /// `bench_xdp profile [SECS]`: new flows through `xlb_skb` into an emptied half-open table
