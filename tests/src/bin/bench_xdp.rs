@@ -435,10 +435,46 @@ fn close_opened(fx: &Fixture, round: usize, count: u32) {
     }
 }
 
-/// `frame` (TCP) as the packet of flow `key`, checksums fixed.
-fn frame_of(frame: &[u8], key: FlowKey) -> Vec<u8> {
-    let (src, dst) = (sa(key.src_ip, key.src_port), sa(key.dst_ip, key.dst_port));
-    pkt::translated(frame, src, dst)
+/// Writes round `round`'s chain of `count` flows for a handshake's later packets (`start`:
+/// `Replied` or `Opened`) and returns the chain's first packet: `template` (a TCP frame with
+/// the packet's flags and destination MAC) with the first flow's endpoints.
+fn start_handshake_round(
+    fx: &Fixture,
+    start: Start,
+    round: usize,
+    count: u32,
+    template: &[u8],
+) -> Vec<u8> {
+    let first = if start == Start::Replied {
+        let keys = |i| replied_key(round, i);
+        write_chain(fx, count, keys, CT_DIR_REVERSE, CT_STATE_HALF_OPEN, None);
+        keys(0)
+    } else {
+        let keys = |i| opened_key(round, i);
+        let state = CT_STATE_HALF_OPEN_REPLIED;
+        write_chain(
+            fx,
+            count,
+            keys,
+            CT_DIR_FORWARD,
+            state,
+            Some(backend_route(fx)),
+        );
+        keys(0)
+    };
+    let (src, dst) = (
+        sa(first.src_ip, first.src_port),
+        sa(first.dst_ip, first.dst_port),
+    );
+    pkt::translated(template, src, dst)
+}
+
+/// A TCP frame with `flags` to `mac`, as a handshake round's template (its endpoints are
+/// each round's own, [`start_handshake_round`]).
+fn handshake_template(flags: u8, mac: [u8; 6]) -> Vec<u8> {
+    let mut frame = pkt::tcp(sa(CLIENT, 1), sa(SELF_VIP, 80), flags, &[]);
+    frame[0..6].copy_from_slice(&mac);
+    frame
 }
 
 /// `frame` (a TCP or UDP frame) from client port `port`, checksums fixed.
@@ -475,25 +511,7 @@ fn row(fx: &Fixture, path: &Path, floor_frame: &[u8]) {
                 confirm_next_hop(fx);
                 from_port(path.frame, 50_000 + round as u16)
             }
-            Some(Start::Replied) => {
-                let keys = |i| replied_key(round, i);
-                write_chain(
-                    fx,
-                    path.repeat,
-                    keys,
-                    CT_DIR_REVERSE,
-                    CT_STATE_HALF_OPEN,
-                    None,
-                );
-                frame_of(path.frame, keys(0))
-            }
-            Some(Start::Opened) => {
-                let keys = |i| opened_key(round, i);
-                let state = CT_STATE_HALF_OPEN_REPLIED;
-                let route = Some(backend_route(fx));
-                write_chain(fx, path.repeat, keys, CT_DIR_FORWARD, state, route);
-                frame_of(path.frame, keys(0))
-            }
+            Some(start) => start_handshake_round(fx, start, round, path.repeat, path.frame),
         };
         noop_ns.push(time(fx, noop, &frame, path.repeat).0);
         let (ns, verdict) = time(fx, floor, floor_frame, 1_000_000);
@@ -934,18 +952,8 @@ fn main() {
         &data,
     );
     // A handshake's later packets, each of a half-open flow of its own (`write_chain`).
-    let handshake = |flow: FlowKey, flags, mac: [u8; 6]| {
-        let mut frame = pkt::tcp(
-            sa(flow.src_ip, flow.src_port),
-            sa(flow.dst_ip, flow.dst_port),
-            flags,
-            &[],
-        );
-        frame[0..6].copy_from_slice(&mac);
-        frame
-    };
-    let syn_ack = handshake(replied_key(0, 0), SYN | ACK, to_client);
-    let ack = handshake(opened_key(0, 0), ACK, to_self);
+    let syn_ack = handshake_template(SYN | ACK, to_client);
+    let ack = handshake_template(ACK, to_self);
     fx.dp.set_device_mac(LO_IFINDEX, to_client).expect("lo MAC");
     row(
         &fx,
@@ -1006,17 +1014,13 @@ fn main() {
 /// read for the samples under `bpf_test_run`. `to_self` is the MAC `lo` is registered with.
 fn profile_opening_acks(fx: &Fixture, to_self: [u8; 6], secs: u64) {
     let xlb = fx.dp.program(PROGRAM_GENERIC).expect("xlb");
-    let mut template = pkt::tcp(sa(CLIENT, 1), sa(SELF_VIP, 80), ACK, &[]);
-    template[0..6].copy_from_slice(&to_self);
-    let route = Some(backend_route(fx));
+    let template = handshake_template(ACK, to_self);
     let (mut ns, mut spent) = (Vec::new(), 0.0);
     while spent < secs as f64 * 1e9 {
         let round = ns.len() % NEW_FLOW_ROUNDS;
-        let keys = |i| opened_key(round, i);
-        let state = CT_STATE_HALF_OPEN_REPLIED;
-        write_chain(fx, NEW_FLOW_REPEAT, keys, CT_DIR_FORWARD, state, route);
+        let frame = start_handshake_round(fx, Start::Opened, round, NEW_FLOW_REPEAT, &template);
         let opened = fx.stat(STAT_FLOW_OPENED);
-        let (round_ns, _) = time(fx, xlb, &frame_of(&template, keys(0)), NEW_FLOW_REPEAT);
+        let (round_ns, _) = time(fx, xlb, &frame, NEW_FLOW_REPEAT);
         assert_eq!(
             fx.stat(STAT_FLOW_OPENED) - opened,
             NEW_FLOW_REPEAT as u64,
