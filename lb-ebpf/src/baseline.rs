@@ -35,30 +35,35 @@ pub fn xlb_floor(ctx: XdpContext) -> u32 {
 fn floor(ctx: &Native) -> Option<u32> {
     let eth = ptr_at::<EthHdr>(ctx, 0)?;
     let ip = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN)?;
-    let ports = ptr_at::<[u8; 4]>(ctx, TCP_OFFSET)?;
-    let check = ptr_at::<[u8; 2]>(ctx, TCP_OFFSET + TCP_CHECK_OFFSET)?;
+    let ports = ptr_at::<[u16; 2]>(ctx, TCP_OFFSET)?;
+    let check = ptr_at::<u16>(ctx, TCP_OFFSET + TCP_CHECK_OFFSET)?;
     // SAFETY: ptr_at checked bounds; the header fields are byte arrays and integers read in
     // place; entry points into a map value, valid for this program run.
     unsafe {
-        if (*eth).ether_type != ETH_P_IPV4_BE || (*ip).vihl != 0x45 || (*ip).proto != IPPROTO_TCP {
+        if (*eth).0.ether_type != ETH_P_IPV4_BE
+            || (*ip).0.vihl != 0x45
+            || (*ip).0.proto != IPPROTO_TCP
+        {
             return None;
         }
-        let (src, dst) = ((*ip).src_addr, (*ip).dst_addr);
-        let [s0, s1, d0, d1] = *ports;
+        let (src, dst) = ((*ip).0.src_addr, (*ip).0.dst_addr);
+        let [sport, dport] = (*ports).0;
         let key = flow_key(
             src,
             dst,
-            u16::from_be_bytes([s0, s1]),
-            u16::from_be_bytes([d0, d1]),
+            u16::from_be(sport),
+            u16::from_be(dport),
             IPPROTO_TCP,
         );
         let entry = &*XLB_CT_FWD.get_ptr(&key)?;
         let new_port = entry.nat_dst_port.to_be_bytes();
         let addr_delta = csum::delta4(dst, entry.nat_dst_ip);
-        (*ip).check = csum::update_full((*ip).check, addr_delta);
-        (*ip).dst_addr = entry.nat_dst_ip;
-        *check = csum::update_full(*check, addr_delta + csum::delta2([d0, d1], new_port));
-        *ports = [s0, s1, new_port[0], new_port[1]];
+        (*ip).0.check = csum::update_full((*ip).0.check, addr_delta);
+        (*ip).0.dst_addr = entry.nat_dst_ip;
+        let port_delta = csum::delta2(dport.to_ne_bytes(), new_port);
+        let l4_check = csum::update_full((*check).0.to_ne_bytes(), addr_delta + port_delta);
+        (*check).0 = u16::from_ne_bytes(l4_check);
+        (*ports).0[1] = u16::from_ne_bytes(new_port);
     }
     Some(xdp_action::XDP_TX)
 }

@@ -257,15 +257,16 @@ pub fn to_our_mac<F: Frame>(ctx: &F) -> bool {
     let Some(dev) = XLB_DEV_MACS.get_ptr(ifindex & (MAX_DEVICE_MACS - 1)) else {
         return false;
     };
-    let Some(eth) = ptr_at::<[u8; 6]>(ctx, 0) else {
+    // The destination MAC, in 16-bit words.
+    let Some(eth) = ptr_at::<[u16; 3]>(ctx, 0) else {
         return false;
     };
     // SAFETY: dev points into a map value and eth into the frame (bounds checked); both are
     // read once.
-    let (dev, dst) = unsafe { (*dev, *eth) };
-    let mut diff = 0u8;
-    for i in 0..6 {
-        diff |= dst[i] ^ dev.mac[i];
+    let (dev, dst) = unsafe { (*dev, (*eth).0) };
+    let mut diff = 0u16;
+    for (i, word) in dst.iter().enumerate() {
+        diff |= word ^ u16::from_ne_bytes([dev.mac[2 * i], dev.mac[2 * i + 1]]);
     }
     dev.ifindex == ifindex && diff == 0
 }

@@ -170,8 +170,8 @@ fn fixed_route<F: Frame>(ctx: &F) -> Option<&'static Route> {
         *out = Route {
             ifindex: ctx.ingress_ifindex(),
             src: [198, 18, 0, 1],
-            smac: (*eth).src_addr,
-            dmac: (*eth).dst_addr,
+            smac: (*eth).0.src_addr,
+            dmac: (*eth).0.dst_addr,
             resolved: true,
         };
         Some(&*out)
@@ -238,10 +238,10 @@ pub fn xmit<F: Frame>(ctx: &F, ifindex: u32, smac: [u8; 6], dmac: [u8; 6]) -> Re
 #[inline(always)]
 fn rewrite_macs<F: Frame>(ctx: &F, smac: [u8; 6], dmac: [u8; 6]) -> Result<(), u32> {
     let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(xdp_action::XDP_ABORTED)?;
-    // SAFETY: ptr_at checked bounds; the MAC fields are byte arrays.
+    // SAFETY: ptr_at checked bounds.
     unsafe {
-        (*eth).src_addr = smac;
-        (*eth).dst_addr = dmac;
+        (*eth).0.src_addr = smac;
+        (*eth).0.dst_addr = dmac;
     }
     Ok(())
 }

@@ -25,11 +25,11 @@ pub fn rewrite<F: Frame>(ctx: &F, flow: &Flow, entry: &CtEntry) -> Result<(), u3
         + csum::delta2(flow.dst_port.to_be_bytes(), new_dport);
 
     let ip = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN).ok_or(abort)?;
-    // SAFETY: ptr_at checked bounds; all fields are byte arrays (alignment 1).
+    // SAFETY: ptr_at checked bounds.
     unsafe {
-        (*ip).check = csum::update_full((*ip).check, addr_delta);
-        (*ip).src_addr = entry.nat_src_ip;
-        (*ip).dst_addr = entry.nat_dst_ip;
+        (*ip).0.check = csum::update_full((*ip).0.check, addr_delta);
+        (*ip).0.src_addr = entry.nat_src_ip;
+        (*ip).0.dst_addr = entry.nat_dst_ip;
     }
 
     let is_tcp = flow.proto == IPPROTO_TCP;
@@ -39,9 +39,10 @@ pub fn rewrite<F: Frame>(ctx: &F, flow: &Flow, entry: &CtEntry) -> Result<(), u3
         } else {
             UDP_CHECK_OFFSET
         };
-    let check = ptr_at::<[u8; 2]>(ctx, check_offset).ok_or(abort)?;
+    // The checksum and the ports are read and written a 16-bit word at a time.
+    let check = ptr_at::<u16>(ctx, check_offset).ok_or(abort)?;
     // SAFETY: as above.
-    let old = unsafe { *check };
+    let old = unsafe { (*check).0 }.to_ne_bytes();
     let new = if !is_tcp && old == [0, 0] {
         old
     } else if csum::is_partial(old, flow.src, flow.dst, flow.proto, flow.l4_len) {
@@ -55,11 +56,11 @@ pub fn rewrite<F: Frame>(ctx: &F, flow: &Flow, entry: &CtEntry) -> Result<(), u3
             full
         }
     };
-    let ports = ptr_at::<[u8; 4]>(ctx, flow.l4_offset).ok_or(abort)?;
+    let ports = ptr_at::<[u16; 2]>(ctx, flow.l4_offset).ok_or(abort)?;
     // SAFETY: as above.
     unsafe {
-        *check = new;
-        *ports = [new_sport[0], new_sport[1], new_dport[0], new_dport[1]];
+        (*check).0 = u16::from_ne_bytes(new);
+        (*ports).0 = [u16::from_ne_bytes(new_sport), u16::from_ne_bytes(new_dport)];
     }
     // The IP header's checksum cancels its address change; in the segment the ports and the
     // checksum field changed.

@@ -5,16 +5,26 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{frame::Frame, steps::skipped};
 
-/// Returns a pointer to a `T` at `offset` bytes into the frame, or `None` when the frame is too
-/// short. The only way this crate reads or writes packet memory.
+/// A `T` in packet memory, 2-aligned. Packet data starts at an even address at every hook
+/// (XDP and skb headroom are even) and xlb reads headers only at even offsets (an IPv4 header
+/// is a multiple of 4 bytes long), so every header it reads is. Saying so lets LLVM read and
+/// write the headers' byte-array fields (addresses, ports, MACs, checksums) a 16-bit word at a
+/// time: at an alignment of 1 it loads or stores each byte and joins them with shifts. A field
+/// is written in the width it is read in: a load spanning several smaller stores is not served
+/// from them but waits for them to reach the cache.
+#[repr(C, align(2))]
+pub struct Even<T>(pub T);
+
+/// Returns a pointer to a `T` at `offset` (even) bytes into the frame, or `None` when the
+/// frame is too short. The only way this crate reads or writes packet memory.
 #[inline(always)]
-pub fn ptr_at<T>(ctx: &impl Frame, offset: usize) -> Option<*mut T> {
+pub fn ptr_at<T>(ctx: &impl Frame, offset: usize) -> Option<*mut Even<T>> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + core::mem::size_of::<T>() > end {
         return None;
     }
-    Some((start + offset) as *mut T)
+    Some((start + offset) as *mut Even<T>)
 }
 
 /// `offset`, hidden from LLVM's value tracking (through a volatile stack slot) so that a
@@ -31,10 +41,12 @@ pub fn opaque(offset: usize) -> usize {
 const ETH_P_IPV4_BE: u16 = 0x0800u16.to_be();
 /// "More fragments" flag and fragment offset bits of the IPv4 `frags` field.
 const IP_MF_OFFSET_MASK: u16 = 0x3fff;
-/// Offset of the data offset byte in the TCP header.
+/// Offset of the data offset byte in the TCP header (even: the flags byte follows it).
 const TCP_DOFF_OFFSET: usize = 12;
 /// Offset of the flags byte in the TCP header.
 const TCP_FLAGS_OFFSET: usize = 13;
+/// Offset of the length in the UDP header.
+const UDP_LEN_OFFSET: usize = 4;
 /// Offset of the checksum in the TCP header.
 pub const TCP_CHECK_OFFSET: usize = 16;
 /// Offset of the checksum in the UDP header.
@@ -88,24 +100,23 @@ pub fn parse<F: Frame>(ctx: &F) -> Parsed {
         return Parsed::NotIpv4;
     };
     // SAFETY: ptr_at checked that the header lies inside the frame.
-    if unsafe { (*eth).ether_type } != ETH_P_IPV4_BE {
+    if unsafe { (*eth).0.ether_type } != ETH_P_IPV4_BE {
         return Parsed::NotIpv4;
     }
     let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN) else {
         return Parsed::TruncatedIp;
     };
-    // SAFETY: as above; Ipv4Hdr is all byte fields (alignment 1).
-    let (vihl, frags, proto, tot_len, src, dst, ttl) = unsafe {
-        (
-            (*ip).vihl,
-            u16::from_be_bytes((*ip).frags),
-            (*ip).proto,
-            u16::from_be_bytes((*ip).tot_len) as usize,
-            (*ip).src_addr,
-            (*ip).dst_addr,
-            (*ip).ttl,
-        )
-    };
+    // SAFETY: as above.
+    let ip = unsafe { &*ip };
+    let (vihl, frags, proto, tot_len, src, dst, ttl) = (
+        ip.0.vihl,
+        u16::from_be_bytes(ip.0.frags),
+        ip.0.proto,
+        u16::from_be_bytes(ip.0.tot_len) as usize,
+        ip.0.src_addr,
+        ip.0.dst_addr,
+        ip.0.ttl,
+    );
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return Parsed::NotL4;
     }
@@ -142,47 +153,49 @@ pub fn parse<F: Frame>(ctx: &F) -> Parsed {
         };
     }
     let l4_len = tot_len - ihl;
-    // Ports, then (TCP) data offset and flags, or (UDP) the length.
+    // Ports, then (TCP) data offset and flags, or (UDP) the length, read in 16-bit words.
     let (ports, tcp_flags) = if proto == IPPROTO_TCP {
-        let Some(tcp) = ptr_at::<[u8; TCP_FLAGS_OFFSET + 1]>(ctx, opaque(l4_offset)) else {
+        let Some(tcp) = ptr_at::<[u16; (TCP_FLAGS_OFFSET + 1) / 2]>(ctx, opaque(l4_offset)) else {
             return Parsed::Malformed {
                 reason: lb_common::STAT_DROP_TRUNCATED,
                 dst,
             };
         };
-        // SAFETY: ptr_at checked that the bytes lie inside the frame.
-        let tcp = unsafe { *tcp };
-        let data_offset = (tcp[TCP_DOFF_OFFSET] >> 4) as usize * 4;
+        // SAFETY: ptr_at checked that the words lie inside the frame.
+        let tcp = unsafe { (*tcp).0 };
+        // The data offset's byte, then the flags' byte.
+        let [doff, flags] = tcp[TCP_DOFF_OFFSET / 2].to_ne_bytes();
+        let data_offset = (doff >> 4) as usize * 4;
         if !skipped(STEP_PACKET_CHECKS) && (data_offset < TCP_HDR_LEN || data_offset > l4_len) {
             return Parsed::Malformed {
                 reason: lb_common::STAT_DROP_BAD_L4_HDR,
                 dst,
             };
         }
-        ([tcp[0], tcp[1], tcp[2], tcp[3]], tcp[TCP_FLAGS_OFFSET])
+        ([tcp[0], tcp[1]], flags)
     } else {
-        let Some(udp) = ptr_at::<[u8; UDP_HDR_LEN]>(ctx, opaque(l4_offset)) else {
+        let Some(udp) = ptr_at::<[u16; UDP_HDR_LEN / 2]>(ctx, opaque(l4_offset)) else {
             return Parsed::Malformed {
                 reason: lb_common::STAT_DROP_TRUNCATED,
                 dst,
             };
         };
         // SAFETY: as above.
-        let udp = unsafe { *udp };
-        let udp_len = u16::from_be_bytes([udp[4], udp[5]]) as usize;
+        let udp = unsafe { (*udp).0 };
+        let udp_len = u16::from_be(udp[UDP_LEN_OFFSET / 2]) as usize;
         if udp_len < UDP_HDR_LEN || udp_len > l4_len {
             return Parsed::Malformed {
                 reason: lb_common::STAT_DROP_BAD_L4_HDR,
                 dst,
             };
         }
-        ([udp[0], udp[1], udp[2], udp[3]], 0)
+        ([udp[0], udp[1]], 0)
     };
     Parsed::Flow(Flow {
         src,
         dst,
-        src_port: u16::from_be_bytes([ports[0], ports[1]]),
-        dst_port: u16::from_be_bytes([ports[2], ports[3]]),
+        src_port: u16::from_be(ports[0]),
+        dst_port: u16::from_be(ports[1]),
         proto,
         tcp_flags,
         ttl,
@@ -192,17 +205,13 @@ pub fn parse<F: Frame>(ctx: &F) -> Parsed {
 }
 
 /// Whether the IPv4 header checksum (over `ihl` bytes, options included) verifies.
-///
-/// Read in 16-bit words: the IPv4 header starts 14 bytes into the frame, and packet data
-/// starts at an even address in both XDP modes (headroom is a multiple of 4), so the words are
-/// 2-aligned; a byte-wise read would cost twice the instructions on every packet.
 #[inline(always)]
 fn ip_checksum_ok<F: Frame>(ctx: &F, ihl: usize) -> bool {
     let Some(fixed) = ptr_at::<[u16; 10]>(ctx, EthHdr::LEN) else {
         return false;
     };
-    // SAFETY: ptr_at checked bounds; 2-aligned as said above.
-    let w = unsafe { *fixed };
+    // SAFETY: ptr_at checked bounds.
+    let w = unsafe { (*fixed).0 };
     let mut sum: u32 = w[0] as u32 + w[1] as u32 + w[2] as u32 + w[3] as u32 + w[4] as u32;
     sum += w[5] as u32 + w[6] as u32 + w[7] as u32 + w[8] as u32 + w[9] as u32;
     // Options: up to 20 more words.
@@ -215,7 +224,7 @@ fn ip_checksum_ok<F: Frame>(ctx: &F, ihl: usize) -> bool {
             return false;
         };
         // SAFETY: as above.
-        sum += unsafe { *word } as u32;
+        sum += unsafe { (*word).0 } as u32;
     }
     let sum = (sum & 0xffff) + (sum >> 16);
     let sum = (sum & 0xffff) + (sum >> 16);
