@@ -54,6 +54,12 @@ use crate::model::{Backend, Frontend, Protocol, VirtualService};
 /// The BPF object built by `build.rs` (aya-build), embedded at compile time.
 pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
 
+/// The measuring build of the same object (feature `steps`): its load-time constant
+/// `lb_common::steps::SKIP_STEPS_GLOBAL` leaves steps out, for `bench_xdp` alone; xlb never
+/// loads it.
+pub static BPF_OBJECT_STEPS: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-steps"));
+
 /// How the program ended up attached to a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum AttachMode {

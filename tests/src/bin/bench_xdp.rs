@@ -25,9 +25,11 @@
 //!   flow: half-open flows written in a chain, so that each one's translated packet is the
 //!   next one's ([`write_chain`]), every repeat a flow of its own.
 //!
-//! Where the time goes: the program loaded again with one step left out at a time (the load-
-//! time constant `XLB_SKIP_STEPS`, see `lb_common::steps`), timed on the new-flow and
-//! established paths in the same interleaved rounds as the whole program.
+//! Where the time goes: the measuring build of the program (feature `steps`) loaded with one
+//! step left out at a time (the load-time constant `XLB_SKIP_STEPS`, see `lb_common::steps`),
+//! timed on the new-flow and established paths in the same interleaved rounds as the whole
+//! measuring build and the program as xlb attaches it, which has no step switches: the
+//! difference is what reading them costs.
 //!
 //! Then a SYN flood (issue 14, item 3): spoofed SYNs paced at 50,000 and 100,000 per second
 //! toward a 3-backend service while legitimate clients open 1,000 connections per second; it
@@ -62,7 +64,7 @@ use lb_common::{
     STAT_CT_HIT, STAT_CT_REPLY, STAT_EARLY_DROP, STAT_FLOW_OPENED, STAT_HALF_OPEN_HIT, STAT_NAMES,
     STAT_NEW_FLOW, STAT_NOT_IPV4, STAT_NOT_OURS, STAT_SNAT_EXHAUSTED,
 };
-use xlb::dataplane::xdp::BPF_OBJECT;
+use xlb::dataplane::xdp::BPF_OBJECT_STEPS;
 use xlb::model::Protocol;
 use xlb_tests::fixture::{
     Fixture, LB_BACKEND_IP, LB_BACKEND_MAC, LO_IFINDEX, host_mac, sa, service,
@@ -215,8 +217,8 @@ fn half_open_entries(fx: &Fixture) -> usize {
     fx.ct_map(CT_HALF_MAP).keys().count()
 }
 
-/// The programs xlb attaches in generic mode (main and new-flow), loaded again with `skip`
-/// steps left out, on the fixture's pinned maps but with a new-flow `PROG_ARRAY` of their own
+/// The programs xlb attaches in generic mode (main and new-flow), from the measuring build,
+/// with `skip` steps left out, on the fixture's pinned maps but with a new-flow `PROG_ARRAY` of their own
 /// (so the variant's main program goes on to the variant's new-flow program); the verifier's
 /// complaint when it refuses one (leaving a step out can cost its state pruning more than the
 /// step's own branches).
@@ -230,7 +232,9 @@ fn load_variant(fx: &Fixture, skip: u32) -> Result<Ebpf, String> {
     {
         loader.map_pin_path(name, dir.join(name));
     }
-    let mut ebpf = loader.load(BPF_OBJECT).expect("loading the object");
+    let mut ebpf = loader
+        .load(BPF_OBJECT_STEPS)
+        .expect("loading the measuring build");
     for name in [PROGRAM_NEW_FLOW_GENERIC, PROGRAM_GENERIC] {
         let program: &mut Xdp = ebpf
             .program_mut(name)
@@ -682,10 +686,13 @@ fn step_breakdown(fx: &Fixture, syn: &[u8], data: &[u8]) {
             }
         })
         .collect();
-    let mut new_flow: Vec<Vec<f64>> = vec![Vec::new(); variants.len() + 1];
-    let mut established: Vec<Vec<f64>> = vec![Vec::new(); variants.len() + 1];
+    let mut new_flow: Vec<Vec<f64>> = vec![Vec::new(); variants.len() + 2];
+    let mut established: Vec<Vec<f64>> = vec![Vec::new(); variants.len() + 2];
+    // Last, the program as xlb attaches it, which has no step switches to read.
+    let attached = fx.dp.program(PROGRAM_GENERIC).expect("xlb");
     let programs: Vec<(u32, &Xdp)> = std::iter::once((0, xdp(&whole)))
         .chain(variants.iter().map(|(step, _, e)| (*step, xdp(e))))
+        .chain(std::iter::once((0, attached)))
         .collect();
     for _ in 0..NEW_FLOW_ROUNDS {
         confirm_next_hop(fx);
@@ -732,6 +739,18 @@ fn step_breakdown(fx: &Fixture, syn: &[u8], data: &[u8]) {
         "",
         cell(whole_est),
         ""
+    );
+    let (attached_new, attached_est) = (
+        min_median(new_flow[variants.len() + 1].clone()),
+        min_median(established[variants.len() + 1].clone()),
+    );
+    println!(
+        "{:<26} {:>10} {:>6.0} {:>12} {:>6.0}",
+        "step switches (attached)",
+        cell(attached_new),
+        whole_new.0 - attached_new.0,
+        cell(attached_est),
+        whole_est.0 - attached_est.0
     );
     for (i, (_, name, _)) in variants.iter().enumerate() {
         let ns = min_median(new_flow[i + 1].clone());
