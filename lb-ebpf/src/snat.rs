@@ -1,8 +1,9 @@
 //! The SNAT port range, set by userspace at load time, and the SNAT addresses.
 //!
 //! A `.rodata` constant that the loader overwrites before the program is verified
-//! (`EbpfLoader::set_global`): the map is frozen, so the verifier and JIT treat the range as
-//! known numbers and a packet pays nothing to read it.
+//! (`EbpfLoader::set_global`): the map is frozen, so the verifier knows the range's numbers
+//! and prunes the branches they rule out; a packet still pays the load of it (the JIT keeps
+//! the instruction), from memory every packet touches.
 
 use lb_common::{MAX_SNAT_EXTRA, SNAT_PORTS_DEFAULT, SnatPorts};
 
