@@ -441,10 +441,11 @@ fn free_of_open_flows(key: &FlowKey, now: u64) -> bool {
 /// before the open map: a flow is written to the open maps before it leaves the half-open
 /// one, so a port cannot slip between the two checks (a port a half-open flow holds is not
 /// looked up in the open map, see [`take_over`]). When every candidate is held, or
-/// (TCP) [`SNAT_PROBES_BEFORE_EARLY_DROP`] are and the next by a half-open flow, the one held by
-/// the longest idle half-open TCP flow seen is taken over if that flow has been idle for at least
-/// [`CT_HALF_OPEN_MIN_RECLAIM_NS`] (an early drop under pressure, as Linux drops an
-/// unassured entry when its table is full). Returns the forward entry (in a
+/// (TCP) [`SNAT_PROBES_BEFORE_EARLY_DROP`] are and the next by a half-open flow, or
+/// [`SNAT_PROBES_BEFORE_IDLE_EARLY_DROP`] are and one of them could already give way, the one
+/// held by the longest idle half-open TCP flow seen is taken over if that flow has been idle
+/// for at least [`CT_HALF_OPEN_MIN_RECLAIM_NS`] (an early drop under pressure, as Linux drops
+/// an unassured entry when its table is full). Returns the forward entry (in a
 /// per-CPU scratch slot, valid for this program run), null (counted) when no port or no
 /// entry could be had. Both entries are built in per-CPU scratch slots: the 512-byte BPF
 /// stack is short.
@@ -511,7 +512,12 @@ pub fn create(
                 if candidate > oldest {
                     oldest = candidate;
                 }
-                if attempt + 1 >= SNAT_PROBES_BEFORE_EARLY_DROP && proto == IPPROTO_TCP {
+                let held = attempt + 1;
+                if proto == IPPROTO_TCP
+                    && (held >= SNAT_PROBES_BEFORE_EARLY_DROP
+                        || held >= SNAT_PROBES_BEFORE_IDLE_EARLY_DROP
+                            && oldest >> 19 >= CT_HALF_OPEN_MIN_RECLAIM_NS)
+                {
                     // Under pressure (a flood holds the ports): the early drop below now
                     // rather than probing on through ports the flood holds just as well.
                     break;

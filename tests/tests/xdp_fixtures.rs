@@ -1421,7 +1421,8 @@ fn an_idle_established_flow_survives_two_million_flood_syns() {
 /// When the candidate SNAT ports of a new flow are held by live half-open flows (the first
 /// `SNAT_PROBES_BEFORE_EARLY_DROP`, then one more by a half-open flow: probing ends there), the
 /// port of the longest idle one seen is taken over if it has been idle for 100 ms or more;
-/// otherwise the new flow is refused (passed to the kernel for the proxy).
+/// otherwise the new flow is refused (passed to the kernel for the proxy). (Probing may end
+/// sooner, see the next test.)
 #[test]
 fn under_pressure_the_longest_idle_half_open_flow_gives_up_its_port() {
     let fx = fixture("fx-pressure");
@@ -1467,6 +1468,50 @@ fn under_pressure_the_longest_idle_half_open_flow_gives_up_its_port() {
     assert!(
         fx.ct_map(CT_HALF_MAP).get(&victim_fwd, 0).is_err(),
         "the victim's forward entry is gone with it"
+    );
+}
+
+/// Probing ends sooner when a flow that may give way is seen: after
+/// `SNAT_PROBES_BEFORE_IDLE_EARLY_DROP` held candidates, the longest idle of them is taken over
+/// if it has been idle for 100 ms, even when a later candidate is held by a flow idle longer.
+#[test]
+fn under_pressure_an_idle_flow_seen_early_gives_up_its_port_at_once() {
+    let fx = fixture("fx-idle-drop");
+    let now = xlb::inspect::monotonic_ns();
+    let hash = flow_hash(CLIENT, VIP, 41800, 80, IPPROTO_TCP);
+    let idle = |ms: u64| now.saturating_sub(ms * 1_000_000);
+    // Candidate 0 fresh, 1 idle 200 ms, 2 idle 900 ms (short of the 1 s after which any prober
+    // takes it), the rest fresh.
+    for attempt in 0..SNAT_PROBES {
+        let seen = match attempt {
+            1 => idle(200),
+            2 => idle(900),
+            _ => now,
+        };
+        hold_half_open_from(
+            &fx,
+            snat_port(SNAT_PORTS_DEFAULT, hash, attempt),
+            50000 + attempt as u16,
+            seen,
+        );
+    }
+    assert_eq!(SNAT_PROBES_BEFORE_IDLE_EARLY_DROP, 2);
+    let syn = pkt::tcp(sa(CLIENT, 41800), sa(VIP, 80), SYN, &[]);
+    let (verdict, out) = fx.run(PROGRAM_GENERIC, &syn);
+    assert_eq!(verdict, XDP_REDIRECT);
+    let taken = snat_port(SNAT_PORTS_DEFAULT, hash, 1);
+    assert_eq!(
+        snat_port_of(&out),
+        taken,
+        "the 200 ms idle flow, seen second, gives way"
+    );
+    assert_eq!(fx.stat(STAT_EARLY_DROP), 1);
+    // The 900 ms idle flow, never probed, keeps its port and both entries.
+    let mut unprobed_fwd = reverse_entry_peer(snat_port(SNAT_PORTS_DEFAULT, hash, 2));
+    unprobed_fwd.src_port = 50002;
+    assert!(
+        fx.ct_map(CT_HALF_MAP).get(&unprobed_fwd, 0).is_ok(),
+        "the flow past the probes keeps its forward entry"
     );
 }
 
