@@ -515,8 +515,8 @@ pub fn create(
                 let held = attempt + 1;
                 if proto == IPPROTO_TCP
                     && (held >= SNAT_PROBES_BEFORE_EARLY_DROP
-                        || held >= SNAT_PROBES_BEFORE_IDLE_EARLY_DROP
-                            && oldest >> 19 >= CT_HALF_OPEN_MIN_RECLAIM_NS)
+                        || (held >= SNAT_PROBES_BEFORE_IDLE_EARLY_DROP
+                            && oldest >> 19 >= CT_HALF_OPEN_MIN_RECLAIM_NS))
                 {
                     // Under pressure (a flood holds the ports): the early drop below now
                     // rather than probing on through ports the flood holds just as well.
