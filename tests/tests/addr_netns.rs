@@ -688,6 +688,59 @@ fn summary(routes: &BTreeMap<Ipv4Addr, Route>) -> BTreeMap<Ipv4Addr, RouteSummar
 /// gateway) and leave out the host's own and unroutable addresses; they work from a thread
 /// without a runtime, on a current-thread runtime, and inside a multi-threaded runtime, where
 /// the controller calls them (the wait runs in `block_in_place` there).
+/// A neighbour on a device that does no ARP (here a veth with ARP off; also point-to-point
+/// links) is in `NUD_NOARP` with the device's own address, which `bpf_fib_lookup` forwards to:
+/// it is a resolved neighbour, so a backend behind it gets a next hop rather than a FIB lookup
+/// on every new flow.
+#[test]
+fn a_neighbour_on_a_device_without_arp_is_resolved() {
+    let ns = Netns::new("noarp");
+    ns.run(&[
+        "ip", "link", "add", "d0", "type", "veth", "peer", "name", "d1",
+    ]);
+    ns.run(&["ip", "link", "set", "d0", "arp", "off"]);
+    ns.run(&["ip", "addr", "add", "10.77.0.1/24", "dev", "d0"]);
+    ns.run(&["ip", "link", "set", "d1", "up"]);
+    ns.run(&["ip", "link", "set", "d0", "up"]);
+    let backend = ip("10.77.0.9");
+    let (ifindex, neighbours) = ns.enter(|| {
+        let ifindex = xlb::dataplane::devices::ifindex("d0").expect("d0's ifindex");
+        let lookup = RouteLookup::open().unwrap_or_else(|err| panic!("netlink: {err}"));
+        lookup
+            .resolve(ifindex, backend)
+            .unwrap_or_else(|err| panic!("resolve: {err}"));
+        let neighbours = lookup
+            .neighbours()
+            .unwrap_or_else(|err| panic!("neighbours: {err}"));
+        (ifindex, neighbours)
+    });
+    let shown = ns.run(&[
+        "ip",
+        "neigh",
+        "show",
+        "10.77.0.9",
+        "dev",
+        "d0",
+        "nud",
+        "all",
+    ]);
+    assert!(
+        shown.contains("NOARP"),
+        "the test's own reading of the entry: {shown:?}"
+    );
+    let mac = mac_of(&ns, "d0");
+    let found = neighbours
+        .get(&(ifindex, backend))
+        .unwrap_or_else(|| panic!("{backend} on d0 not among the neighbours: {neighbours:?}"));
+    let found_mac = found
+        .mac
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    assert_eq!((found_mac, found.stale), (mac, false));
+}
+
 #[test]
 fn route_lookups_agree_with_ip_route_get() {
     let lan = lan("route");

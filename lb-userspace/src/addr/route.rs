@@ -176,7 +176,8 @@ pub struct Neighbour {
 }
 
 /// The IPv4 neighbours whose link-layer address the kernel holds as valid (the states
-/// `bpf_fib_lookup` forwards to: reachable, stale, delay, probe, permanent), by (ifindex,
+/// `bpf_fib_lookup` forwards to, `NUD_VALID`: reachable, stale, delay, probe, permanent, and
+/// noarp, a device that resolves nothing, whose entries carry its own address), by (ifindex,
 /// address).
 pub async fn neighbours(
     handle: &Handle,
@@ -200,6 +201,7 @@ pub async fn neighbours(
                 | NeighbourState::Delay
                 | NeighbourState::Probe
                 | NeighbourState::Permanent
+                | NeighbourState::Noarp
         );
         if !valid {
             continue;
