@@ -684,14 +684,10 @@ fn summary(routes: &BTreeMap<Ipv4Addr, Route>) -> BTreeMap<Ipv4Addr, RouteSummar
         .collect()
 }
 
-/// Route lookups over netlink answer as `ip route get` does (device, preferred source,
-/// gateway) and leave out the host's own and unroutable addresses; they work from a thread
-/// without a runtime, on a current-thread runtime, and inside a multi-threaded runtime, where
-/// the controller calls them (the wait runs in `block_in_place` there).
 /// A neighbour on a device that does no ARP (here a veth with ARP off; also point-to-point
 /// links) is in `NUD_NOARP` with the device's own address, which `bpf_fib_lookup` forwards to:
-/// it is a resolved neighbour, so a backend behind it gets a next hop rather than a FIB lookup
-/// on every new flow.
+/// it is listed as a current neighbour, which `next_hops` makes a backend's next hop as any
+/// other (rather than leaving every new flow to a FIB lookup).
 #[test]
 fn a_neighbour_on_a_device_without_arp_is_resolved() {
     let ns = Netns::new("noarp");
@@ -741,6 +737,10 @@ fn a_neighbour_on_a_device_without_arp_is_resolved() {
     assert_eq!((found_mac, found.stale), (mac, false));
 }
 
+/// Route lookups over netlink answer as `ip route get` does (device, preferred source,
+/// gateway) and leave out the host's own and unroutable addresses; they work from a thread
+/// without a runtime, on a current-thread runtime, and inside a multi-threaded runtime, where
+/// the controller calls them (the wait runs in `block_in_place` there).
 #[test]
 fn route_lookups_agree_with_ip_route_get() {
     let lan = lan("route");

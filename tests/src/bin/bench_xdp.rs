@@ -218,10 +218,10 @@ fn half_open_entries(fx: &Fixture) -> usize {
 }
 
 /// The programs xlb attaches in generic mode (main and new-flow), from the measuring build,
-/// with `skip` steps left out, on the fixture's pinned maps but with a new-flow `PROG_ARRAY` of their own
-/// (so the variant's main program goes on to the variant's new-flow program); the verifier's
-/// complaint when it refuses one (leaving a step out can cost its state pruning more than the
-/// step's own branches).
+/// with `skip` steps left out, on the fixture's pinned maps but with a new-flow `PROG_ARRAY`
+/// of their own (so the variant's main program goes on to the variant's new-flow program); the
+/// verifier's complaint when it refuses one (leaving a step out can cost its state pruning more
+/// than the step's own branches).
 fn load_variant(fx: &Fixture, skip: u32) -> Result<Ebpf, String> {
     let dir = fx.dp.pin_dir().to_owned();
     let mut loader = EbpfLoader::new();
