@@ -70,17 +70,13 @@ pub const fn pseudo_header_sum(src: [u8; 4], dst: [u8; 4], proto: u8, l4_len: u1
 
 /// Whether an L4 checksum field looks like `CHECKSUM_PARTIAL`: it equals the folded,
 /// uncomplemented pseudo-header sum of the packet's own addresses and L4 length, which is
-/// what Linux writes before offloading the rest. A full checksum has that value by chance
-/// with probability 2^-16; such a packet would get a wrong checksum and be retransmitted.
+/// what Linux writes before offloading the rest. `pseudo` is that sum without the length,
+/// folded (`pseudo_header_sum(src, dst, proto, 0)`, fixed per flow). A full checksum has that
+/// value by chance with probability 2^-16; such a packet would get a wrong checksum and be
+/// retransmitted.
 #[inline(always)]
-pub const fn is_partial(
-    check: [u8; 2],
-    src: [u8; 4],
-    dst: [u8; 4],
-    proto: u8,
-    l4_len: u16,
-) -> bool {
-    u16::from_be_bytes(check) == fold(pseudo_header_sum(src, dst, proto, l4_len))
+pub const fn is_partial(check: [u8; 2], pseudo: u16, l4_len: u16) -> bool {
+    u16::from_be_bytes(check) == fold(pseudo as u32 + l4_len as u32)
 }
 
 /// One's-complement sum of `data` as big-endian 16-bit words (odd length padded with zero),
@@ -245,7 +241,8 @@ mod tests {
             let l4_len = seg.len() as u16;
             let partial = fold(pseudo_header_sum(src, dst, TCP, l4_len)).to_be_bytes();
             seg[16..18].copy_from_slice(&partial);
-            assert!(is_partial(partial, src, dst, TCP, l4_len));
+            let pseudo = fold(pseudo_header_sum(src, dst, TCP, 0));
+            assert!(is_partial(partial, pseudo, l4_len));
             // Rewrite addresses and ports, update the partial field with the address delta only.
             let delta = delta4(src, nsrc) + delta4(dst, ndst);
             let updated = update_partial(partial, delta);

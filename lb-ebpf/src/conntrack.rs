@@ -490,6 +490,10 @@ pub fn create(
     // One word, `idle ns << 19 | address index << 16 | port`, so it costs one stack slot:
     // idle times are seconds, far below 2^45 ns.
     let mut oldest = 0u64;
+    // The candidate the reverse entry's sums were last computed for: the next one's differ
+    // in the port only while the address is the same (always, with one SNAT address).
+    let mut sums_ip = [0u8; 4];
+    let mut sums_port = 0u16;
     // Candidates go round the SNAT addresses (from one the hash picks), each with the next
     // port of the sequence, so no (address, port) pair repeats and every address takes its
     // share.
@@ -499,7 +503,11 @@ pub fn create(
         let ip = snat::address(this);
         let key = flow_key(backend.ip, ip, backend.port, port, proto);
         // SAFETY: per-CPU scratch slot, private to this CPU while the program runs.
-        let entry = unsafe { &*reverse };
+        let entry = unsafe {
+            (*reverse).sums = sums_at(&*reverse, &key, sums_ip, sums_port);
+            &*reverse
+        };
+        (sums_ip, sums_port) = (ip, port);
         let won = if skipped(STEP_SNAT_PROBE) {
             // The claim alone: no look at who holds the candidate.
             XLB_CT_HALF.insert(&key, entry, BPF_NOEXIST as u64).is_ok()
@@ -548,6 +556,8 @@ pub fn create(
         let oldest_port = oldest as u16;
         let ip = snat::address((oldest >> 16) as u32);
         let key = flow_key(backend.ip, ip, backend.port, oldest_port, proto);
+        // SAFETY: per-CPU scratch slot, private to this CPU while the program runs.
+        unsafe { (*reverse).sums = sums_at(&*reverse, &key, sums_ip, sums_port) };
         let taken = match XLB_CT_HALF.get_ptr_mut(&key) {
             Some(old) => {
                 let seen = stamp(old);
@@ -590,8 +600,10 @@ pub fn create(
         dir: CT_DIR_FORWARD,
         ..CtEntry::default()
     };
+    let forward_key = key_of(flow);
+    forward.sums = RewriteSums::of(&forward_key, forward);
     if XLB_CT_HALF
-        .insert(&key_of(flow), &*forward, BPF_ANY as u64)
+        .insert(&forward_key, &*forward, BPF_ANY as u64)
         .is_err()
     {
         let _ = XLB_CT_HALF.remove(&forward.peer_key(proto));
@@ -599,6 +611,17 @@ pub fn create(
         return null;
     }
     forward
+}
+
+/// The sums of the reverse entry `entry` at SNAT candidate `key`, from its sums at the last
+/// candidate (`ip`, `port`) when `key` has the same address.
+#[inline(always)]
+fn sums_at(entry: &CtEntry, key: &FlowKey, ip: [u8; 4], port: u16) -> RewriteSums {
+    if key.dst_ip == ip {
+        entry.sums.at_dst_port(port, key.dst_port)
+    } else {
+        RewriteSums::of(key, entry)
+    }
 }
 
 /// Moves a half-open flow (forward entry `fwd` at `fwd_key`, reverse entry `rev` at its peer

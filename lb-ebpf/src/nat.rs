@@ -12,17 +12,17 @@ use crate::{
 /// updating the IPv4 checksum and the L4 checksum. A full L4 checksum gets the address and
 /// port deltas; a `CHECKSUM_PARTIAL` one (see `lb_common::csum`) only the address delta. A UDP
 /// checksum of 0 (none) stays 0. IP options are left as they are. The frame hears how the sum of
-/// its bytes changed ([`Frame::rewritten`]). `Err` means a header moved out of the frame, which
-/// parsing rules out (abort).
+/// its bytes changed ([`Frame::rewritten`]). `entry` is the one stored at the flow's key: its
+/// [`RewriteSums`](lb_common::RewriteSums) are of that key. `Err` means a header moved out of
+/// the frame, which parsing rules out (abort).
 #[inline(always)]
 pub fn rewrite<F: Frame>(ctx: &F, flow: &Flow, entry: &CtEntry) -> Result<(), u32> {
     let abort = aya_ebpf::bindings::xdp_action::XDP_ABORTED;
-    let addr_delta =
-        csum::delta4(flow.src, entry.nat_src_ip) + csum::delta4(flow.dst, entry.nat_dst_ip);
+    let sums = entry.sums;
+    let addr_delta = sums.addrs as u32;
+    let port_delta = sums.ports as u32;
     let new_sport = entry.nat_src_port.to_be_bytes();
     let new_dport = entry.nat_dst_port.to_be_bytes();
-    let port_delta = csum::delta2(flow.src_port.to_be_bytes(), new_sport)
-        + csum::delta2(flow.dst_port.to_be_bytes(), new_dport);
 
     let ip = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN).ok_or(abort)?;
     // SAFETY: ptr_at checked bounds.
@@ -45,7 +45,7 @@ pub fn rewrite<F: Frame>(ctx: &F, flow: &Flow, entry: &CtEntry) -> Result<(), u3
     let old = unsafe { (*check).0 }.to_ne_bytes();
     let new = if !is_tcp && old == [0, 0] {
         old
-    } else if csum::is_partial(old, flow.src, flow.dst, flow.proto, flow.l4_len) {
+    } else if csum::is_partial(old, sums.pseudo, flow.l4_len) {
         csum::update_partial(old, addr_delta)
     } else {
         let full = csum::update_full(old, addr_delta + port_delta);

@@ -480,9 +480,12 @@ fn a_new_flow_xdp_cannot_take_lands_on_the_proxy() {
                 last_seen_ns: now,
                 ..CtEntry::default()
             };
-            reverse.insert(key, held, 0).expect("hold a SNAT port");
+            let peer_key = held.peer_key(IPPROTO_TCP);
+            reverse
+                .insert(key, held.with_sums(&key), 0)
+                .expect("hold a SNAT port");
             forward
-                .insert(held.peer_key(IPPROTO_TCP), peer, 0)
+                .insert(peer_key, peer.with_sums(&peer_key), 0)
                 .expect("hold a SNAT port (forward entry)");
         }
     }

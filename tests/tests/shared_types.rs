@@ -5,8 +5,8 @@ use core::mem::{size_of, size_of_val};
 
 use lb_common::csum::{fold, is_partial, l4_checksum, pseudo_header_sum};
 use lb_common::{
-    BackendKey, BackendValue, CtEntry, DeviceMac, FlowKey, IPPROTO_TCP, IPPROTO_UDP, ServiceKey,
-    ServiceStats, ServiceValue, VipValue,
+    BackendKey, BackendValue, CtEntry, DeviceMac, FlowKey, IPPROTO_TCP, IPPROTO_UDP, RewriteSums,
+    ServiceKey, ServiceStats, ServiceValue, VipValue,
 };
 
 /// Asserts that `$ty`'s size is the sum of its fields' sizes. The destructuring pattern
@@ -60,7 +60,14 @@ fn map_types_have_no_implicit_padding() {
         smac,
         dmac,
         dir,
-        _pad
+        _pad,
+        sums,
+        _pad2
+    });
+    assert_no_padding!(RewriteSums {
+        addrs,
+        ports,
+        pseudo
     });
     assert_no_padding!(DeviceMac { ifindex, mac, _pad });
     assert_no_padding!(ServiceStats {
@@ -114,12 +121,13 @@ fn full_checksum_is_rarely_taken_for_partial() {
         let check_at = if proto == IPPROTO_TCP { 16 } else { 6 };
         segment[check_at..check_at + 2].fill(0);
         let full = l4_checksum(src, dst, proto, &segment);
-        if is_partial(full, src, dst, proto, len as u16) {
+        let pseudo = fold(pseudo_header_sum(src, dst, proto, 0));
+        if is_partial(full, pseudo, len as u16) {
             mistaken += 1;
         }
         let partial = fold(pseudo_header_sum(src, dst, proto, len as u16)).to_be_bytes();
         assert!(
-            is_partial(partial, src, dst, proto, len as u16),
+            is_partial(partial, pseudo, len as u16),
             "a partial checksum must be recognised (segment {index})"
         );
     }
@@ -128,4 +136,36 @@ fn full_checksum_is_rarely_taken_for_partial() {
         mistaken < 20,
         "{mistaken} of {SEGMENTS} full checksums were taken for partial ones"
     );
+}
+
+/// A reverse entry's sums at one SNAT candidate port, moved to another with
+/// `RewriteSums::at_dst_port`, are the sums computed whole at that port, over random flows.
+#[test]
+fn sums_moved_to_another_port_are_those_computed_there() {
+    let mut seed = 0x2545_f491;
+    for index in 0..100_000 {
+        let backend = next(&mut seed).to_be_bytes();
+        let key_at = |port| FlowKey {
+            src_ip: backend,
+            dst_ip: [10, 0, 0, 1],
+            src_port: 8080,
+            dst_port: port,
+            proto: IPPROTO_TCP,
+            _pad: [0; 3],
+        };
+        let entry = CtEntry {
+            nat_src_ip: next(&mut seed).to_be_bytes(),
+            nat_dst_ip: next(&mut seed).to_be_bytes(),
+            nat_src_port: next(&mut seed) as u16,
+            nat_dst_port: next(&mut seed) as u16,
+            ..CtEntry::default()
+        };
+        let (was, port) = (next(&mut seed) as u16, next(&mut seed) as u16);
+        let moved = RewriteSums::of(&key_at(was), &entry).at_dst_port(was, port);
+        assert_eq!(
+            moved,
+            RewriteSums::of(&key_at(port), &entry),
+            "flow {index}: port {was} -> {port}"
+        );
+    }
 }

@@ -779,11 +779,12 @@ fn put_flow_of(
         dir: CT_DIR_FORWARD,
         ..CtEntry::default()
     };
+    let forward_key = reverse.peer_key(proto);
     fx.ct_map(reverse_map)
-        .insert(key, reverse, 0)
+        .insert(key, reverse.with_sums(&key), 0)
         .expect("insert reverse entry");
     fx.ct_map(forward_map)
-        .insert(reverse.peer_key(proto), forward, 0)
+        .insert(forward_key, forward.with_sums(&forward_key), 0)
         .expect("insert forward entry");
 }
 
@@ -1543,10 +1544,11 @@ fn hold_half_open_in(fx: &Fixture, port: u16, client_port: u16, last_seen_ns: u6
         dir: CT_DIR_FORWARD,
         ..CtEntry::default()
     };
+    let (key, forward_key) = (reverse_key(port), reverse.peer_key(IPPROTO_TCP));
     let mut map = fx.ct_map(CT_HALF_MAP);
-    map.insert(reverse_key(port), reverse, 0)
+    map.insert(key, reverse.with_sums(&key), 0)
         .expect("insert reverse entry");
-    map.insert(reverse.peer_key(IPPROTO_TCP), forward, 0)
+    map.insert(forward_key, forward.with_sums(&forward_key), 0)
         .expect("insert forward entry");
 }
 

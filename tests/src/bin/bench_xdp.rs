@@ -100,6 +100,7 @@ fn identity(key: &FlowKey) -> CtEntry {
         last_seen_ns: xlb::inspect::monotonic_ns(),
         ..CtEntry::default()
     }
+    .with_sums(key)
 }
 
 fn key(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> FlowKey {
@@ -392,8 +393,10 @@ fn write_chain(
             dir: peer_dir,
             ..CtEntry::default()
         };
-        half.insert(own, entry, 0).expect("chain entry");
-        half.insert(entry.peer_key(IPPROTO_TCP), peer, 0)
+        let peer_key = entry.peer_key(IPPROTO_TCP);
+        half.insert(own, entry.with_sums(&own), 0)
+            .expect("chain entry");
+        half.insert(peer_key, peer.with_sums(&peer_key), 0)
             .expect("chain peer entry");
     }
 }
