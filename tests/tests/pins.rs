@@ -138,3 +138,83 @@ fn counters_pinned_by_another_version_are_replaced() {
         .unwrap_or_else(|error| panic!("every counter reads: {error}"));
     assert_eq!(counters.len(), lb_common::STAT_COUNT as usize);
 }
+
+/// Conntrack entries pinned by an xlb from before the checksum sums were stored in them (48
+/// bytes: today's first 48) are carried into this version's maps, sums filled in, so that an
+/// upgrade keeps established flows as a restart does.
+#[test]
+fn conntrack_entries_of_the_layout_before_sums_are_carried_over() {
+    use lb_common::{
+        CT_DIR_FORWARD, CT_FWD_MAP, CT_HALF_MAP, CT_STATE_OPEN, CtEntry, FlowKey, IPPROTO_TCP,
+        MAX_FLOWS, MAX_HALF_OPEN_ENTRIES, RewriteSums,
+    };
+    const BEFORE_SUMS: usize = 48;
+    require_root("loading BPF programs and pinning maps");
+    let pins = xlb_tests::bpf::PinDir::new();
+    std::fs::create_dir_all(pins.path()).expect("pin directory");
+    let key = FlowKey {
+        src_ip: [192, 0, 2, 9],
+        dst_ip: [198, 51, 100, 1],
+        src_port: 40000,
+        dst_port: 80,
+        proto: IPPROTO_TCP,
+        _pad: [0; 3],
+    };
+    let entry = CtEntry {
+        nat_src_ip: [10, 0, 0, 1],
+        nat_dst_ip: [10, 1, 0, 5],
+        nat_src_port: 20000,
+        nat_dst_port: 8080,
+        service_id: 3,
+        state: CT_STATE_OPEN,
+        ifindex: 7,
+        last_seen_ns: 123_456_789,
+        smac: [2, 0, 0, 0, 0, 1],
+        dmac: [2, 0, 0, 0, 0, 2],
+        dir: CT_DIR_FORWARD,
+        ..CtEntry::default()
+    };
+    // SAFETY: CtEntry is repr(C) plain data of its size, without padding (shared_types).
+    let bytes: [u8; size_of::<CtEntry>()] = unsafe { std::mem::transmute(entry) };
+    let old: [u8; BEFORE_SUMS] = bytes[..BEFORE_SUMS].try_into().expect("48 bytes");
+    for (name, entries) in [
+        (CT_FWD_MAP, MAX_FLOWS),
+        (CT_HALF_MAP, MAX_HALF_OPEN_ENTRIES),
+    ] {
+        let created = Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(pins.path().join(name))
+            .args(["type", "lru_hash", "key", "16", "value", "48", "entries"])
+            .arg(entries.to_string())
+            .args(["name", name])
+            .output()
+            .expect("running bpftool");
+        assert!(
+            created.status.success(),
+            "bpftool map create: {}",
+            String::from_utf8_lossy(&created.stderr)
+        );
+        pins.hash_map::<FlowKey, [u8; BEFORE_SUMS]>(name)
+            .insert(key, old, 0)
+            .unwrap_or_else(|error| panic!("an old entry in {name}: {error}"));
+    }
+    let dataplane = XdpDataplane::open(XdpConfig {
+        pin_dir: pins.path().to_owned(),
+        ..XdpConfig::default()
+    })
+    .unwrap_or_else(|error| panic!("opening over conntrack pins of the layout before: {error}"));
+    let expected = entry.with_sums(&key);
+    assert_ne!(
+        expected.sums,
+        RewriteSums::default(),
+        "the flow is translated"
+    );
+    for name in [CT_FWD_MAP, CT_HALF_MAP] {
+        let carried = pins
+            .ct_map(name)
+            .get(&key, 0)
+            .unwrap_or_else(|error| panic!("the entry in {name} after the upgrade: {error}"));
+        assert_eq!(carried, expected, "{name}: the entry, sums filled in");
+    }
+    drop(dataplane);
+}

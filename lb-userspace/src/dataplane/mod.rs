@@ -12,6 +12,7 @@ pub mod pins;
 pub mod ports;
 pub mod proxy;
 pub mod sync;
+pub mod upgrade;
 pub mod xdp;
 
 use std::net::Ipv4Addr;

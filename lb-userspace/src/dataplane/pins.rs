@@ -8,7 +8,8 @@
 //! on) and one bpf_link per device (`link_drv_<ifname>` for native, `link_skb_<ifname>` for
 //! generic XDP, `link_tc_<ifname>` for TC). The data plane keeps forwarding while no xlb
 //! process runs (crash, SIGKILL, upgrade). A restarted loader reuses the pinned maps
-//! (conntrack included, so established connections survive) once their layout is checked,
+//! (conntrack included, so established connections survive) once their layout is checked
+//! (conntrack maps of the layout before 2026-12-08 are carried over, see `super::upgrade`),
 //! writes its new-flow programs into their slots, and swaps its freshly loaded main programs
 //! into the pinned links (`BPF_LINK_UPDATE`).
 //!

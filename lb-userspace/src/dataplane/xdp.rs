@@ -46,7 +46,7 @@ use aya::{
 use lb_common::*;
 
 use super::next_hops::NextHops;
-use super::{Dataplane, DataplaneError, devices, pins, sum_service_stats, sync};
+use super::{Dataplane, DataplaneError, devices, pins, sum_service_stats, sync, upgrade};
 use crate::addr::route::{Route, RouteLookup};
 use crate::config::XdpMode;
 use crate::model::{Backend, Frontend, Protocol, VirtualService};
@@ -206,6 +206,7 @@ impl XdpDataplane {
             path: dir.clone(),
             source,
         })?;
+        let carried = upgrade::take_entries_before_sums(&dir)?;
         for name in ALL_MAPS {
             pins::check_pinned_layout(&dir, name)?;
         }
@@ -215,6 +216,7 @@ impl XdpDataplane {
             loader.map_pin_path(name, dir.join(name));
         }
         let mut ebpf = loader.load(BPF_OBJECT)?;
+        upgrade::restore(&mut ebpf, carried)?;
         let hooks = hooks_to_load(&config, &pins::link_pins(&dir)?);
         for mode in [AttachMode::Native, AttachMode::Generic, AttachMode::Tc] {
             load_hook(&mut ebpf, mode, &dir, hooks.contains(&mode))?;
