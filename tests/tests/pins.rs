@@ -99,6 +99,37 @@ fn in_private_mount_ns(outer: &str) {
     drop(dataplane);
 }
 
+/// Pins map `name` in `pins` as an older xlb left it, with `bpftool map create`: of `kind`,
+/// with keys and values of `key` and `value` bytes and `entries` entries.
+fn pin_old_map(
+    pins: &xlb_tests::bpf::PinDir,
+    name: &str,
+    kind: &str,
+    key: u32,
+    value: u32,
+    entries: u32,
+) {
+    let created = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(pins.path().join(name))
+        .args([
+            "type",
+            kind,
+            "key",
+            &key.to_string(),
+            "value",
+            &value.to_string(),
+        ])
+        .args(["entries", &entries.to_string(), "name", name])
+        .output()
+        .expect("running bpftool");
+    assert!(
+        created.status.success(),
+        "bpftool map create {name}: {}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+}
+
 /// Counters pinned by an xlb with fewer counters (an upgrade) are replaced, not left short:
 /// every counter of this version reads.
 #[test]
@@ -106,28 +137,7 @@ fn counters_pinned_by_another_version_are_replaced() {
     require_root("loading BPF programs and pinning maps");
     let pins = xlb_tests::bpf::PinDir::new();
     std::fs::create_dir_all(pins.path()).expect("pin directory");
-    let old = pins.path().join(lb_common::STATS_MAP);
-    let created = Command::new("bpftool")
-        .args(["map", "create"])
-        .arg(&old)
-        .args([
-            "type",
-            "percpu_array",
-            "key",
-            "4",
-            "value",
-            "8",
-            "entries",
-            "26",
-        ])
-        .args(["name", lb_common::STATS_MAP])
-        .output()
-        .expect("running bpftool");
-    assert!(
-        created.status.success(),
-        "bpftool map create: {}",
-        String::from_utf8_lossy(&created.stderr)
-    );
+    pin_old_map(&pins, lb_common::STATS_MAP, "percpu_array", 4, 8, 26);
     let dataplane = XdpDataplane::open(XdpConfig {
         pin_dir: pins.path().to_owned(),
         ..XdpConfig::default()
@@ -181,19 +191,7 @@ fn conntrack_entries_of_the_layout_before_sums_are_carried_over() {
         (CT_FWD_MAP, MAX_FLOWS),
         (CT_HALF_MAP, MAX_HALF_OPEN_ENTRIES),
     ] {
-        let created = Command::new("bpftool")
-            .args(["map", "create"])
-            .arg(pins.path().join(name))
-            .args(["type", "lru_hash", "key", "16", "value", "48", "entries"])
-            .arg(entries.to_string())
-            .args(["name", name])
-            .output()
-            .expect("running bpftool");
-        assert!(
-            created.status.success(),
-            "bpftool map create: {}",
-            String::from_utf8_lossy(&created.stderr)
-        );
+        pin_old_map(&pins, name, "lru_hash", 16, BEFORE_SUMS as u32, entries);
         pins.hash_map::<FlowKey, [u8; BEFORE_SUMS]>(name)
             .insert(key, old, 0)
             .unwrap_or_else(|error| panic!("an old entry in {name}: {error}"));
