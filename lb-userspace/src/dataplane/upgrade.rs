@@ -1,5 +1,6 @@
-//! Conntrack entries pinned by an xlb from before [`lb_common::RewriteSums`] (2026-12-08), carried into
-//! this version's maps, so that an upgrade keeps established connections as a restart does.
+//! Conntrack entries pinned by an xlb from before [`lb_common::RewriteSums`] (2026-12-08),
+//! carried into this version's maps, so that an upgrade keeps established connections as a
+//! restart does.
 //!
 //! Those entries were 48 bytes: the first 48 of today's [`CtEntry`], which appended the sums.
 //! Before the programs load, each conntrack map pinned with that layout is read whole, the
