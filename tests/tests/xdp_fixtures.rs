@@ -1464,6 +1464,7 @@ fn under_pressure_the_longest_idle_half_open_flow_gives_up_its_port() {
     assert_eq!(verdict, XDP_REDIRECT);
     assert_eq!(snat_port_of(&out), victim);
     assert_eq!(fx.stat(STAT_EARLY_DROP), 1);
+    assert_answered(&fx, victim, (sa(VIP, 80), sa(CLIENT, 41700)));
     let mut victim_fwd = reverse_entry_peer(victim);
     victim_fwd.src_port = 50002;
     assert!(
@@ -1507,6 +1508,7 @@ fn under_pressure_an_idle_flow_seen_early_gives_up_its_port_at_once() {
         "the 200 ms idle flow, seen second, gives way"
     );
     assert_eq!(fx.stat(STAT_EARLY_DROP), 1);
+    assert_answered(&fx, taken, (sa(VIP, 80), sa(CLIENT, 41800)));
     // The 900 ms idle flow, never probed, keeps its port and both entries.
     let mut unprobed_fwd = reverse_entry_peer(snat_port(SNAT_PORTS_DEFAULT, hash, 2));
     unprobed_fwd.src_port = 50002;
@@ -1673,7 +1675,29 @@ fn takes_held_port(
         port == first || port == snat_port(SNAT_PORTS_DEFAULT, hash, 1),
         "port {port}: neither the first nor the second candidate"
     );
+    if service == TCP_SERVICE {
+        assert_answered(fx, port, (sa(VIP, vip_port), sa(CLIENT, client_port)));
+    }
     port == first
+}
+
+/// Checks `BACKEND:8080`'s SYN-ACK to SNAT `port` comes back as `endpoints` with valid
+/// checksums: the reverse entry's kept sums are those of the port it was written at.
+fn assert_answered(
+    fx: &Fixture,
+    port: u16,
+    endpoints: (std::net::SocketAddrV4, std::net::SocketAddrV4),
+) {
+    let back = backend_answer(fx, port);
+    assert_eq!(
+        pkt::endpoints(&back),
+        endpoints,
+        "the answer on port {port}"
+    );
+    assert!(
+        pkt::checksums_ok(&back),
+        "the answer on port {port}: checksums invalid: {back:02x?}"
+    );
 }
 
 const SECOND: u64 = 1_000_000_000;
