@@ -6,8 +6,9 @@
 //! Before the programs load, each conntrack map pinned with that layout is read whole, the
 //! sums of each entry are computed from its key, and the old pin is removed; the loader then
 //! creates this version's map, and the entries are written into it. The old programs keep
-//! running on the old maps until this xlb's programs replace them in the pinned links,
-//! milliseconds later: what they write in between (a flow opened then, a FIN's state) is lost.
+//! running on the old maps until this xlb's programs, loaded and verified meanwhile, replace
+//! them in the pinned links: what they write in between (a flow opened then, a FIN's state)
+//! is lost.
 //! A conntrack map of any other layout is refused by `pins::check_pinned_layout`.
 
 use std::path::Path;
